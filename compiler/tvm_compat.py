@@ -1,0 +1,47 @@
+"""Every version-sensitive TVM name, imported in one place.
+
+TVM 0.27 renamed much of its Python API (``tvm.tir`` -> ``tvm.tirx``, schedules and dlight under
+``tvm.s_tir``, ``tvm.contrib.cc`` -> ``tvm.support.cc``). The rest of pbs2pc imports these names from here,
+so the next rename is a one-file change. Importing this module imports TVM; call :func:`require_tvm`
+first where a clear error is wanted.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.errors import ToolchainError
+
+#: The TVM version pbs2pc is written against; pyproject.toml pins it.
+TVM_VERSION = "0.27.0.post1"
+
+
+def require_tvm():
+    """Import TVM or raise one clear sentence saying how to install it."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise ToolchainError(
+            f"TVM is not installed; run: pip install apache-tvm=={TVM_VERSION} apache-tvm-ffi==0.1.14.post1"
+        ) from None
+    return tvm
+
+
+require_tvm()
+
+import tvm  # noqa: E402
+from tvm import relax, te, tirx  # noqa: E402,F401
+from tvm import s_tir  # noqa: E402,F401
+from tvm.s_tir import dlight  # noqa: E402,F401
+from tvm.relax.frontend.onnx import onnx_frontend  # noqa: E402,F401
+from tvm.support import cc  # noqa: E402,F401
+from tvm.script import tirx as T  # noqa: E402,F401
+from tvm.script import relax as R  # noqa: E402,F401
+
+Target = tvm.target.Target
+IRModule = tvm.IRModule
+PrimFunc = tirx.PrimFunc
+Schedule = s_tir.Schedule
+
+
+def tensor(array, device=None):
+    """A TVM runtime tensor from a numpy array (``tvm.nd.array`` in older TVM)."""
+    return tvm.runtime.tensor(array, device or tvm.cpu())
