@@ -26,7 +26,8 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     try:
         for final in finals:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            # Keep the suffix: some writers (TVM's export_library) choose the format from it.
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.tmp-", suffix=final.suffix, dir=final.parent)
             os.close(fd)
             os.unlink(tmp)  # writers create the file (or folder) themselves
             temps.append(Path(tmp))

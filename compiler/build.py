@@ -1,0 +1,116 @@
+"""The compile driver behind ``pbs2pc compile``: ONNX file -> library + weights + manifest.
+
+Steps: check the target preset and its toolchain; load, check and import the ONNX file
+(:mod:`pbs2pc.compiler.frontend`); run the phase pipeline (:mod:`pbs2pc.compiler.pipeline`) and generate
+code with TVM; write the three artifact files (:mod:`pbs2pc.runtime.artifact`) atomically, so a failure
+leaves nothing behind under the requested names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import pbs2pc
+from pbs2pc.errors import Pbs2pcError, ToolchainError
+from pbs2pc.fileio import atomic_outputs
+from pbs2pc.models import report
+from pbs2pc.runtime.artifact import MANIFEST_VERSION, artifact_paths, write_weights
+
+
+def _host_compiler_present() -> bool:
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, target: str = "x86",
+                  dump_ir: str | os.PathLike | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
+
+    ``progress`` receives a short description of each step (the CLI prints them).
+    """
+    from pbs2pc.compiler import frontend
+    from pbs2pc.compiler.pipeline import make_pipeline
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tvm_compat import TVM_VERSION, tvm
+
+    say = progress or (lambda _msg: None)
+    output = Path(output)
+    if output.suffix != ".so":
+        raise Pbs2pcError(f"the output must be a .so path, got {output.name!r}; e.g. -o model.so")
+    preset = get_preset(target).require()
+    if preset.cross_compiler is None and not _host_compiler_present():
+        raise ToolchainError("no C++ compiler found to link the library; install one (apt-get install g++).")
+    timings = {}
+    start = time.perf_counter()
+    say(f"loading {onnx_path}")
+    model = frontend.load_onnx(onnx_path)
+    layers = report.onnx_layers(model)
+    say("importing into Relax")
+    imported = frontend.import_onnx(model)
+    del model
+    timings["import_s"] = round(time.perf_counter() - start, 2)
+
+    start = time.perf_counter()
+    pipeline = make_pipeline(preset, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"))
+    executable = tvm.compile(imported.mod, target=preset.tvm_target(), relax_pipeline=pipeline)
+    timings["compile_s"] = round(time.perf_counter() - start, 2)
+
+    lib_path, weights_path, manifest_path = artifact_paths(output)
+    vocab = _vocab_size(imported)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "pbs2pc_version": pbs2pc.__version__,
+        "format_version": pbs2pc.FORMAT_VERSION,
+        "tvm_version": TVM_VERSION,
+        "target": preset.name,
+        "target_dict": preset.target,
+        "host": platform.machine(),
+        "library": lib_path.name,
+        "weights": weights_path.name,
+        "inputs": imported.inputs,
+        "outputs": imported.outputs,
+        "vocab_size": vocab,
+        "max_sequence": _max_sequence(imported),
+        "source": imported.metadata,
+        "summary": report.summarize(layers),
+        "layers": [vars(layer) for layer in layers],
+        "timings": timings,
+    }
+    start = time.perf_counter()
+    say(f"writing {lib_path.name}, {weights_path.name}, {manifest_path.name}")
+    with atomic_outputs([lib_path, weights_path, manifest_path]) as (tmp_lib, tmp_weights, tmp_manifest):
+        export_kwargs = {}
+        if preset.cross_compiler:
+            from pbs2pc.compiler.tvm_compat import cc
+
+            export_kwargs["fcompile"] = cc.cross_compiler(preset.cross_compiler)
+        try:
+            executable.export_library(str(tmp_lib), **export_kwargs)
+        except Exception as exc:
+            raise ToolchainError(f"linking {lib_path.name} failed: {str(exc).strip().splitlines()[-1]}") from None
+        manifest["params"] = write_weights(tmp_weights, imported.params)
+        timings["write_s"] = round(time.perf_counter() - start, 2)
+        manifest["sizes"] = {"library": tmp_lib.stat().st_size, "weights": tmp_weights.stat().st_size}
+        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _vocab_size(imported) -> int | None:
+    out = imported.mod["main"].ret_ty
+    shape = getattr(out, "shape", None)
+    try:
+        return int(shape[-1]) if shape is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _max_sequence(imported) -> int | None:
+    """Longest sequence the graph supports: the rows of its rotary table, when it has one."""
+    table = imported.params.get("rope.cos")
+    return int(table.shape[0]) if table is not None else None

@@ -1,0 +1,246 @@
+"""ONNX -> Relax: TVM's importer for standard ops, plus the project's converter for pbs2p ops.
+
+TVM's Relax ONNX importer matches converters by ``op_type`` only and has no hook for custom domains
+(apache/tvm#10950). This adapter
+
+1. loads and validates the file (one clear error for a missing, corrupt, truncated or foreign file);
+2. checks every node *before* importing: pbs2p nodes against the op contract (attributes, dtypes, shapes,
+   the N:M property of every mask row), other custom domains and unsupported standard ops are rejected;
+3. imports with the converter map extended, for the duration of the call only, by
+   :class:`SparseBinaryLinearConverter`, with weights kept as function parameters (so they ship in a
+   weights file in the target layout, never inside the library).
+
+Every ``SparseBinaryLinear`` becomes a call to a private Relax function tagged ``pbs2p.op`` whose body is
+the op's reference meaning in plain Relax ops (decode + matmul), like a composite function in TVM's BYOC
+flow: the module stays runnable as is, and :func:`pbs2pc.passes.LowerSparseBinaryLinear` later replaces
+each call with a packed-bit TIR kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pbs2pc.errors import FormatError, Pbs2pcError, UnsupportedError
+from pbs2pc.models import onnx_op
+from pbs2pc.models.format import NMScheme, PackedLinear
+from pbs2pc.compiler.tvm_compat import onnx_frontend, relax, tirx
+
+#: attribute carried by the private Relax function of every pbs2p op (matched by the lowering pass).
+OP_ATTR = "pbs2p.op"
+_DENSE_PARAM_DTYPES = {np.dtype("float32"), np.dtype("float16")}
+
+
+@dataclasses.dataclass
+class ImportedModel:
+    """A Relax module whose ``main(inputs..., params...)`` computes the ONNX graph, and its weights."""
+
+    mod: "tvm.IRModule"  # noqa: F821
+    params: dict[str, np.ndarray]  # in main's parameter order, after the graph inputs
+    inputs: list[str]
+    outputs: list[str]
+    metadata: dict[str, str]
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (and its external data) or raise one clear :class:`Pbs2pcError`."""
+    path = Path(path)
+    if not path.exists():
+        raise Pbs2pcError(f"{path} does not exist; give the path of an .onnx file (pbs2pc export writes one).")
+    if path.is_dir():
+        raise Pbs2pcError(f"{path} is a folder; give the path of an .onnx file inside it.")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, a truncated external file OSError/ValueError
+        raise FormatError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it.") from None
+    if not model.graph.node:
+        raise FormatError(f"{path} holds no ONNX graph (is it an ONNX file?); re-export it with pbs2pc export.")
+    return model
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    try:
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    except Exception as exc:
+        raise FormatError(f"cannot read the weights of the ONNX file ({exc}); its external data may be missing or truncated.") from None
+
+
+def _check_pbs2p_node(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> None:
+    """Validate one pbs2p node against the op contract, with the node's name in every message."""
+    where = f"node {node.name or node.output[0]!r}"
+    if node.op_type != onnx_op.OP_TYPE:
+        raise UnsupportedError(f"{where}: op pbs2p.{node.op_type} is not supported; pbs2pc knows pbs2p.{onnx_op.OP_TYPE}.")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    missing = [a for a in ("n", "m", "group_size") if a not in attrs]
+    if missing:
+        raise FormatError(f"{where}: attribute(s) {', '.join(missing)} missing; SparseBinaryLinear needs n, m and group_size.")
+    names = list(node.input) + [""] * (len(onnx_op.INPUTS) - len(node.input))
+    arrays = {}
+    for role, name in zip(onnx_op.INPUTS[1:], names[1:]):
+        if not name:
+            continue
+        if name not in weights:
+            raise UnsupportedError(f"{where}: input {role} ({name!r}) must be a constant initializer; computed weights are not supported.")
+        arrays[role] = weights[name]
+    for role in ("sign", "alpha"):
+        if role not in arrays:
+            raise FormatError(f"{where}: required input {role} is missing.")
+    if "bias" in arrays and arrays["bias"].dtype not in _DENSE_PARAM_DTYPES:
+        raise FormatError(f"{where}: bias must be float32 or float16, got {arrays['bias'].dtype}.")
+    try:
+        PackedLinear(
+            sign=arrays["sign"], mask=arrays.get("mask"), alpha=arrays["alpha"], mu=arrays.get("mu"),
+            scheme=NMScheme(int(attrs["n"]), int(attrs["m"]), int(attrs["group_size"])),
+            bias=arrays.get("bias"),
+        ).validate()
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
+
+
+def check_model(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Check that pbs2pc can compile ``model``; return its initializers. Raises one clear error otherwise."""
+    domains = {o.domain: o.version for o in model.opset_import}
+    if onnx_op.DOMAIN in domains and domains[onnx_op.DOMAIN] != onnx_op.OPSET_VERSION:
+        raise UnsupportedError(
+            f"the file uses pbs2p opset {domains[onnx_op.DOMAIN]}, this pbs2pc compiles opset {onnx_op.OPSET_VERSION}; "
+            "re-export it with this version."
+        )
+    weights = _initializers(model)
+    known = onnx_frontend._get_convert_map()
+    unknown = set()
+    for node in model.graph.node:
+        if node.domain == onnx_op.DOMAIN:
+            _check_pbs2p_node(node, weights)
+        elif node.domain not in ("", "ai.onnx"):
+            raise UnsupportedError(f"op {node.domain}.{node.op_type} (node {node.name!r}) is not supported; "
+                                   "only standard ONNX ops and pbs2p ops compile.")
+        elif node.op_type not in known:
+            unknown.add(node.op_type)
+    if unknown:
+        raise UnsupportedError(f"ONNX op(s) {', '.join(sorted(unknown))} are not supported by the TVM importer; "
+                               "rewrite them with supported ops.")
+    for value in model.graph.input:
+        if value.name not in weights and value.type.tensor_type.elem_type == 0:
+            raise UnsupportedError(f"graph input {value.name!r} is not a tensor; only tensor inputs are supported.")
+    return weights
+
+
+def _reference_function(x_ty, n: int, m: int, group_size: int, present: dict[str, object]) -> relax.Function:
+    """The op's meaning in plain Relax ops, as a private function (leading dims of X stay symbolic)."""
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(len(x_ty.shape) - 1)]
+    k = int(x_ty.shape[-1])
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(lead + [k], x_ty.dtype))
+    params = {"x": x}
+    for role, ty in present.items():
+        params[role] = relax.Var(role, ty)
+    op = relax.op
+    with bb.function("pbs2p_sparse_binary_linear", list(params.values()), private=True):
+        with bb.dataflow():
+            e = bb.emit  # every intermediate is bound, so each op sees typed inputs
+            f32 = lambda value: relax.const(np.float32(value))  # noqa: E731
+
+            def unpack(plane):  # uint8 [N, K/8] -> float32 0/1 [N, K]
+                shifted = e(op.right_shift(e(op.expand_dims(plane, -1)), relax.const(np.arange(8, dtype=np.uint8))))
+                bits = e(op.bitwise_and(shifted, relax.const(np.uint8(1))))
+                return e(op.astype(e(op.reshape(bits, [-1, k])), "float32"))
+
+            pm1 = e(op.subtract(e(op.multiply(unpack(params["sign"]), f32(2))), f32(1)))
+            grouped = e(op.reshape(pm1, [-1, k // group_size, group_size]))
+            w = e(op.multiply(grouped, e(op.expand_dims(e(op.astype(params["alpha"], "float32")), -1))))
+            if "mu" in params:
+                w = e(op.add(w, e(op.expand_dims(e(op.astype(params["mu"], "float32")), -1))))
+            w = e(op.reshape(w, [-1, k]))
+            if "mask" in params:
+                w = e(op.multiply(w, unpack(params["mask"])))
+            y = e(op.matmul(x, e(op.permute_dims(e(op.astype(w, x_ty.dtype))))))
+            if "bias" in params:
+                y = e(op.add(y, e(op.astype(params["bias"], x_ty.dtype))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    func = bb.get()["pbs2p_sparse_binary_linear"]
+    return func.with_attrs({OP_ATTR: onnx_op.OP_TYPE, "n": n, "m": m, "group_size": group_size})
+
+
+class SparseBinaryLinearConverter(onnx_frontend.OnnxOpConverter):
+    """Converts ``pbs2p.SparseBinaryLinear`` into a call of a ``pbs2p.op``-tagged private Relax function."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])  # converters may receive unnormalised expressions without types
+        roles = list(onnx_op.INPUTS[1:])
+        present = {role: value for role, value in zip(roles, list(inputs[1:])) if value is not None}
+        if x.ty.dtype not in ("float32", "float16"):
+            raise UnsupportedError(f"SparseBinaryLinear input X must be float32 or float16, got {x.ty.dtype}.")
+        func = _reference_function(x.ty, int(attr["n"]), int(attr["m"]), int(attr["group_size"]),
+                                   {role: value.ty for role, value in present.items()})
+        gv = bb.add_func(func, "pbs2p_sparse_binary_linear")
+        return relax.Call(gv, [x, *present.values()])
+
+
+@contextlib.contextmanager
+def _pbs2p_converters():
+    """Extend the importer's converter map with pbs2p ops for the duration of one import."""
+    original = onnx_frontend._get_convert_map
+    onnx_frontend._get_convert_map = lambda: {**original(), onnx_op.OP_TYPE: SparseBinaryLinearConverter}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+#: Initializers with at most this many elements (shape vectors, axes, scalars such as epsilon) become
+#: constants the compiler can fold; the rest, and every pbs2p weight, are parameters that ship in the
+#: weights file.
+SMALL_CONSTANT = 16
+
+
+def _small_initializers_to_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    pbs2p_inputs = {name for node in model.graph.node if node.domain == onnx_op.DOMAIN for name in node.input}
+    small = [t for t in model.graph.initializer
+             if t.name not in pbs2p_inputs and int(np.prod(t.dims, dtype=np.int64)) <= SMALL_CONSTANT]
+    if not small:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = {t.name for t in small}
+    kept = [t for t in out.graph.initializer if t.name not in names]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    inputs = [v for v in out.graph.input if v.name not in names]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in small] + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def import_onnx(model: onnx.ModelProto | str | os.PathLike) -> ImportedModel:
+    """Import an ONNX model that follows the pbs2p op contract into Relax (see the module docstring)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_onnx(model)
+    weights = check_model(model)
+    model = _small_initializers_to_constants(model)
+    inputs = [v.name for v in model.graph.input if v.name not in weights]
+    with _pbs2p_converters():
+        try:
+            mod = onnx_frontend.from_onnx(model, keep_params_in_input=True, sanitize_input_names=False)
+        except Pbs2pcError:
+            raise
+        except Exception as exc:
+            raise UnsupportedError(f"TVM could not import the graph: {str(exc).strip().splitlines()[-1]}") from None
+    main = mod["main"]
+    # The importer stores the weight values as a function attribute; they travel in the weights file instead.
+    mod["main"] = main.without_attr("params")
+    param_names = [p.name for p in main.params[len(inputs):]]
+    by_var_name = {name.removeprefix("onnx::"): array for name, array in weights.items()}
+    params = {name: by_var_name[name] for name in param_names}
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ImportedModel(mod, params, inputs, [v.name for v in model.graph.output], meta)

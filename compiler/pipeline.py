@@ -1,0 +1,82 @@
+"""The phase pipeline: one ordered list from the imported Relax module to code generation.
+
+Each phase is a ``(name, pass)`` pair with a comment saying why it is there; ``--dump-ir DIR`` writes the
+module after every phase (``DIR/NN_name.py``) so a reader can follow a model through the compiler.
+Per-target differences come from the preset (its family selects the schedule rules), never from
+``if target.kind == ...`` ladders inside passes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pbs2pc.compiler.targets import TargetPreset
+from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
+from pbs2pc.passes import LowerSparseBinaryLinear
+
+
+def schedule_rules(preset: TargetPreset) -> list:
+    """The dlight-style schedule rules of a target family, in priority order."""
+    if preset.family == "cpu":
+        from pbs2pc.passes.schedules import cpu_rules
+
+        return cpu_rules()
+    raise NotImplementedError(f"no schedule rules for the {preset.family} family yet")
+
+
+def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
+    """The ordered phases for ``preset``."""
+    rt = relax.transform
+    return [
+        # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels.
+        ("lower_pbs2p", LowerSparseBinaryLinear()),
+        # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
+        # place instead of materialising its transpose on every call.
+        ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),
+        # The remaining high-level ops -> TIR, then fuse elementwise chains into their producers.
+        ("legalize", rt.LegalizeOps()),
+        ("annotate_patterns", rt.AnnotateTIROpPattern()),
+        ("fold_constants", rt.FoldConstant()),
+        ("fuse_ops", rt.FuseOps()),
+        ("fuse_tir", rt.FuseTIR()),
+        ("dead_code", rt.DeadCodeElimination(["main"])),
+        # Schedule every PrimFunc with the target family's rules (first rule that applies wins).
+        ("schedule", dlight.ApplyDefaultSchedule(*schedule_rules(preset))),
+        # Standard Relax lowering to VM bytecode (as in TVM's default CPU pipeline).
+        ("rewrite_reshape", rt.RewriteDataflowReshape()),
+        ("to_non_dataflow", rt.ToNonDataflow()),
+        ("remove_purity_checking", rt.RemovePurityChecking()),
+        ("call_tir_rewrite", rt.CallTIRRewrite()),
+        ("plan_memory", rt.StaticPlanBlockMemory()),
+        ("lower_alloc_tensor", rt.LowerAllocTensor()),
+        ("kill_after_last_use", rt.KillAfterLastUse()),
+        ("lower_runtime_builtin", rt.LowerRuntimeBuiltin()),
+        ("compute_prim_value", rt.ComputePrimValue()),
+        ("vm_shape_lower", rt.VMShapeLower()),
+        ("attach_global_symbol", rt.AttachGlobalSymbol()),
+    ]
+
+
+def make_pipeline(preset: TargetPreset, dump_ir: str | Path | None = None,
+                  on_phase: Callable[[str], None] | None = None) -> "tvm.transform.Pass":
+    """A module pass running :func:`phases` under the preset's target, optionally dumping IR."""
+    target = preset.tvm_target()
+    steps = phases(preset)
+    dump = Path(dump_ir) if dump_ir else None
+
+    @tvm.transform.module_pass(opt_level=0, name="Pbs2pcPipeline")
+    def pipeline(mod, _ctx):
+        if dump:
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / "00_imported.py").write_text(mod.script())
+        with target:
+            for index, (name, step) in enumerate(steps, start=1):
+                if on_phase:
+                    on_phase(name)
+                mod = step(mod)
+                if dump:
+                    (dump / f"{index:02d}_{name}.py").write_text(mod.script())
+        return mod
+
+    return pipeline

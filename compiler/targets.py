@@ -1,0 +1,87 @@
+"""Named target presets: the TVM target dict, the host, the cross compiler and its flags.
+
+Tests and the CLI name presets explicitly (never auto-detect), so ``--target arm`` compiles the same
+everywhere. A preset that is designed but not implemented yet says so with one clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+from pbs2pc.errors import Pbs2pcError, ToolchainError, UnsupportedError
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPreset:
+    """Everything pbs2pc needs to build for one kind of device."""
+
+    name: str
+    family: str  # "cpu" or "cuda": selects the schedule rules
+    target: dict  # the TVM target as a JSON dict
+    host: dict | None = None
+    cross_compiler: str | None = None  # e.g. "aarch64-linux-gnu-g++"; None: the host's C++ compiler
+    description: str = ""
+    supported: bool = True
+    issue: str = ""  # where an unsupported preset's work is tracked
+
+    def __post_init__(self):
+        if self.family not in ("cpu", "cuda"):
+            raise ValueError(f"unknown family {self.family}")
+
+    def tvm_target(self):
+        """The ``tvm.target.Target`` of this preset."""
+        from pbs2pc.compiler.tvm_compat import Target
+
+        return Target(self.target, host=self.host) if self.host else Target(self.target)
+
+    def require(self) -> "TargetPreset":
+        """Raise a clear error unless this preset can be built on this machine."""
+        if not self.supported:
+            raise UnsupportedError(f"target {self.name!r} is not supported yet ({self.issue}); use --target x86.")
+        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
+            raise ToolchainError(
+                f"the cross compiler {self.cross_compiler} for target {self.name!r} is not installed; "
+                "run: apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
+            )
+        return self
+
+
+#: x86-64 with AVX-512 (F/BW/VL/VNNI/VBMI/VPOPCNTDQ): the development machine's CPU.
+X86 = TargetPreset(
+    name="x86",
+    family="cpu",
+    target={"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
+    description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
+)
+
+#: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).
+ARM = TargetPreset(
+    name="arm",
+    family="cpu",
+    target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    cross_compiler="aarch64-linux-gnu-g++",
+    description="aarch64 Linux, NEON, cross-compiled",
+    supported=False,
+    issue="the ARM backend and edge bundle are a later issue",
+)
+
+#: NVIDIA GPUs; sm_90 (H100/H200) by default, other archs with --arch (e.g. sm_87 for Jetson Orin).
+CUDA = TargetPreset(
+    name="cuda",
+    family="cuda",
+    target={"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
+    host={"kind": "llvm"},
+    description="NVIDIA GPU, sm_90 by default, compiled code (cubin) embedded",
+    supported=False,
+    issue="the CUDA backend is a later issue",
+)
+
+PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86, ARM, CUDA)}
+
+
+def get_preset(name: str) -> TargetPreset:
+    """The preset called ``name``, or one clear error listing the known ones."""
+    if name not in PRESETS:
+        raise Pbs2pcError(f"unknown target {name!r}; choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]

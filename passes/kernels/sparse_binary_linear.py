@@ -1,0 +1,150 @@
+"""TE compute for the ``pbs2p.SparseBinaryLinear`` op (format version 1) and its PrimFunc description.
+
+The kernel is written as two TE stages, following mlc-llm's decode-then-matmul idea:
+
+1. ``decode`` turns the packed bit planes and the fp16 scales into the float32 weight
+   ``W[o, j] = mask(o, j) * (alpha[o, j // G] * (2 * sign(o, j) - 1) + mu[o, j // G])``;
+2. ``matmul`` is a plain reduction ``Y[i, o] = sum_k X[i, k] * W[o, k]`` (plus ``bias`` as a last stage).
+
+The compute knows nothing about schedules. Unscheduled, ``decode`` would materialise a dense ``[N, K]``
+float copy of the weight; the CPU schedule rule (``pbs2pc.passes.schedules``) instead computes it at a
+tile of output rows into a small local buffer, or inlines it into the reduction, so each weight is decoded
+once per call from the packed bits and no dense copy ever reaches global memory.
+
+The Relax lowering creates the PrimFunc with
+``bb.call_te(sparse_binary_linear, x, sign, ..., n=n, m=m, group_size=g, primfunc_attrs={"pbs2p_info":
+pbs2p_info(...)})``; schedule rules recognise the kernel by that attribute, never by its name.
+
+Example
+-------
+>>> from pbs2pc.compiler.tvm_compat import te, tirx
+>>> m = tirx.Var("m", "int64")
+>>> x = te.placeholder((m, 576), "float32", name="x")
+>>> sign = te.placeholder((1536, 72), "uint8", name="sign")
+>>> mask = te.placeholder((1536, 72), "uint8", name="mask")
+>>> alpha = te.placeholder((1536, 576 // 64), "float16", name="alpha")
+>>> y = sparse_binary_linear(x, sign, mask, alpha, None, None, n=6, m=8, group_size=64)
+>>> [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in y.shape]
+['m', 1536]
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import te, tirx
+
+#: Version of the op contract this kernel implements (architecture.md §2).
+FORMAT_VERSION = 1
+
+#: Name of the PrimFunc attribute that marks the kernel for schedule rules.
+INFO_ATTR = "pbs2p_info"
+
+
+def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool) -> dict:
+    """Describe a sparse-binary linear kernel for the ``pbs2p_info`` PrimFunc attribute.
+
+    Parameters
+    ----------
+    n, m : int
+        The N:M scheme: ``n`` weights kept of every ``m`` consecutive ones along K.
+    group_size : int
+        Columns sharing one ``alpha`` / ``mu`` scale.
+    has_mask, has_mu, has_bias : bool
+        Which optional inputs the PrimFunc takes (in the order x, sign, mask, alpha, mu, bias).
+
+    Returns
+    -------
+    dict
+        Plain ints only (TVM stores it as a ``Map``): ``format_version``, ``n``, ``m``, ``group_size``,
+        ``has_mask``, ``has_mu``, ``has_bias``, plus ``decode_block`` / ``matmul_block`` naming the
+        two TE stages so a rule can find them without guessing.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "n": int(n),
+        "m": int(m),
+        "group_size": int(group_size),
+        "has_mask": int(bool(has_mask)),
+        "has_mu": int(bool(has_mu)),
+        "has_bias": int(bool(has_bias)),
+        "decode_block": "decode",
+        "matmul_block": "matmul",
+    }
+
+
+def word_bits(plane: te.Tensor) -> int:
+    """Bits per element of a packed plane: 8 for the interchange ``uint8``, 16/32 for a word view."""
+    dtype = str(plane.dtype)
+    if dtype not in ("uint8", "uint16", "uint32"):
+        raise ValueError(f"a packed bit plane must be uint8, uint16 or uint32, got {dtype}")
+    return int(dtype[4:])
+
+
+def _bit_set(plane: te.Tensor, o, j):
+    """Whether weight ``(o, j)`` has its bit set in a little-endian packed plane.
+
+    Written as ``word & (1 << j % bits) != 0`` rather than a shift-then-and: once a schedule unrolls the
+    bits of a word, the bit mask is a constant and x86 tests a vector of words with one ``vptestmd``.
+    """
+    bits = word_bits(plane)
+    dtype = str(plane.dtype)
+    bit = tirx.const(1, dtype) << (j % bits).astype(dtype)
+    return (plane[o, j // bits] & bit) != tirx.const(0, dtype)
+
+
+def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, group_size: int) -> te.Tensor:
+    """``Y = X @ Wᵀ (+ bias)`` reading the packed sparse-binary weight directly.
+
+    Parameters
+    ----------
+    x : te.Tensor
+        float32 ``[M, K]``; ``M`` may be a symbolic ``tirx.Var`` (dynamic sequence length).
+    sign : te.Tensor
+        uint8 ``[N, K/8]``, bit ``j % 8`` of byte ``[o, j // 8]`` is 1 where ``W[o, j] > 0``.
+    mask : te.Tensor or None
+        uint8 ``[N, K/8]``, 1 where the weight is kept; ``None`` only when ``n == m``.
+    alpha : te.Tensor
+        float16 ``[N, K/G]`` scales.
+    mu : te.Tensor or None
+        float16 ``[N, K/G]`` offsets.
+    bias : te.Tensor or None
+        float32 ``[N]``.
+    n, m, group_size : int
+        The scheme; ``group_size`` is ``G``.
+
+    Returns
+    -------
+    te.Tensor
+        float32 ``[M, N]``.
+    """
+    if mask is None and n != m:
+        raise ValueError(f"the mask may be omitted only when n == m, got {n}:{m}")
+    rows, k = x.shape
+    out_features = sign.shape[0]
+    if x.dtype != "float32":
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    g = group_size
+
+    def decode(o, j):
+        # W = alpha * (2s - 1) + mu is written as select(s, mu + alpha, mu - alpha): the same float32
+        # values (one rounding either way), but both arms depend on the group only, so a schedule that
+        # loops over the bits of a group hoists them and a weight costs one bit test and one blend.
+        a = alpha[o, j // g].astype("float32")
+        if mu is None:
+            w = tirx.Select(_bit_set(sign, o, j), a, -a)
+        else:
+            u = mu[o, j // g].astype("float32")
+            w = tirx.Select(_bit_set(sign, o, j), u + a, u - a)
+        if mask is not None:
+            w = tirx.Select(_bit_set(mask, o, j), w, tirx.const(0.0, "float32"))
+        return w
+
+    weight = te.compute((out_features, k), decode, name="decode")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute(
+        (rows, out_features),
+        lambda i, o: te.sum(x[i, r] * weight[o, r], axis=r),
+        name="matmul",
+    )
+    if bias is None:
+        return y
+    return te.compute((rows, out_features), lambda i, o: y[i, o] + bias[o], name="bias_add")
