@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +28,7 @@ from onnx import numpy_helper
 
 from pbs2pc.errors import FormatError, Pbs2pcError, UnsupportedError
 from pbs2pc.models import onnx_op
+from pbs2pc.models.onnx_file import load_onnx
 from pbs2pc.models.format import NMScheme, PackedLinear
 from pbs2pc.compiler.tvm_compat import onnx_frontend, relax, tirx
 
@@ -46,22 +46,6 @@ class ImportedModel:
     inputs: list[str]
     outputs: list[str]
     metadata: dict[str, str]
-
-
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file (and its external data) or raise one clear :class:`Pbs2pcError`."""
-    path = Path(path)
-    if not path.exists():
-        raise Pbs2pcError(f"{path} does not exist; give the path of an .onnx file (pbs2pc export writes one).")
-    if path.is_dir():
-        raise Pbs2pcError(f"{path} is a folder; give the path of an .onnx file inside it.")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises DecodeError, a truncated external file OSError/ValueError
-        raise FormatError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it.") from None
-    if not model.graph.node:
-        raise FormatError(f"{path} holds no ONNX graph (is it an ONNX file?); re-export it with pbs2pc export.")
-    return model
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -45,3 +45,6 @@ Schedule = s_tir.Schedule
 def tensor(array, device=None):
     """A TVM runtime tensor from a numpy array (``tvm.nd.array`` in older TVM)."""
     return tvm.runtime.tensor(array, device or tvm.cpu())
+
+# Target introspection the CPU schedule rules need (vector width in bits for an LLVM target).
+from tvm.target.codegen import llvm_get_vector_width  # noqa: E402,F401

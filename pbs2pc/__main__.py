@@ -1,0 +1,5 @@
+import sys
+
+from pbs2pc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""``pbs2pc compile model.onnx --target x86 -o model.so``: ONNX -> library + weights + manifest."""
+
+from __future__ import annotations
+
+import time
+
+
+def add_parser(sub):
+    from pbs2pc.compiler.targets import PRESETS  # no TVM import: --help stays fast
+
+    p = sub.add_parser("compile", help="compile an ONNX model with pbs2p ops for a target", description=__doc__)
+    p.add_argument("model", help="the .onnx file (from pbs2pc export, or any file following the pbs2p op contract)")
+    p.add_argument("-o", "--output", required=True, help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it")
+    p.add_argument("--target", default="x86", choices=list(PRESETS), help="target preset (default: x86)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.pipeline import phases
+    from pbs2pc.compiler.targets import get_preset
+
+    start = time.perf_counter()
+    preset = get_preset(args.target).require()
+    bar = tqdm(total=len(phases(preset)), desc=f"compile ({args.target})", unit="phase")
+
+    def progress(message: str) -> None:
+        if message.startswith("phase "):
+            bar.update(1)
+        bar.set_postfix_str(message, refresh=True)
+
+    try:
+        manifest = compile_model(args.model, args.output, args.target, dump_ir=args.dump_ir, progress=progress)
+    finally:
+        bar.close()
+    s = manifest["summary"]
+    print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
+          f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
+          f"{s.get('layers', 0)} sparse-binary layers, {s.get('bits_interchange', 0)} bits/weight as stored")
+    return 0

@@ -1,0 +1,24 @@
+"""``pbs2pc demo``: compress the bundled SmolLM2-135M at 6:8, export, compile for x86, run a prompt, and
+print perplexity for the original model, the compressed PyTorch model, onnxruntime and the compiled
+library, side by side."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled model, with perplexity at every stage",
+                       description=__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="model spec (default: the bundled smollm2-135m)")
+    p.add_argument("--nm", default="6:8", help="N:M scheme (default 6:8)")
+    p.add_argument("--out", default="out/demo", help="folder for the ONNX file and the compiled library")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window length in tokens (default 512)")
+    p.add_argument("--windows", type=int, help="score only the first N windows (default: all)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pbs2pc.demo import format_result, run_demo
+
+    result = run_demo(args.model, args.nm, args.out, seqlen=args.seqlen, windows=args.windows)
+    print(format_result(result))
+    return 0

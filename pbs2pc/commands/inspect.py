@@ -1,0 +1,79 @@
+"""``pbs2pc inspect model.onnx|model.so``: layers, N:M, group size, honest bits per weight, sizes, versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="describe an ONNX model or a compiled artifact", description=__doc__)
+    p.add_argument("path", help="an .onnx file or a compiled .so (with its manifest beside it)")
+    p.add_argument("--layers", action="store_true", help="list every compressed layer (default: the first 8)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def _bits_lines(summary: dict) -> list[str]:
+    if not summary.get("weights"):
+        return ["compressed layers: none"]
+    return [
+        f"compressed layers: {summary['layers']} ({summary['weights']:,} weights), schemes: {', '.join(summary['schemes'])}",
+        f"bits per weight, honest: {summary['bits_interchange']:.3f} as stored (1 sign + 1 mask + scales), "
+        f"{summary['bits_compact']:.3f} with an exact N:M code (pattern index + kept signs + scales); "
+        f"scales alone {summary['bits_scales']:.3f}",
+        f"bits per weight, paper-style: {summary['bits_paper']:.3f} (signs of kept weights only; no mask, index or scales)",
+    ]
+
+
+def run(args) -> int:
+    from pbs2pc.errors import Pbs2pcError
+    from pbs2pc.models import report
+
+    path = Path(args.path)
+    if path.suffix == ".onnx":
+        from pbs2pc.models.onnx_file import load_onnx
+
+        model = load_onnx(path, load_external_data=False)
+        layers = report.onnx_layers(model)
+        summary = report.summarize(layers)
+        data = path.with_name(path.name + ".data")
+        info = {
+            "file": str(path),
+            "kind": "onnx",
+            "size_bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+            "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "metadata": {p.key: p.value for p in model.metadata_props},
+            "summary": summary,
+        }
+        header = [f"{path} (ONNX, {info['size_bytes'] / 1e6:.1f} MB with external data, producer {info['producer'] or '?'})",
+                  f"opsets: {info['opsets']}"]
+    elif path.suffix == ".so" or path.name.endswith(".manifest.json"):
+        from pbs2pc.runtime.artifact import read_manifest
+
+        manifest = read_manifest(path)
+        layers = [report.LayerInfo(**layer) for layer in manifest["layers"]]
+        summary = manifest["summary"]
+        sizes = manifest.get("sizes", {})
+        info = {"file": str(path), "kind": "artifact", **{k: manifest[k] for k in (
+            "target", "target_dict", "tvm_version", "pbs2pc_version", "format_version", "inputs", "outputs")},
+            "sizes": sizes, "metadata": manifest.get("source", {}), "summary": summary}
+        header = [
+            f"{path} (compiled for {manifest['target']}: {json.dumps(manifest['target_dict'])})",
+            f"library {sizes.get('library', 0) / 1e6:.1f} MB + weights {sizes.get('weights', 0) / 1e6:.1f} MB; "
+            f"built by pbs2pc {manifest['pbs2pc_version']} with TVM {manifest['tvm_version']}, format v{manifest['format_version']}",
+            f"inputs {manifest['inputs']} -> outputs {manifest['outputs']}",
+        ]
+    else:
+        raise Pbs2pcError(f"cannot inspect {path.name!r}: give an .onnx file or a compiled .so.")
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for line in header + [f"{k}: {v}" for k, v in info["metadata"].items()] + _bits_lines(summary):
+        print(line)
+    if layers:
+        print()
+        for row in report.format_layers(layers, None if args.layers else 8):
+            print(row)
+    return 0
