@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
+import warnings
 
 import numpy as np
 import onnx
@@ -160,8 +162,15 @@ class SparseBinaryLinearConverter(onnx_frontend.OnnxOpConverter):
         x = bb.normalize(inputs[0])  # converters may receive unnormalised expressions without types
         roles = list(onnx_op.INPUTS[1:])
         present = {role: value for role, value in zip(roles, list(inputs[1:])) if value is not None}
+        name = attr.get("tvm_custom", {}).get("name") or "SparseBinaryLinear"
         if x.ty.dtype not in ("float32", "float16"):
-            raise UnsupportedError(f"SparseBinaryLinear input X must be float32 or float16, got {x.ty.dtype}.")
+            raise UnsupportedError(f"node {name!r}: input X must be float32 or float16, got {x.ty.dtype}.")
+        k = int(present["sign"].ty.shape[1]) * 8
+        if x.ty.shape is None or not isinstance(x.ty.shape[-1], tirx.IntImm) or int(x.ty.shape[-1]) != k:
+            width = "unknown" if x.ty.shape is None else x.ty.shape[-1]
+            width = int(width) if isinstance(width, tirx.IntImm) else width
+            raise FormatError(f"node {name!r}: input X has {width} columns but its weights have K={k}; "
+                              "the last dimension of X must be static and equal K.")
         func = _reference_function(x.ty, int(attr["n"]), int(attr["m"]), int(attr["group_size"]),
                                    {role: value.ty for role, value in present.items()})
         gv = bb.add_func(func, "pbs2p_sparse_binary_linear")
@@ -213,7 +222,9 @@ def import_onnx(model: onnx.ModelProto | str | os.PathLike) -> ImportedModel:
     weights = check_model(model)
     model = _small_initializers_to_constants(model)
     inputs = [v.name for v in model.graph.input if v.name not in weights]
-    with _pbs2p_converters():
+    # The importer prints and warns as it goes; errors reach the user as one sentence instead.
+    with _pbs2p_converters(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             mod = onnx_frontend.from_onnx(model, keep_params_in_input=True, sanitize_input_names=False)
         except Pbs2pcError:

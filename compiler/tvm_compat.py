@@ -48,3 +48,8 @@ def tensor(array, device=None):
 
 # Target introspection the CPU schedule rules need (vector width in bits for an LLVM target).
 from tvm.target.codegen import llvm_get_vector_width  # noqa: E402,F401
+# dlight's GEMM normalisation helpers (C[S, I, J] += A[S, I, K] * B[S, J, K]); they live in the GPU
+# package but are target-neutral, and the CPU matmul rule reuses them.
+from tvm.s_tir.dlight.gpu.matmul import get_index_map as matmul_index_maps  # noqa: E402,F401
+# The SBlockRealize (iteration bindings) of a block in a schedule.
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize as get_sblock_realize  # noqa: E402,F401

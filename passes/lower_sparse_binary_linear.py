@@ -72,7 +72,7 @@ class _Lowerer(relax.PyExprMutator):
             bb.call_te(
                 _kernel, x2, roles["sign"], roles.get("mask"), roles["alpha"], roles.get("mu"), roles.get("bias"),
                 n, m, g,
-                primfunc_name_hint=f"sparse_binary_linear_{n}_{m}_g{g}",
+                primfunc_name_hint=f"sparse_binary_linear_{n}of{m}_g{g}_",
                 primfunc_attrs={INFO_ATTR: info, "op_pattern": _OPAQUE},
             )
         )

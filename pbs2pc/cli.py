@@ -3,7 +3,8 @@
 Exit codes: 0 success; 2 bad input or a missing tool (one line on stderr, no traceback; argparse's usage
 errors also exit 2); 130 interrupted. Anything else is a bug and shows its traceback (exit 1).
 
-Every command lives in ``pbs2pc/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``.
+Every command lives in ``pbs2pc/commands/<name>.py`` with ``add_parser(subparsers) -> parser`` and
+``run(args) -> int``.
 Heavy imports (torch, TVM) happen inside ``run``, so ``pbs2pc --help`` is instant.
 """
 
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pbs2pc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"pbs2pc.commands.{name}").add_parser(sub)
+        module = importlib.import_module(f"pbs2pc.commands.{name}")
+        module.add_parser(sub).set_defaults(run=module.run)
     return parser
 
 

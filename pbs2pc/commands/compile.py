@@ -13,7 +13,7 @@ def add_parser(sub):
     p.add_argument("-o", "--output", required=True, help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it")
     p.add_argument("--target", default="x86", choices=list(PRESETS), help="target preset (default: x86)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
-    p.set_defaults(run=run)
+    return p
 
 
 def run(args) -> int:
@@ -25,17 +25,21 @@ def run(args) -> int:
 
     start = time.perf_counter()
     preset = get_preset(args.target).require()
-    bar = tqdm(total=len(phases(preset)), desc=f"compile ({args.target})", unit="phase")
+    bar = None  # opened at the first compiler phase, so input errors print alone
 
     def progress(message: str) -> None:
+        nonlocal bar
         if message.startswith("phase "):
+            if bar is None:
+                bar = tqdm(total=len(phases(preset)), desc=f"compile ({args.target})", unit="phase")
             bar.update(1)
-        bar.set_postfix_str(message, refresh=True)
+            bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
         manifest = compile_model(args.model, args.output, args.target, dump_ir=args.dump_ir, progress=progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     s = manifest["summary"]
     print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
           f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "

@@ -13,7 +13,7 @@ def add_parser(sub):
     p.add_argument("--out", default="out/demo", help="folder for the ONNX file and the compiled library")
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window length in tokens (default 512)")
     p.add_argument("--windows", type=int, help="score only the first N windows (default: all)")
-    p.set_defaults(run=run)
+    return p
 
 
 def run(args) -> int:

@@ -8,7 +8,7 @@ def add_parser(sub):
                        description=__doc__)
     p.add_argument("checkpoint", help="folder written by pbs2pc compress")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write (weights go to FILE.data)")
-    p.set_defaults(run=run)
+    return p
 
 
 def run(args) -> int:

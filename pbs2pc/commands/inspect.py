@@ -11,7 +11,7 @@ def add_parser(sub):
     p.add_argument("path", help="an .onnx file or a compiled .so (with its manifest beside it)")
     p.add_argument("--layers", action="store_true", help="list every compressed layer (default: the first 8)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(run=run)
+    return p
 
 
 def _bits_lines(summary: dict) -> list[str]:

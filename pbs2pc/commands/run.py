@@ -19,7 +19,7 @@ def add_parser(sub):
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate for --prompt (default 16)")
     p.add_argument("--top", type=int, default=5, help="how many next-token candidates to show (default 5)")
     p.add_argument("--tokenizer", help="model spec or folder for the tokenizer (default: the source model)")
-    p.set_defaults(run=run)
+    return p
 
 
 def parse_ids(text: str) -> list[int]:

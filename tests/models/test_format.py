@@ -1,0 +1,95 @@
+"""The packed format's numpy reference: bit order, validation, decode, bit accounting."""
+
+import numpy as np
+import pytest
+import torch
+
+from pbs2pc.errors import FormatError
+from pbs2pc.models.format import NMScheme, PackedLinear, bits_per_weight, check_nm_mask, pack_bits, unpack_bits
+from pbs2pc.models.simple import compress_weight
+
+
+def test_bit_order_is_little_endian_within_a_byte():
+    bits = np.zeros((1, 16), bool)
+    bits[0, 0] = bits[0, 9] = True  # weight j is bit j % 8 of byte j // 8
+    packed = pack_bits(bits)
+    assert packed.tolist() == [[0b00000001, 0b00000010]]
+    np.testing.assert_array_equal(unpack_bits(packed), bits)
+
+
+def test_pack_unpack_round_trip_random():
+    bits = np.random.default_rng(0).random((7, 64)) < 0.5
+    np.testing.assert_array_equal(unpack_bits(pack_bits(bits)), bits)
+
+
+@pytest.mark.parametrize("n,m,g", [(9, 8, 64), (0, 8, 64), (6, 8, 60), (3, 8, 4), (5, 6, 64)])
+def test_invalid_schemes_are_rejected(n, m, g):
+    with pytest.raises(FormatError):
+        NMScheme(n, m, g)
+
+
+def test_parse_rejects_garbage():
+    with pytest.raises(FormatError, match="6:8"):
+        NMScheme.parse("six-of-eight")
+
+
+@pytest.mark.parametrize("k,msg", [(576 + 4, "multiple of 8"), (576, "group_size=128")])
+def test_shape_checks_name_the_problem(k, msg):
+    with pytest.raises(FormatError, match=msg):
+        NMScheme(6, 8, 128).check_shape(64, k)
+
+
+def test_a_row_that_breaks_n_m_is_reported():
+    mask = np.zeros((3, 16), bool)
+    mask[:, [0, 1, 8, 9]] = True
+    check_nm_mask(mask, 2, 8)
+    mask[2, 10] = True
+    with pytest.raises(FormatError, match="row 2, columns 8..15 keep 3"):
+        check_nm_mask(mask, 2, 8)
+
+
+def _layer(n=6, m=8, g=64, rows=12, k=128, seed=0):
+    torch.manual_seed(seed)
+    return compress_weight(torch.randn(rows, k), NMScheme(n, m, g), bias=torch.randn(rows))
+
+
+def test_dense_decode_matches_the_definition():
+    layer = _layer()
+    sign, keep = unpack_bits(layer.sign), unpack_bits(layer.mask)
+    o, j = 5, 77
+    g = j // 64
+    expected = keep[o, j] * (float(layer.alpha[o, g]) * (2 * sign[o, j] - 1) + float(layer.mu[o, g]))
+    assert layer.dense()[o, j] == pytest.approx(expected)
+    assert (layer.dense() != 0).sum(axis=1).max() <= 128 * 6 // 8
+
+
+def test_matmul_reference_includes_bias():
+    layer = _layer()
+    x = np.random.default_rng(1).standard_normal((3, 128))
+    np.testing.assert_allclose(layer.matmul(x), x @ layer.dense().T.astype(np.float64) + layer.bias, rtol=1e-12)
+
+
+def test_validate_catches_wrong_dtype_shape_and_mask():
+    layer = _layer()
+    bad = PackedLinear(layer.sign, layer.mask, layer.alpha.astype(np.float32), layer.mu, layer.scheme)
+    with pytest.raises(FormatError, match="alpha must be float16"):
+        bad.validate()
+    with pytest.raises(FormatError, match="mask must be uint8"):
+        PackedLinear(layer.sign, layer.mask[:, :4], layer.alpha, layer.mu, layer.scheme).validate()
+    broken = layer.mask.copy()
+    broken[0, 0] ^= 0xFF
+    with pytest.raises(FormatError, match="breaks 6:8"):
+        PackedLinear(layer.sign, broken, layer.alpha, layer.mu, layer.scheme).validate()
+    with pytest.raises(FormatError, match="only when n == m"):
+        PackedLinear(layer.sign, None, layer.alpha, layer.mu, layer.scheme).validate()
+
+
+def test_bits_per_weight_counts_masks_and_scales():
+    b = bits_per_weight(NMScheme(6, 8, 128))
+    assert b.interchange == pytest.approx(1 + 1 + 32 / 128)
+    assert b.compact == pytest.approx((5 + 6) / 8 + 0.25)  # C(8,6) = 28 patterns -> 5 bits
+    assert b.paper == pytest.approx(0.75)
+    four = bits_per_weight(NMScheme(4, 8, 128), has_mu=False)
+    assert four.compact == pytest.approx((7 + 4) / 8 + 0.125)  # 70 patterns -> 7 bits; alpha only
+    dense = bits_per_weight(NMScheme(8, 8, 64))
+    assert dense.interchange == pytest.approx(1 + 0.5) and dense.compact == pytest.approx(1.5)

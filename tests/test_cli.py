@@ -1,0 +1,88 @@
+"""The CLI in-process: the pipeline's commands, and bad input giving one line, exit code 2, no leftovers."""
+
+import json
+
+import pytest
+
+from pbs2pc.cli import main
+from pbs2pc.models import modules
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_compressed, tmp_path_factory):
+    model, info = tiny_compressed
+    return modules.save_compressed(model, None, tmp_path_factory.mktemp("ckpt") / "tiny", {"source_model": "tiny", **info})
+
+
+def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
+    onnx_path, lib = tmp_path / "m.onnx", tmp_path / "m.so"
+    assert main(["export", str(checkpoint), "-o", str(onnx_path)]) == 0
+    assert main(["inspect", str(onnx_path)]) == 0
+    out = capsys.readouterr().out
+    assert "compressed layers: 14" in out and "2.500 as stored" in out and "0.750 (signs of kept weights only" in out
+    assert main(["compile", str(onnx_path), "--target", "x86", "-o", str(lib)]) == 0
+    assert lib.exists()
+    capsys.readouterr()
+    assert main(["inspect", str(lib), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled for x86" in out and "model.layers.1.mlp.down_proj" in out
+    assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "logits [1, 3, 256]" in out and "next token candidates" in out
+
+
+def test_inspect_json(tiny_library, capsys):
+    assert main(["inspect", str(tiny_library), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["target"] == "x86" and info["summary"]["layers"] == 14
+
+
+def _assert_user_error(argv, capsys, match, tmp_path=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    if tmp_path is not None:
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix in (".so", ".bin", ".json")]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
+    out = str(tmp_path / "m.so")
+    _assert_user_error(["compile", str(tmp_path / "missing.onnx"), "-o", out], capsys, "does not exist", tmp_path)
+    (tmp_path / "text.onnx").write_text("not a model\n")
+    _assert_user_error(["compile", str(tmp_path / "text.onnx"), "-o", out], capsys, "not a readable ONNX file", tmp_path)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(tiny_onnx.read_bytes()[:5000])
+    _assert_user_error(["compile", str(cut), "-o", out], capsys, "cut.onnx", tmp_path)
+    _assert_user_error(["compile", str(tiny_onnx), "--target", "arm", "-o", out], capsys, "not supported yet", tmp_path)
+    _assert_user_error(["run", str(tmp_path / "nothing.so"), "--input-ids", "1"], capsys, "does not exist")
+    _assert_user_error(["inspect", str(tmp_path / "text.onnx")], capsys, "not a readable ONNX file")
+    _assert_user_error(["export", str(tmp_path), "-o", str(tmp_path / "x.onnx")], capsys, "not a compressed model folder")
+
+
+def test_truncated_external_data(tiny_onnx, tmp_path, capsys):
+    import shutil
+
+    shutil.copy(tiny_onnx, tmp_path / "model.onnx")
+    data = tiny_onnx.with_name("model.onnx.data").read_bytes()
+    (tmp_path / "model.onnx.data").write_bytes(data[: len(data) // 3])
+    _assert_user_error(["compile", str(tmp_path / "model.onnx"), "-o", str(tmp_path / "m.so")], capsys, "model.onnx")
+    assert not (tmp_path / "m.so").exists()
+
+
+def test_bad_run_arguments(tiny_library, capsys):
+    _assert_user_error(["run", str(tiny_library), "--input-ids", "1,x"], capsys, "comma-separated integers")
+    _assert_user_error(["run", str(tiny_library), "--input-ids", "1,100000"], capsys, "token ids must be in")
+
+
+def test_unknown_target_is_an_argparse_error(tiny_onnx, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", str(tiny_onnx), "--target", "riscv", "-o", str(tmp_path / "m.so")])
+    assert exc.value.code == 2
+    assert "invalid choice: 'riscv'" in capsys.readouterr().err
+
+
+def test_invalid_nm_is_rejected(tmp_path, capsys):
+    _assert_user_error(["compress", "smollm2-135m", "--method", "simple", "--nm", "9:8", "-o", str(tmp_path / "c")],
+                       capsys, "9:8")
+    assert not (tmp_path / "c").exists()

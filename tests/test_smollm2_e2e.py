@@ -1,0 +1,58 @@
+"""The real thing: SmolLM2-135M (bundled GGUF, Q4_1-rounded weights) through every stage on x86.
+
+compress (simple, 6:8, group size 64 since K = 576) -> export -> onnxruntime -> compile -> run, on real
+held-out English text. Marked slow (a few minutes on 2 cores); CI runs it.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from testutil import ort_logits, rel_err
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.models import compress, data, export, hf
+
+    model, tokenizer, _ = hf.load("smollm2-135m")
+    windows = data.token_windows(tokenizer, "heldout", 128, max_windows=3).numpy()
+    info = compress.compress_model(model, "6:8", method="simple", progress=False)
+    folder = tmp_path_factory.mktemp("smollm2")
+    export.export(model, folder / "model.onnx", {"source_model": "smollm2-135m", **info})
+    manifest = compile_model(folder / "model.onnx", folder / "model.so", "x86")
+    return model, windows, folder, manifest
+
+
+def test_scheme_and_honest_bits(pipeline):
+    summary = pipeline[3]["summary"]
+    assert summary["layers"] == 30 * 7 and summary["schemes"] == ["6:8 g=64"]
+    assert (summary["bits_interchange"], summary["bits_compact"], summary["bits_paper"]) == (2.5, 1.875, 0.75)
+
+
+def test_onnxruntime_matches_pytorch_and_compiled_matches_onnxruntime(pipeline):
+    from pbs2pc.runtime import load
+
+    model, windows, folder, _ = pipeline
+    ids = windows[:1]
+    with torch.inference_mode():
+        torch_logits = model(torch.from_numpy(ids), use_cache=False).logits.numpy()
+    ref = ort_logits(folder / "model.onnx", ids)
+    assert rel_err(ref, torch_logits) < 1e-4
+    assert rel_err(load(folder / "model.so").logits(ids), ref) < 1e-4
+
+
+def test_perplexities_agree(pipeline):
+    from pbs2pc.models.evaluate import perplexity, torch_logits_fn
+    from pbs2pc.runtime import load
+
+    model, windows, folder, _ = pipeline
+    compiled = load(folder / "model.so")
+    ppl_torch = perplexity(torch_logits_fn(model), windows, progress=False)
+    ppl_ort = perplexity(lambda ids: ort_logits(folder / "model.onnx", ids), windows, progress=False)
+    ppl_compiled = perplexity(compiled.logits, windows, progress=False)
+    assert np.isfinite(ppl_torch) and ppl_torch > 1
+    assert abs(ppl_ort / ppl_torch - 1) < 1e-4 and abs(ppl_compiled / ppl_ort - 1) < 1e-4

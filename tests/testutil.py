@@ -1,0 +1,29 @@
+"""Helpers shared by the tests (imported as ``testutil``; pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+X86 = "x86"
+
+
+def make_ids(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
+
+
+def positions(ids: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+
+
+def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids}
+    if any(i.name == "position_ids" for i in session.get_inputs()):
+        feeds["position_ids"] = positions(ids)
+    return session.run(None, feeds)[0]
+
+
+def rel_err(got, ref) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
