@@ -13,7 +13,13 @@ once per call from the packed bits and no dense copy ever reaches global memory.
 
 The Relax lowering creates the PrimFunc with
 ``bb.call_te(sparse_binary_linear, x, sign, ..., n=n, m=m, group_size=g, primfunc_attrs={"pbs2p_info":
-pbs2p_info(...)})``; schedule rules recognise the kernel by that attribute, never by its name.
+pbs2p_info(...)})``. Schedule rules recognise the kernel by its structure (bit-plane decode feeding a
+reduction), cross-checked against that attribute, never by its name; FuseTIR drops attributes when it
+fuses epilogues into the kernel, so structure is what survives.
+
+The bit planes may also be passed as uint16 or uint32 words (``plane.view(np.uint32)``: the same bits,
+since the packing is little-endian and x86/AArch64 are little-endian machines); the compute reads bit
+``j % bits`` of word ``j // bits``. Wider words make the CPU GEMV's per-row gathers 2-4x cheaper.
 
 Example
 -------
@@ -55,8 +61,7 @@ def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, ha
     -------
     dict
         Plain ints only (TVM stores it as a ``Map``): ``format_version``, ``n``, ``m``, ``group_size``,
-        ``has_mask``, ``has_mu``, ``has_bias``, plus ``decode_block`` / ``matmul_block`` naming the
-        two TE stages so a rule can find them without guessing.
+        ``has_mask``, ``has_mu``, ``has_bias``.
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -66,8 +71,6 @@ def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, ha
         "has_mask": int(bool(has_mask)),
         "has_mu": int(bool(has_mu)),
         "has_bias": int(bool(has_bias)),
-        "decode_block": "decode",
-        "matmul_block": "matmul",
     }
 
 
@@ -99,9 +102,10 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
     x : te.Tensor
         float32 ``[M, K]``; ``M`` may be a symbolic ``tirx.Var`` (dynamic sequence length).
     sign : te.Tensor
-        uint8 ``[N, K/8]``, bit ``j % 8`` of byte ``[o, j // 8]`` is 1 where ``W[o, j] > 0``.
+        uint8 ``[N, K/8]``, bit ``j % 8`` of byte ``[o, j // 8]`` is 1 where ``W[o, j] > 0``; or the
+        same plane viewed as uint16 ``[N, K/16]`` / uint32 ``[N, K/32]`` words.
     mask : te.Tensor or None
-        uint8 ``[N, K/8]``, 1 where the weight is kept; ``None`` only when ``n == m``.
+        Same layout and dtype as ``sign``, 1 where the weight is kept; ``None`` only when ``n == m``.
     alpha : te.Tensor
         float16 ``[N, K/G]`` scales.
     mu : te.Tensor or None
@@ -123,6 +127,8 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
     if x.dtype != "float32":
         raise ValueError(f"x must be float32, got {x.dtype}")
     g = group_size
+    if mask is not None and mask.dtype != sign.dtype:
+        raise ValueError(f"sign and mask must share a word type, got {sign.dtype} and {mask.dtype}")
 
     def decode(o, j):
         # W = alpha * (2s - 1) + mu is written as select(s, mu + alpha, mu - alpha): the same float32
