@@ -32,7 +32,8 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
                   progress: Callable[[str], None] | None = None) -> dict:
     """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
 
-    ``progress`` receives a short description of each step (the CLI prints them).
+    ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
+    then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
@@ -83,7 +84,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "timings": timings,
     }
     start = time.perf_counter()
-    say(f"writing {lib_path.name}, {weights_path.name}, {manifest_path.name}")
+    say("phase link and write")
     with atomic_outputs([lib_path, weights_path, manifest_path]) as (tmp_lib, tmp_weights, tmp_manifest):
         export_kwargs = {}
         if preset.cross_compiler:

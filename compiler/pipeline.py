@@ -60,7 +60,10 @@ def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
 
 def make_pipeline(preset: TargetPreset, dump_ir: str | Path | None = None,
                   on_phase: Callable[[str], None] | None = None) -> "tvm.transform.Pass":
-    """A module pass running :func:`phases` under the preset's target, optionally dumping IR."""
+    """A module pass running :func:`phases` under the preset's target, optionally dumping IR.
+
+    ``on_phase`` is called with each phase's name before it runs, then with ``"codegen"``.
+    """
     target = preset.tvm_target()
     steps = phases(preset)
     dump = Path(dump_ir) if dump_ir else None
@@ -77,6 +80,8 @@ def make_pipeline(preset: TargetPreset, dump_ir: str | Path | None = None,
                 mod = step(mod)
                 if dump:
                     (dump / f"{index:02d}_{name}.py").write_text(mod.script())
+        if on_phase:
+            on_phase("codegen")  # TVM's TIR lowering and LLVM code generation follow this pass
         return mod
 
     return pipeline

@@ -56,3 +56,15 @@ def test_perplexities_agree(pipeline):
     ppl_compiled = perplexity(compiled.logits, windows, progress=False)
     assert np.isfinite(ppl_torch) and ppl_torch > 1
     assert abs(ppl_ort / ppl_torch - 1) < 1e-4 and abs(ppl_compiled / ppl_ort - 1) < 1e-4
+
+
+def test_cli_runs_a_prompt_and_inspects(pipeline, capsys):
+    from pbs2pc.cli import main
+
+    folder = pipeline[2]
+    assert main(["run", str(folder / "model.so"), "--prompt", "The capital of France is", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and "4 tokens in" in out
+    assert main(["inspect", str(folder / "model.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "compressed layers: 210" in out and "source_model: smollm2-135m" in out

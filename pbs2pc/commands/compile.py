@@ -16,30 +16,35 @@ def add_parser(sub):
     return p
 
 
-def run(args) -> int:
+def compile_with_progress(model, output, target: str, dump_ir=None) -> dict:
+    """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
 
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.compiler.pipeline import phases
     from pbs2pc.compiler.targets import get_preset
 
-    start = time.perf_counter()
-    preset = get_preset(args.target).require()
+    preset = get_preset(target).require()
     bar = None  # opened at the first compiler phase, so input errors print alone
 
     def progress(message: str) -> None:
         nonlocal bar
         if message.startswith("phase "):
             if bar is None:
-                bar = tqdm(total=len(phases(preset)), desc=f"compile ({args.target})", unit="phase")
+                bar = tqdm(total=len(phases(preset)) + 2, desc=f"compile ({target})", unit="phase")
             bar.update(1)
             bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
-        manifest = compile_model(args.model, args.output, args.target, dump_ir=args.dump_ir, progress=progress)
+        return compile_model(model, output, target, dump_ir=dump_ir, progress=progress)
     finally:
         if bar is not None:
             bar.close()
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir)
     s = manifest["summary"]
     print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
           f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
