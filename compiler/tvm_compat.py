@@ -51,5 +51,9 @@ from tvm.target.codegen import llvm_get_vector_width  # noqa: E402,F401
 # dlight's GEMM normalisation helpers (C[S, I, J] += A[S, I, K] * B[S, J, K]); they live in the GPU
 # package but are target-neutral, and the CPU matmul rule reuses them.
 from tvm.s_tir.dlight.gpu.matmul import get_index_map as matmul_index_maps  # noqa: E402,F401
+# get_index_map's per-axis S/I/J/K classification; the CPU rule fuses the axes itself, keeping axes that
+# one operand broadcasts out of I and J (see cpu_matmul._gemm_index_maps).
+from tvm.s_tir.dlight.gpu.matmul import IterKind as MatmulIterKind  # noqa: E402,F401
+from tvm.s_tir.dlight.gpu.matmul import detect_iter_traits as matmul_iter_traits  # noqa: E402,F401
 # The SBlockRealize (iteration bindings) of a block in a schedule.
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize as get_sblock_realize  # noqa: E402,F401

@@ -4,11 +4,13 @@ Matches a function with exactly one reduction block of the form ``C[S, I, J] += 
 up to axis order and transposes (``R.matmul`` with or without ``permute_dims``, attention's batched
 ``q @ kᵀ`` and ``p @ v``), with injective producers and epilogues (bias add, scale, SiLU) fused around it.
 
-* **GEMM** (I present): dlight's reindex normalisation turns the block into the canonical form above;
-  then, per ``tile_n`` columns of one batch, ``B`` is packed into a local k-major tile (contiguous along
-  J), and a register-tiled micro-kernel (``tile_m`` x ``micro_n`` accumulators, FMAs with a broadcast of
-  A) runs over I. Symbolic or ragged I/J are padded with ``pad_einsum`` so the inner loops carry no
-  bounds checks. Parallel over (batch, column tiles).
+* **GEMM** (I present): a reindex normalisation (dlight's, except that an axis one operand broadcasts
+  becomes a batch axis rather than part of I or J: see :func:`_gemm_index_maps`) turns the block into
+  the canonical form above; then, per ``tile_n`` columns of one batch, ``B`` is packed into a local
+  k-major tile (contiguous along J), and a register-tiled micro-kernel (``tile_m`` x ``micro_n``
+  accumulators, FMAs with a broadcast of A) runs over I. Symbolic or ragged I/J are padded with
+  ``pad_einsum`` so the inner loops carry no bounds checks. Parallel over (batch, column tiles);
+  broadcast batch axes (grouped-query attention's ``rep``) run serially inside a task.
 * **GEMV** (I absent, e.g. decode-time ``[1, 1, K] x [K, N]``): with J contiguous in B, each task
   streams wide strips of B's rows, ``k_unroll`` rows per pass, vectorised along J; with K contiguous
   (``x @ Wᵀ``, the tied LM head after FuseTransposeMatmul), ``rfactor`` gives per-row vector partial
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pbs2pc.compiler.tvm_compat import dlight, matmul_index_maps, s_tir, tirx
+from pbs2pc.compiler.tvm_compat import MatmulIterKind, dlight, matmul_iter_traits, s_tir, tirx
 
 from . import cpu_utils as cu
 
@@ -38,6 +40,54 @@ def _reduction_block(sch: s_tir.Schedule):
                 return None
             found = block
     return found
+
+
+def _gemm_index_maps(block):
+    """Index maps normalising ``block`` to ``C[S.., I, J] += A[S.., I, K] * B[S.., J, K]``.
+
+    Like dlight's ``get_index_map``, except that I and J are each **one** original axis. dlight fuses every
+    axis found in A and C only into I (likewise J), so a batch axis that one operand broadcasts - the
+    ``rep`` axis of grouped-query attention, ``[B, KV, rep, S, D] @ [B, KV, 1, D, S]`` - becomes part of
+    I = rep * S. A row tile of that fused axis is not a box of the original axes when ``tile_m`` does not
+    divide S (symbolic S: almost never), and the region analysis behind ``compute_at`` /
+    ``reverse_compute_at`` then widens the A copy and the writeback to the bounding box: the writeback
+    stores rows of other tiles from outside the accumulator tile (wrong results, stack/heap overruns).
+
+    Here such extra axes become batch axes of their own: ``R`` (in A and C, broadcast in B) and ``C`` (in
+    B and C, broadcast in A), giving ``C[S, R, C, I, J] += A[S, R, I, K] * B[S, C, J, K]`` (R and C only
+    when present, so ordinary matmuls keep dlight's exact form). Every access stays a plain einsum (what
+    ``pad_einsum`` needs), every tile sits at one point of the batch axes (exact regions), and only the
+    innermost I and J axes are tiled. K may stay fused: it is never tiled. Returns ``(block_map, a_map,
+    b_map, c_map, batch)`` with ``batch`` the labels of the leading block axes (``["S", "R"]`` for GQA),
+    or None when the block is not a GEMM.
+    """
+    traits = matmul_iter_traits(block)
+    if traits is None:
+        return None
+    a_traits, b_traits, c_traits, block_traits = traits  # the lists share one IterTrait per block axis
+    kinds = {MatmulIterKind.kIter_S: "S", MatmulIterKind.kIter_I: "I", MatmulIterKind.kIter_J: "J",
+             MatmulIterKind.kIter_K: "K"}
+    label = {id(t): kinds.get(t.kind) for t in block_traits}  # None: a unit axis, dropped
+    for kind, extra in (("I", "R"), ("J", "C")):
+        for trait in [t for t in block_traits if label[id(t)] == kind][:-1]:
+            label[id(trait)] = extra
+    present = set(label.values())
+    batch = ["S"] + [g for g in ("R", "C") if g in present]
+
+    def fuse(trait_list, order):
+        order = [g for g in order if g in ("S", "I", "J", "K") or g in present]
+        fused, inputs = {}, []
+        for n, trait in enumerate(trait_list):
+            var = tirx.Var(f"i{n}", trait.extent.ty)
+            inputs.append(var)
+            group = label[id(trait)]
+            if group is not None:
+                fused[group] = fused[group] * trait.extent + var if group in fused else var
+        zero = tirx.IntImm(trait_list[0].extent.ty, 0)
+        return tirx.IndexMap(inputs, [fused.get(g, zero) for g in order], None)
+
+    return (fuse(block_traits, batch + ["I", "J", "K"]), fuse(a_traits, ["S", "R", "I", "K"]),
+            fuse(b_traits, ["S", "C", "J", "K"]), fuse(c_traits, batch + ["I", "J"]), batch)
 
 
 def _producer_of(sch: s_tir.Schedule, block, buffer):
@@ -79,17 +129,18 @@ class Matmul(dlight.ScheduleRule):
             return None
         _inline_producers(sch, main)
         lanes = cu.vector_lanes(target)
-        if matmul_index_maps(sch.get(main)) is not None:
-            return self._gemm(sch, main, lanes, cu.vector_registers(target))
+        maps = _gemm_index_maps(sch.get(main))
+        if maps is not None:
+            return self._gemm(sch, main, maps, lanes, cu.vector_registers(target))
         return self._gemv(sch, main, lanes)
 
     # ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _gemm(sch: s_tir.Schedule, main, lanes: int, registers: int):
+    def _gemm(sch: s_tir.Schedule, main, maps, lanes: int, registers: int):
         ra = sch.reindex(main, ("read", 0))
         rb = sch.reindex(main, ("read", 1))
         rc = sch.reindex(main, ("write", 0))
-        block_map, a_map, b_map, c_map = matmul_index_maps(sch.get(main))
+        block_map, a_map, b_map, c_map, batch_labels = maps
         sch.transform_layout(ra, ("write", 0), a_map)
         sch.transform_layout(rb, ("write", 0), b_map)
         sch.transform_layout(rc, ("read", 0), c_map)
@@ -97,7 +148,8 @@ class Matmul(dlight.ScheduleRule):
 
         tile_m, n_vec = cu.micro_kernel(lanes, registers)
         micro_n = n_vec * lanes
-        _, i_ext, j_ext, _ = (iv.dom.extent for iv in sch.get(main).iter_vars)
+        *_, i_ext, j_ext, _ = (iv.dom.extent for iv in sch.get(main).iter_vars)
+        n_batch = len(batch_labels)  # S, then R and/or C when present
         i_ext, j_ext = cu.const_int(i_ext), cu.const_int(j_ext)
         if j_ext is not None and j_ext < micro_n:
             micro_n = tile_n = j_ext if j_ext % lanes == 0 else None
@@ -110,7 +162,7 @@ class Matmul(dlight.ScheduleRule):
         pad_i = i_ext is None or i_ext % tile_m != 0
         pad_j = j_ext is None or j_ext % tile_n != 0
         if pad_i or pad_j:
-            sch.pad_einsum(main, [1, tile_m if pad_i else 1, tile_n if pad_j else 1, 1])
+            sch.pad_einsum(main, [1] * n_batch + [tile_m if pad_i else 1, tile_n if pad_j else 1, 1])
 
         stmt = sch.get(main)
         a_pack = _producer_of(sch, main, stmt.reads[0].source)
@@ -119,17 +171,27 @@ class Matmul(dlight.ScheduleRule):
             _inline_producers(sch, pack)
         writeback = sch.get_consumers(main)[0]
 
-        s, i, j, k = sch.get_loops(main)
+        *batch, i, j, k = sch.get_loops(main)
+        loop_of = dict(zip(batch_labels, batch))
         j_tile, j_in = sch.split(j, [None, tile_n])
         i_tile, i_in = sch.split(i, [None, tile_m])
         j_blk, j_vec = sch.split(j_in, [None, micro_n])
-        sch.reorder(s, j_tile, i_tile, j_blk, k, i_in, j_vec)
-        outer = sch.fuse(s, j_tile)
+        # Parallel over (S, column tiles); the broadcast batch axes run serially inside a task (C, then R):
+        # the packed B tile is reused across R, and no tile index needs a division by a symbolic extent
+        # (LLVM cannot hoist one out of the guarded writeback, and then scatters the stores lane by lane).
+        inner_batch = [loop_of[g] for g in ("C", "R") if g in loop_of]
+        sch.reorder(loop_of["S"], j_tile, *inner_batch, i_tile, j_blk, k, i_in, j_vec)
+        outer = sch.fuse(loop_of["S"], j_tile)
 
         # The output tile lives in registers; writeback (+ fused epilogues) runs per micro-tile.
+        # Epilogues are inlined into the writeback *before* it moves under the tile loops: once there it
+        # carries the predicate that drops padded rows/columns, and reverse_compute_inline rebuilds a
+        # block's predicate from the consumer's domain alone, so inlining afterwards loses that guard
+        # whenever the batch axes are symbolic (padding rows stored past the output: heap corruption).
         sch.set_scope(main, 0, cu.SCRATCH)
+        leftover = cu.inline_epilogues(sch, _consumer_chain(sch, writeback))
         sch.reverse_compute_at(writeback, j_blk, preserve_unit_loops=True)
-        cu.attach_epilogues(sch, cu.inline_epilogues(sch, _consumer_chain(sch, writeback)), j_blk, lanes)
+        cu.attach_epilogues(sch, leftover, j_blk, lanes)
         cu.vectorize_innermost(sch, writeback, lanes)
 
         # A: read in place unless padding made a copy; then copy one row tile per i_tile.
@@ -138,9 +200,10 @@ class Matmul(dlight.ScheduleRule):
             cu.vectorize_innermost(sch, a_pack, lanes)
         else:
             sch.compute_inline(a_pack)
-        # B: pack one k-major column tile per parallel task (contiguous loads in the micro-kernel).
-        sch.transform_layout(b_pack, ("write", 0), lambda b, jj, kk: (b, kk, jj))
-        sch.compute_at(b_pack, outer, preserve_unit_loops=True)
+        # B: pack one k-major column tile per parallel task (per C point when B has a C axis), contiguous
+        # loads in the micro-kernel.
+        sch.transform_layout(b_pack, ("write", 0), lambda *idx: (*idx[:-2], idx[-1], idx[-2]))
+        sch.compute_at(b_pack, loop_of.get("C", outer), preserve_unit_loops=True)
         jj, kk = sch.get_loops(b_pack)[-2:]
         sch.reorder(kk, jj)
         cu.vectorize_innermost(sch, b_pack, lanes)
