@@ -49,12 +49,14 @@ class NMScheme:
             )
 
     @classmethod
-    def parse(cls, text: str, group_size: int = 128) -> "NMScheme":
-        """Parse ``"6:8"`` into a scheme."""
+    def parse(cls, text: str, group_size: int | None = 128) -> "NMScheme":
+        """Parse ``"6:8"`` into a scheme (``group_size=None``: the smallest valid one, for checking n:m alone)."""
         try:
             n, m = (int(part) for part in text.split(":"))
         except ValueError:
             raise FormatError(f"cannot read N:M scheme {text!r}; write it as two integers like 6:8.") from None
+        if group_size is None:
+            group_size = math.lcm(8, max(m, 1))
         return cls(n, m, group_size)
 
     @property

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per alpha/mu block (default 128, or the largest power of two dividing every K)")
     p.add_argument("--calib", default="calib", help="calibration text: 'calib' (lee_background.cor) or a text file")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128; the demo uses 32)")
+    p.add_argument("--nsamples", type=int, default=128,
+                   help="calibration sequences (default 128 as in BiLLM/ARB; the fast setting is 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     p.add_argument("--device", default="cpu", help="torch device for the layer being compressed (cpu, cuda)")
@@ -55,12 +56,15 @@ def run(args) -> int:
     from pbs2pc.fileio import atomic_outputs
     from pbs2pc.models import hf
     from pbs2pc.models.compress import METHODS, PYTORCH_ONLY, compress_model
+    from pbs2pc.models.format import NMScheme
     from pbs2pc.models.modules import save_compressed
 
     if args.nsamples < 1 or args.seqlen < 2:
         raise Pbs2pcError("--nsamples must be at least 1 and --seqlen at least 2.")
     if args.method not in METHODS:
         raise Pbs2pcError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(METHODS))}.")
+    # Check the scheme before loading anything, so a typo fails at once with one line.
+    NMScheme.parse(args.nm, args.group_size)
     out = Path(args.output)
     resume = out.parent / f".{out.name}.pbs2pc-resume"
     if args.no_resume and resume.exists():
