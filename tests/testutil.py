@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 X86 = "x86"
@@ -15,10 +17,16 @@ def positions(ids: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
 
 
-def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _session(path: str):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
+    """Logits from onnxruntime running an exported file (sessions are cached per path)."""
+    session = _session(str(onnx_path))
     feeds = {"input_ids": ids}
     if any(i.name == "position_ids" for i in session.get_inputs()):
         feeds["position_ids"] = positions(ids)
