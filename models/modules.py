@@ -138,11 +138,8 @@ def is_compressed_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load_compressed(folder: str | Path):
-    """Load ``(model, tokenizer, manifest)`` from a folder written by :func:`save_compressed`."""
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def read_manifest(folder: str | Path) -> dict:
+    """The ``pbs2pc.json`` of a compressed checkpoint folder, checked for its format version."""
     folder = Path(folder)
     if not is_compressed_dir(folder):
         raise Pbs2pcError(f"{folder} is not a compressed model folder (no {MANIFEST}); run pbs2pc compress first.")
@@ -152,6 +149,16 @@ def load_compressed(folder: str | Path):
             f"{folder} uses format version {manifest.get('format_version')}, this pbs2pc reads {FORMAT_VERSION}; "
             "compress the model again."
         )
+    return manifest
+
+
+def load_compressed(folder: str | Path):
+    """Load ``(model, tokenizer, manifest)`` from a folder written by :func:`save_compressed`."""
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
     config = AutoConfig.from_pretrained(folder)
     # Built on the CPU (not the meta device): non-persistent buffers such as rotary frequencies are
     # computed at construction and are not in the checkpoint.

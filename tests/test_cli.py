@@ -86,3 +86,14 @@ def test_invalid_nm_is_rejected(tmp_path, capsys):
     _assert_user_error(["compress", "smollm2-135m", "--method", "simple", "--nm", "9:8", "-o", str(tmp_path / "c")],
                        capsys, "9:8")
     assert not (tmp_path / "c").exists()
+
+
+def test_evaluation_only_checkpoints_are_not_exported(checkpoint, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "billm"
+    shutil.copytree(checkpoint, folder)
+    manifest = json.loads((folder / "pbs2pc.json").read_text())
+    (folder / "pbs2pc.json").write_text(json.dumps({**manifest, "method": "billm", "exportable": False}))
+    _assert_user_error(["export", str(folder), "-o", str(tmp_path / "m.onnx")], capsys, "evaluation-only", tmp_path)
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,6 +1,7 @@
 """Packaging: every subpackage of the top-level folders lands in the wheel; the layering rules hold."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -35,8 +36,12 @@ def test_pins():
 
 
 def test_wheel_contains_every_subpackage(tmp_path):
+    # Build from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "out", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", ".device"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("pbs2pc-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for package, folder in _package_folders().items():

@@ -17,6 +17,11 @@ def run(args) -> int:
 
     if not args.output.endswith(".onnx"):
         raise Pbs2pcError(f"the output must be an .onnx path, got {args.output!r}; e.g. -o model.onnx")
+    manifest = modules.read_manifest(args.checkpoint)
+    if manifest.get("exportable") is False:
+        raise Pbs2pcError(f"{args.checkpoint} was compressed with {manifest.get('method')!r}, an evaluation-only "
+                          "baseline outside the pbs2p op contract; compress with pbs2p, simple or "
+                          "nm-then-binarize to export.")
     model, _tokenizer, manifest = modules.load_compressed(args.checkpoint)
     metadata = {k: v for k, v in manifest.items() if k != "layers"}
     path = export.export(model, args.output, metadata)
