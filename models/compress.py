@@ -47,11 +47,31 @@ def compress_simple(model, scheme: NMScheme, progress: bool = True, **_unused) -
     return {}
 
 
+def _register_calibrated():
+    """PBS2P, its ablations and the baselines (all calibrated, layer-sequential; see docs/accuracy.md)."""
+    from pbs2pc.models import baselines, pbs2p
+
+    METHODS["pbs2p"] = pbs2p.make_method("pbs2p", spbo_on=True, cfs=True)
+    METHODS["pbs2p-nospbo"] = pbs2p.make_method("pbs2p-nospbo", spbo_on=False, cfs=True)
+    METHODS["pbs2p-nocfs"] = pbs2p.make_method("pbs2p-nocfs", spbo_on=True, cfs=False)
+    METHODS["nm-then-binarize"] = pbs2p.make_method("nm-then-binarize", spbo_on=False, cfs=False, mask_first=True)
+    METHODS["sign"] = baselines.sign_method
+    METHODS["billm"] = baselines.billm_method
+    METHODS["arb"] = baselines.arb_method
+    METHODS["arb-nm"] = baselines.arb_nm_method  # experiment: N:M + ARB structure (PyTorch-only)
+
+
+_register_calibrated()
+
+#: methods whose output is a PyTorch-only evaluation model (not the op contract): export refuses them
+PYTORCH_ONLY = ("billm", "arb", "arb-nm")
+
+
 def compress_model(model, nm: str = "6:8", group_size: int | None = None, method: str = "simple", **options) -> dict:
     """Compress ``model`` in place; return the settings to record in the checkpoint manifest."""
     if method not in METHODS:
         raise Pbs2pcError(f"unknown compression method {method!r}; choose one of: {', '.join(sorted(METHODS))}.")
-    n_m = NMScheme.parse(nm, 8)
+    n_m = NMScheme.parse(nm, None)
     scheme = NMScheme(n_m.n, n_m.m, resolve_group_size(model, n_m.m, group_size))
     for name, lin in decoder_linears(model).items():
         try:
