@@ -13,12 +13,23 @@ def add_parser(sub):
     p.add_argument("--out", default="out/demo", help="folder for the ONNX file and the compiled library")
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window length in tokens (default 512)")
     p.add_argument("--windows", type=int, help="score only the first N windows (default: all)")
+    p.add_argument("--method", default="simple", help="compression method (default simple; pbs2p calibrates)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows for calibrated methods (default 16)")
     return p
 
 
 def run(args) -> int:
     from pbs2pc.demo import format_result, run_demo
 
-    result = run_demo(args.model, args.nm, args.out, seqlen=args.seqlen, windows=args.windows)
+    from pbs2pc.errors import Pbs2pcError
+    from pbs2pc.models.compress import METHODS, PYTORCH_ONLY
+    from pbs2pc.models.format import NMScheme
+
+    NMScheme.parse(args.nm, None)
+    if args.method not in METHODS or args.method in PYTORCH_ONLY:
+        exportable = sorted(m for m in METHODS if m not in PYTORCH_ONLY)
+        raise Pbs2pcError(f"the demo cannot use method {args.method!r}; choose one of: {', '.join(exportable)}.")
+    result = run_demo(args.model, args.nm, args.out, seqlen=args.seqlen, windows=args.windows,
+                      method=args.method, nsamples=args.nsamples)
     print(format_result(result))
     return 0
