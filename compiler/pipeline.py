@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from pbs2pc.compiler.targets import TargetPreset
+from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
 from pbs2pc.passes import LowerSparseBinaryLinear
 
@@ -22,7 +23,7 @@ def schedule_rules(preset: TargetPreset) -> list:
         from pbs2pc.passes.schedules import cpu_rules
 
         return cpu_rules()
-    raise NotImplementedError(f"no schedule rules for the {preset.family} family yet")
+    raise UnsupportedError(f"target {preset.name!r}: no schedule rules for the {preset.family} family yet.")
 
 
 def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:

@@ -77,13 +77,11 @@ class SparseBinaryLinear(nn.Module):
 
 def decoder_linears(model) -> dict[str, nn.Linear]:
     """The linear layers inside the decoder blocks (what gets compressed), by qualified name."""
-    layers = _decoder_layers(model)
-    prefix = _layers_prefix(model)
     found = {}
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(_decoder_layers(model)):
         for name, module in layer.named_modules():
             if isinstance(module, (nn.Linear, SparseBinaryLinear)):
-                found[f"{prefix}.{i}.{name}"] = module
+                found[f"model.layers.{i}.{name}"] = module
     return found
 
 
@@ -93,10 +91,6 @@ def _decoder_layers(model):
     if layers is None:
         raise Pbs2pcError(f"{type(model).__name__} has no model.layers; pbs2pc supports Llama-style decoders.")
     return layers
-
-
-def _layers_prefix(model) -> str:
-    return "model.layers"
 
 
 def replace_linear(model, name: str, packed: PackedLinear) -> SparseBinaryLinear:
