@@ -79,7 +79,13 @@ class CompiledModel:
         if "position_ids" in self.inputs:
             if position_ids is None:
                 position_ids = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-            feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+            position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+            # The compiled gathers do not bounds-check (TVM's fast take): a bad index must never reach them.
+            if position_ids.shape != ids.shape:
+                raise Pbs2pcError(f"position_ids must have the shape of input_ids {ids.shape}, got {position_ids.shape}.")
+            if position_ids.min() < 0 or (max_len and position_ids.max() >= max_len):
+                raise Pbs2pcError(f"position ids must be in [0, {max_len}), got {position_ids.min()}..{position_ids.max()}.")
+            feeds["position_ids"] = position_ids
         args = [self._tvm.runtime.tensor(feeds[name], self.device) for name in self.inputs]
         return self.vm["main"](*args, *self._params).numpy()
 

@@ -24,6 +24,10 @@ def test_bad_token_ids(tiny_library):
         model.logits([[1, 2, 999]])
     with pytest.raises(Pbs2pcError, match="non-empty"):
         model.logits(np.zeros((1, 0), np.int64))
+    with pytest.raises(Pbs2pcError, match="position ids must be in"):
+        model.logits([[1, 2]], position_ids=[[0, 100000]])
+    with pytest.raises(Pbs2pcError, match="shape of input_ids"):
+        model.logits([[1, 2]], position_ids=[[0]])
 
 
 def test_generate_is_greedy_over_logits(tiny_library):
