@@ -67,13 +67,11 @@ def run_demo(model_spec: str = "smollm2-135m", nm: str = "6:8", out_dir: str | P
     the calibration text: the fast setting (16 samples: about a minute on 2 quiet cores).
     """
     import onnxruntime as ort
-    import torch
 
     from pbs2pc.commands.compile import compile_with_progress
     from pbs2pc.models import compress, data, evaluate, export, hf
     from pbs2pc.runtime import load
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out_dir)
     clock, ppl = _Clock(), {}
     with clock.step(f"load {model_spec}"):

@@ -35,3 +35,13 @@ def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
 
 def rel_err(got, ref) -> float:
     return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def legalize_and_fuse(mod):
+    """The pipeline's phases before scheduling: NT-matmul fusion, legalization, op fusion."""
+    from pbs2pc.compiler.tvm_compat import relax, tvm
+
+    seq = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
+           relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+           relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    return tvm.ir.transform.Sequential(seq)(mod)

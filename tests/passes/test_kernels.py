@@ -20,6 +20,7 @@ from pbs2pc.models.format import NMScheme  # noqa: E402
 from pbs2pc.models.simple import compress_weight  # noqa: E402
 from pbs2pc.passes.kernels.sparse_binary_linear import pbs2p_info, sparse_binary_linear  # noqa: E402
 from pbs2pc.passes.schedules import cpu_rules  # noqa: E402
+from testutil import legalize_and_fuse  # noqa: E402
 from pbs2pc.passes.schedules.cpu_fallback import Fallback  # noqa: E402
 from pbs2pc.passes.schedules.cpu_matmul import Matmul  # noqa: E402
 from pbs2pc.passes.schedules.cpu_pbs2p import SparseBinaryLinear  # noqa: E402
@@ -166,7 +167,7 @@ def test_kernel_found_by_structure_after_fusion(static_rows):
                                    primfunc_attrs={"pbs2p_info": pbs2p_info(6, 8, 64, True, True, True)}))
             out = bb.emit_output(bb.emit(relax.op.nn.silu(y)))
         bb.emit_func_output(out)
-    mod = _fuse(bb.get())
+    mod = legalize_and_fuse(bb.get())
     fused = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     assert len(fused) == 1 and "pbs2p_info" not in fused[0].attrs
     assert which_rule(fused[0]) == "SparseBinaryLinear"
@@ -180,7 +181,7 @@ def test_pbs2p_rule_declines_other_functions():
     layer = packed(64, 128, 6, 8, 64)
     func = kernel_func(layer, 4)
     assert SparseBinaryLinear().apply(func, tvm.target.Target("cuda"), False) is None
-    dense = _fuse(_matmul_module((4, 128), (128, 64)))
+    dense = legalize_and_fuse(_matmul_module((4, 128), (128, 64)))
     assert all(SparseBinaryLinear().apply(f, TARGET, False) is None
                for _, f in dense.functions_items() if isinstance(f, tirx.PrimFunc))
 
@@ -215,14 +216,6 @@ def test_x86_assembly_uses_zmm():
 
 # --------------------------------------------------------------------------------------------------------
 # dense matmul, reductions, fallback on legalized Relax
-
-
-def _fuse(mod):
-    # As in the pipeline: matmul(x, permute_dims(w)) becomes one NT matmul before legalization.
-    seq = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
-           relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-           relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
-    return tvm.ir.transform.Sequential(seq)(mod)
 
 
 def _run_relax(mod, args):
@@ -263,7 +256,7 @@ SEQ = tirx.Var("s", "int64")
 def test_dense_matmul(seq, transpose_b):
     """lm_head-like [1, S, K] x [K, N] (or x Wᵀ), static, ragged and symbolic S."""
     k, n = 96, 200
-    mod = _fuse(_matmul_module((1, seq, k), (n, k) if transpose_b else (k, n), transpose_b))
+    mod = legalize_and_fuse(_matmul_module((1, seq, k), (n, k) if transpose_b else (k, n), transpose_b))
     names = {gv.name_hint: which_rule(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     assert "Matmul" in names.values(), names
     rng = np.random.default_rng(0)
@@ -276,7 +269,7 @@ def test_dense_matmul(seq, transpose_b):
 
 def test_dense_matmul_fused_silu_epilogue():
     silu = lambda y, b: relax.op.nn.silu(relax.op.add(y, b))  # noqa: E731
-    mod = _fuse(_matmul_module((1, SEQ, 64), (64, 256), epilogue=silu))
+    mod = legalize_and_fuse(_matmul_module((1, SEQ, 64), (64, 256), epilogue=silu))
     funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     assert len(funcs) == 1 and which_rule(funcs[0]) == "Matmul"
     rng = np.random.default_rng(1)
@@ -303,7 +296,7 @@ def test_attention_batch_matmul_softmax_causal(seq):
         p = bb.emit(relax.op.nn.softmax(relax.op.add(s, mask), axis=-1))
         return bb.emit(relax.op.matmul(p, v))
 
-    mod = _fuse(_module([((1, heads, SEQ, dim), "float32")] * 3, body))
+    mod = legalize_and_fuse(_module([((1, heads, SEQ, dim), "float32")] * 3, body))
     rules = {which_rule(f) for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     assert "Matmul" in rules and None not in rules, rules
     q, k, v = (np.random.default_rng(i).standard_normal((1, heads, seq, dim)).astype("float32") for i in range(3))
@@ -323,7 +316,7 @@ def test_rmsnorm_rotary_like_and_embedding(seq):
         return bb.emit(relax.op.add(relax.op.multiply(h, cos), h))
 
     shapes = [((1, seq), "int64"), ((vocab, dim), "float32"), ((dim,), "float32"), ((1, seq, dim), "float32")]
-    mod = _fuse(_module(shapes, body))
+    mod = legalize_and_fuse(_module(shapes, body))
     assert all(which_rule(f) for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
     rows = seq if isinstance(seq, int) else 23
     rng = np.random.default_rng(2)
@@ -339,7 +332,7 @@ def test_fallback_parallelises_and_vectorizes():
     def body(bb, a, b):
         return bb.emit(relax.op.nn.silu(relax.op.add(a, b)))
 
-    mod = _fuse(_module([((SEQ, 256), "float32"), ((SEQ, 256), "float32")], body))
+    mod = legalize_and_fuse(_module([((SEQ, 256), "float32"), ((SEQ, 256), "float32")], body))
     func = next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
     text = Fallback().apply(func, TARGET, False).mod["main"].script()
     assert "T.parallel" in text and "T.vectorized(T.int64(16))" in text

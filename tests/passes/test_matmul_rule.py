@@ -30,6 +30,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 
 from pbs2pc.compiler.tvm_compat import dlight, matmul_index_maps, relax, s_tir, tirx, tvm  # noqa: E402
 from pbs2pc.passes.schedules import cpu_rules  # noqa: E402
+from testutil import legalize_and_fuse  # noqa: E402
 from pbs2pc.passes.schedules.cpu_matmul import Matmul, _gemm_index_maps, _reduction_block  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
@@ -74,13 +75,6 @@ CASES = {
 }
 
 
-def _fuse(mod):
-    seq = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
-           relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-           relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
-    return tvm.ir.transform.Sequential(seq)(mod)
-
-
 def _module(shapes, body):
     bb = relax.BlockBuilder()
     params = [relax.Var(f"p{i}", relax.TensorType(shape, "float32")) for i, shape in enumerate(shapes)]
@@ -88,7 +82,7 @@ def _module(shapes, body):
         with bb.dataflow():
             out = bb.emit_output(body(bb, *params))
         bb.emit_func_output(out)
-    return _fuse(bb.get())
+    return legalize_and_fuse(bb.get())
 
 
 def _prim_funcs(mod):
@@ -125,7 +119,9 @@ def child_results():
     """All cases, run by one child process (``python this_file.py``): a crash or hang fails, not kills, pytest."""
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
+                              timeout=300, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(
+                                  [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # testutil
+                                   os.environ.get("PYTHONPATH", "")])})
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"the child process hung (heap corruption?); output so far: {err.stdout!r:.2000}")
     assert proc.returncode == 0, (f"child exited with {proc.returncode} (negative: signal; heap corruption?)\n"
