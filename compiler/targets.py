@@ -24,10 +24,16 @@ class TargetPreset:
     description: str = ""
     supported: bool = True
     issue: str = ""  # where an unsupported preset's work is tracked
+    #: Target layout of the packed sign/mask planes: the word width the kernels read them as (8 keeps the
+    #: interchange uint8 bytes). Applied at compile time by the build's params transform
+    #: (:func:`pbs2pc.compiler.build.to_target_layout`); measured in docs/performance.md.
+    plane_word_bits: int = 8
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
             raise ValueError(f"unknown family {self.family}")
+        if self.plane_word_bits not in (8, 16, 32):
+            raise ValueError(f"plane_word_bits must be 8, 16 or 32, got {self.plane_word_bits}")
 
     def tvm_target(self):
         """The ``tvm.target.Target`` of this preset."""
@@ -53,6 +59,7 @@ X86 = TargetPreset(
     family="cpu",
     target={"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
+    plane_word_bits=32,  # uint32 words: same bytes, 4x fewer per-row gathers in the GEMV
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

@@ -27,9 +27,16 @@ from __future__ import annotations
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels.sparse_binary_linear import INFO_ATTR, pbs2p_info, sparse_binary_linear
 
-#: The attribute the frontend puts on each reference function (see pbs2pc.compiler.frontend).
+#: The attribute the frontend puts on each reference function (see pbs2pc.compiler.frontend), and its
+#: value for this op (``Attention`` functions are UseKVCache's).
 OP_ATTR = "pbs2p.op"
+OP_TYPE = "SparseBinaryLinear"
+
+
+def _is_linear(func) -> bool:
+    return isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get(OP_ATTR) == OP_TYPE
 ROLES = ("x", "sign", "mask", "alpha", "mu", "bias")
+_VIEW = tvm.ir.Op.get("relax.memory.view")
 #: TVM's OpPatternKind.kOpaque: keeps FuseOps from merging the kernel (its schedule rule needs it whole).
 _OPAQUE = 8
 
@@ -49,7 +56,7 @@ class _Lowerer(relax.PyExprMutator):
         if not isinstance(call.op, relax.GlobalVar):
             return call
         func = self.mod[call.op]
-        if not isinstance(func, relax.Function) or func.attrs is None or OP_ATTR not in func.attrs:
+        if not _is_linear(func):
             return call
         return self._lower(call, func)
 
@@ -68,9 +75,12 @@ class _Lowerer(relax.PyExprMutator):
         if x_ty.dtype != "float32":
             x2 = bb.emit(op.astype(x2, "float32"))
         info = pbs2p_info(n, m, g, "mask" in roles, "mu" in roles, "bias" in roles)
+        planes = [self._word_plane(roles[r]) if r in roles else None for r in ("sign", "mask")]
+        if planes[1] is not None and str(planes[0].ty.dtype) != str(planes[1].ty.dtype):
+            planes = [roles["sign"], roles["mask"]]  # mixed widths: give the kernel the uint8 views
         y = bb.emit(
             bb.call_te(
-                _kernel, x2, roles["sign"], roles.get("mask"), roles["alpha"], roles.get("mu"), roles.get("bias"),
+                _kernel, x2, planes[0], planes[1], roles["alpha"], roles.get("mu"), roles.get("bias"),
                 n, m, g,
                 primfunc_name_hint=f"sparse_binary_linear_{n}of{m}_g{g}_",
                 primfunc_attrs={INFO_ATTR: info, "op_pattern": _OPAQUE},
@@ -80,6 +90,32 @@ class _Lowerer(relax.PyExprMutator):
             y = bb.emit(op.astype(y, x_ty.dtype))
         return op.reshape(y, lead + [out_features]) if len(lead) != 1 else y
 
+    def _word_plane(self, plane):
+        """The word tensor behind a uint8 ``R.memory.view`` of a plane (see PackPlanesAsWords), else ``plane``.
+
+        The kernel reads uint16/uint32 words directly, so the view (there only to keep the reference
+        function's uint8 signature) is skipped and becomes dead code.
+        """
+        bound = self.lookup_binding(plane) if isinstance(plane, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op.same_as(_VIEW) and len(bound.args) >= 3):
+            return plane
+        source, offset = bound.args[0], bound.args[3] if len(bound.args) > 3 else relax.Tuple([])
+        if not (isinstance(offset, relax.Tuple) and len(offset.fields) == 0):
+            return plane  # a view at a byte offset: not the whole word tensor
+        src_ty = source.ty
+        dtype = str(getattr(src_ty, "dtype", ""))
+        if not isinstance(src_ty, relax.TensorType) or dtype not in ("uint16", "uint32") or src_ty.ndim != 2:
+            return plane
+        ratio = int(dtype[4:]) // 8
+        try:
+            rows, cols = (int(d) for d in src_ty.shape.values)
+            out_rows, out_cols = (int(d) for d in plane.ty.shape.values)
+        except TypeError:  # symbolic shapes: planes are always static, so this is something else
+            return plane
+        if (rows, cols * ratio) != (out_rows, out_cols):
+            return plane
+        return source
+
 
 @tvm.transform.module_pass(opt_level=0, name="LowerSparseBinaryLinear")
 class LowerSparseBinaryLinear:
@@ -88,10 +124,10 @@ class LowerSparseBinaryLinear:
     def transform_module(self, mod, _ctx):
         lowerer = _Lowerer(mod)
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and (func.attrs is None or OP_ATTR not in func.attrs):
+            if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
         out = lowerer.builder_.get()
         for gv, func in out.functions_items():
-            if isinstance(func, relax.Function) and func.attrs is not None and OP_ATTR in func.attrs:
+            if _is_linear(func):
                 del out[gv]
         return out

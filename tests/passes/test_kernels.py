@@ -138,13 +138,20 @@ def test_kernel_odd_out_features(out_features, rows):
     assert rel_err(got, ref) < TOL
 
 
-@pytest.mark.parametrize("rows", [1, tirx.Var("m", "int64")])
-def test_kernel_word_planes(rows):
-    """The same planes viewed as little-endian uint32 words (K/32 per row) give the same result."""
-    layer = packed(128, 256, 6, 8, 64, seed=7)
-    ex = build_kernel(layer, rows, word="uint32")
-    got, ref = run_kernel(ex, layer, 1 if isinstance(rows, int) else 5, word="uint32")
+@pytest.mark.parametrize("word", ["uint32", "uint16"])
+@pytest.mark.parametrize("n,m,g,mu,bias", SCHEMES)
+def test_kernel_word_planes(n, m, g, mu, bias, word):
+    """The x86 target layout: planes viewed as little-endian uint16/uint32 words give the same result.
+
+    Every N:M, static M == 1 (GEMV) and one symbolic-M build run at M = 1, 2, 3, 17, 128 (GEMM, padded).
+    """
+    layer = packed(128, 256, n, m, g, mu, bias, seed=7)
+    got, ref = run_kernel(build_kernel(layer, 1, word=word), layer, 1, word=word)
     assert rel_err(got, ref) < TOL
+    ex = build_kernel(layer, tirx.Var("m", "int64"), word=word)
+    for rows in (1, 2, 3, 17, 128):
+        got, ref = run_kernel(ex, layer, rows, word=word, seed=rows)
+        assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
 
 
 @pytest.mark.parametrize("static_rows", [None, 1])
@@ -206,12 +213,23 @@ def test_no_dense_weight_copy_in_global_memory():
         assert sizes and max(sizes.values()) <= 256 * 64, sizes
 
 
-def test_x86_assembly_uses_zmm():
-    """Compile-only: the kernel's x86 code runs on 512-bit registers (GEMV and GEMM)."""
+@pytest.mark.parametrize("word", ["uint8", "uint32"])
+def test_x86_assembly_uses_mask_registers_and_zmm(word):
+    """Compile-only: the instructions the kernel design relies on are in the generated x86 code.
+
+    Each weight bit becomes an AVX-512 mask register through ``vptestm{b,d}``/``vptestnm{b,d}`` (a
+    vector of plane bytes or words tested against a constant bit), the kept/pruned and +/- choices are blends or masked
+    moves on zmm registers, and the products accumulate with 512-bit ``vfmadd``. Both schedules (GEMV at
+    M == 1, register-tiled GEMM for symbolic M) are checked.
+    """
+    import re
+
     layer = packed(256, 256, 6, 8, 64)
     for rows in (1, tirx.Var("m", "int64")):
-        asm = build_kernel(layer, rows).mod.inspect_source("asm")
-        assert "zmm" in asm and "vfmadd" in asm
+        asm = build_kernel(layer, rows, word=word).mod.inspect_source("asm")
+        assert re.search(r"vptestn?m[bd]\s+.*%k\d", asm), "no bit test into a mask register"
+        assert re.search(r"vblendmps\s+.*%zmm|vmovaps\s+%zmm\d+, %zmm\d+ \{%k\d\}", asm), "no masked blend"
+        assert re.search(r"vfmadd\d+ps\s+.*%zmm", asm), "no 512-bit FMA"
 
 
 # --------------------------------------------------------------------------------------------------------

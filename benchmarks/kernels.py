@@ -1,0 +1,479 @@
+"""Single-layer kernel benchmark: pbs2pc's compiled sparse-binary linear against what a user would run.
+
+    python benchmarks/kernels.py                 # every shape, M = 1, 16, 128 (~15 min on 2 cores)
+    python benchmarks/kernels.py --quick         # smoke run: two shapes, M = 1, short buffers
+    python benchmarks/kernels.py --report-only   # markdown table + docs/kernels_roofline.png from the JSON
+
+In one process and one run, for every weight shape N x K and rows M:
+
+* **pbs2pc**: a one-op ONNX model per shape (``SparseBinaryLinear`` nodes written with
+  ``models.onnx_op.make_node``), compiled through the project's real path: ``frontend.import_onnx`` ->
+  the build's params transform ``build.to_target_layout`` -> ``tvm.compile`` with
+  ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
+  Measured for each plane layout (``--layouts``; the x86 preset's default is uint32 words).
+* **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
+* **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
+* **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
+  block size = G, fp32 scales, no zero points; ``accuracy_level`` 0 (fp32 compute) and 4 (int8
+  activations, the VNNI path).
+
+Every row uses random, non-zero data. Weights rotate over enough copies that the bytes touched between two
+uses of a copy exceed twice the last-level cache (``lscpu``); where that would need more than
+``--max-copies`` copies the row is labelled ``cache-resident``. For pbs2pc and onnxruntime the copies are
+nodes of one graph (one call runs them all), for torch a Python loop; times are per layer, the median of
+``--repeats`` repeats. The memory floor is (bytes of the weights in that format + activations read and
+written) / the STREAM triad bandwidth measured at the start (torch ops, 2 threads; see ``stream``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "kernels.json"
+DOCS = ROOT.parent / "docs"
+THREADS = 2
+
+#: (N, K, label): N outputs x K inputs; LLaMA-7B/-2 shapes, Mistral-7B's 14336 and SmolLM2-135M's layers.
+SHAPES = [
+    (4096, 4096, "7B q/k/v/o"),
+    (11008, 4096, "7B gate/up"),
+    (4096, 11008, "7B down"),
+    (14336, 4096, "Mistral gate/up"),
+    (1536, 576, "SmolLM2 gate/up"),
+    (576, 1536, "SmolLM2 down"),
+    (576, 576, "SmolLM2 q/o"),
+    (192, 576, "SmolLM2 k/v"),
+]
+ROWS = [1, 16, 128]
+NM = (6, 8)
+#: Every 8-bit pattern with exactly six bits set: one 6:8 mask byte (m = 8: a byte is one group).
+_MASKS_6OF8 = np.array([b for b in range(256) if bin(b).count("1") == 6], np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# machine facts and bandwidth
+
+
+def llc_bytes() -> int:
+    """Size of the last-level cache, from sysfs (what ``lscpu`` reports)."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * scale)
+    return best or 32 * 1024**2
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def stream(gib: float, repeats: int) -> dict:
+    """STREAM-style copy (b = a), triad (a = b + s*c) and read (sum a) bandwidth, GB/s (1e9 bytes).
+
+    torch ops on 2 threads over float32 arrays of ``gib`` GiB each; bytes counted the STREAM way (copy 2,
+    triad 3, read 1 array per pass; write-allocate traffic not counted). Best of ``repeats``.
+    """
+    import torch
+
+    n = int(gib * 2**30) // 4
+    a, b, c = torch.full((n,), 1.0), torch.full((n,), 2.0), torch.full((n,), 0.5)
+    out = {}
+    for name, fn, arrays in (("copy", lambda: b.copy_(a), 2), ("triad", lambda: torch.add(b, c, alpha=3.0, out=a), 3),
+                             ("read", lambda: a.sum(), 1)):
+        fn()
+        best = min(_timed(fn) for _ in range(repeats))
+        out[name] = round(arrays * 4 * n / best / 1e9, 2)
+    del a, b, c
+    out["array_gib"] = gib
+    out["method"] = "torch 2 threads (copy_, add(alpha)=triad, sum=read), float32"
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------------
+# random layers
+
+
+@dataclasses.dataclass
+class Layer:
+    sign: np.ndarray
+    mask: np.ndarray
+    alpha: np.ndarray
+    mu: np.ndarray
+
+
+def random_layer(n_out: int, k: int, g: int, rng) -> Layer:
+    """A valid 6:8 layer with random signs, random 6:8 masks and non-zero scales and offsets."""
+    mask = _MASKS_6OF8[rng.integers(0, len(_MASKS_6OF8), (n_out, k // 8))]
+    sign = rng.integers(0, 256, (n_out, k // 8), dtype=np.uint8)
+    alpha = rng.uniform(0.01, 0.05, (n_out, k // g)).astype(np.float16)
+    mu = (rng.uniform(0.001, 0.005, (n_out, k // g)) * rng.choice([-1, 1], (n_out, k // g))).astype(np.float16)
+    return Layer(sign, mask, alpha, mu)
+
+
+def group_size(k: int) -> int:
+    return 128 if k % 128 == 0 else 64
+
+
+def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
+    """Copies to rotate so 2 x LLC bytes pass between uses of one copy; ``(copies, cache_resident)``."""
+    need = max(2, math.ceil(2 * llc / bytes_per_copy))
+    return min(need, cap), need > cap
+
+
+# --------------------------------------------------------------------------------------------------------
+# the contenders
+
+
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng):
+    """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pbs2pc.compiler import frontend
+    from pbs2pc.compiler.build import to_target_layout
+    from pbs2pc.compiler.pipeline import make_pipeline
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tvm_compat import relax, tvm
+    from pbs2pc.models import onnx_op
+
+    g = group_size(k)
+    nodes, inits, outputs = [], [], []
+    for c in range(copies):
+        layer = random_layer(n_out, k, g, rng)
+        names = {role: f"w{c}.{role}" for role in ("sign", "mask", "alpha", "mu")}
+        for role, name in names.items():
+            inits.append(numpy_helper.from_array(getattr(layer, role), name))
+        nodes.append(onnx_op.make_node("X", names["sign"], names["mask"], names["alpha"], names["mu"], None, f"Y{c}",
+                                       n=NM[0], m=NM[1], group_size=g, name=f"linear{c}"))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
+    graph = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
+                                                    helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
+    onnx_op.attach_functions(model)
+    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits)
+    imported = frontend.import_onnx(model)
+    mod, params = to_target_layout(imported.mod, imported.params, preset)
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset))
+    compile_s = time.perf_counter() - t0
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params.values()]
+    x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np.float32))
+    main = vm["main"]
+    return (lambda: main(x, *args)), {"compile_s": round(compile_s, 2), "planes": str(next(iter(params.values())).dtype)}
+
+
+def torch_runner(n_out, k, rows, copies, rng):
+    import torch
+
+    torch.set_num_threads(THREADS)
+    ws = [torch.from_numpy(rng.standard_normal((n_out, k), dtype=np.float32)) for _ in range(copies)]
+    x = torch.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))
+
+    def run():
+        with torch.inference_mode():
+            for w in ws:
+                x @ w.T
+
+    return run, {}
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(n_out, k, rows, copies, rng, bits=None, accuracy_level=0):
+    """onnxruntime: ``copies`` MatMul (fp32, ``bits=None``) or MatMulNBits nodes on one input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outputs = [], [], []
+    g = group_size(k)
+    for c in range(copies):
+        if bits is None:
+            inits.append(numpy_helper.from_array(rng.standard_normal((k, n_out), dtype=np.float32), f"W{c}"))
+            nodes.append(helper.make_node("MatMul", ["X", f"W{c}"], [f"Y{c}"]))
+        else:
+            blocks = k // g
+            packed = rng.integers(0, 256, (n_out, blocks, g * bits // 8), dtype=np.uint8)
+            scales = rng.uniform(0.01, 0.05, n_out * blocks).astype(np.float32)
+            inits += [numpy_helper.from_array(packed, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
+            nodes.append(helper.make_node("MatMulNBits", ["X", f"B{c}", f"S{c}"], [f"Y{c}"], domain="com.microsoft",
+                                          K=k, N=n_out, bits=bits, block_size=g, accuracy_level=accuracy_level))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
+    graph = helper.make_graph(nodes, "ort", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    session = _ort_session(model)
+    feeds = {"X": rng.standard_normal((rows, k), dtype=np.float32)}
+    return (lambda: session.run(None, feeds)), {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# formats: bytes per weight and copies
+
+
+def weight_bytes(fmt: str, n_out: int, k: int) -> float:
+    """Bytes of one layer's weights in a format (scales included)."""
+    g = group_size(k)
+    if fmt.startswith("pbs2pc"):
+        return n_out * k * (2 + 32 / g) / 8  # sign + mask bits, fp16 alpha + mu per group
+    if fmt == "torch_fp32" or fmt == "ort_fp32":
+        return n_out * k * 4.0
+    bits = int(fmt.split("_")[1][5:])  # ort_nbits4_acc0 -> 4
+    return n_out * k * (bits + 32 / g) / 8  # packed ints + one fp32 scale per block
+
+
+def bits_per_weight(fmt: str, k: int) -> float:
+    return 8 * weight_bytes(fmt, 1, k) / k
+
+
+def measure(run, copies: int, repeats: int, budget_s: float) -> float:
+    """Median seconds per layer: ``repeats`` timed calls of ``run`` (each runs ``copies`` layers)."""
+    run()  # warm-up: first-call allocations, page faults, thread pools
+    first = _timed(run)
+    repeats = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
+    times = [_timed(run) for _ in range(repeats)]
+    return float(np.median(times)) / copies
+
+
+def ort_supports(bits: int) -> bool:
+    """Whether this onnxruntime runs MatMulNBits at ``bits`` on the CPU (tried on a tiny layer)."""
+    try:
+        run, _ = ort_runner(8, 128, 1, 1, np.random.default_rng(0), bits=bits)
+        run()
+        return True
+    except Exception:  # noqa: BLE001 - ORT raises its own error types for unsupported kernels
+        return False
+
+
+def run_benchmark(args) -> dict:
+    import onnxruntime
+    import torch
+
+    from pbs2pc.compiler.tvm_compat import TVM_VERSION
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
+    rng = np.random.default_rng(0)
+    llc = llc_bytes()
+    print(f"CPU: {cpu_model()}, LLC {llc / 2**20:.0f} MiB", flush=True)
+    bw = stream(args.stream_gib, 3 if args.quick else 5)
+    print(f"bandwidth GB/s: copy {bw['copy']}, triad {bw['triad']}, read {bw['read']}", flush=True)
+    nbits = [b for b in (4, 2) if ort_supports(b)]
+    formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
+    formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
+    shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shapes.split(",")]
+    rows_list = [1] if args.quick else args.rows
+    results = []
+    for n_out, k, label in shapes:
+        for rows in rows_list:
+            for fmt in formats:
+                if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
+                    continue
+                if fmt == "ort_nbits2_acc0" and rows > 1:
+                    continue  # ORT's fp32-compute 2-bit path is ~100x slower than its int8 one (see M = 1)
+                wbytes = weight_bytes(fmt, n_out, k)
+                act = 4.0 * rows * (k + n_out)
+                copies, resident = copies_for(wbytes, llc, args.max_copies)
+                t_build = time.perf_counter()
+                extra = {}
+                if fmt.startswith("pbs2pc_u"):
+                    run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng)
+                elif fmt == "torch_fp32":
+                    run, extra = torch_runner(n_out, k, rows, copies, rng)
+                elif fmt == "ort_fp32":
+                    run, extra = ort_runner(n_out, k, rows, copies, rng)
+                else:
+                    b, lvl = int(fmt.split("_")[1][5:]), int(fmt.split("acc")[1])
+                    run, extra = ort_runner(n_out, k, rows, copies, rng, bits=b, accuracy_level=lvl)
+                build_s = time.perf_counter() - t_build
+                seconds = measure(run, copies, args.repeats, args.budget)
+                del run
+                floor = (wbytes + act) / (bw["triad"] * 1e9)
+                row = {
+                    "N": n_out, "K": k, "label": label, "M": rows, "format": fmt, "G": group_size(k),
+                    "bits_per_weight": round(bits_per_weight(fmt, k), 4), "us": round(seconds * 1e6, 2),
+                    "floor_us": round(floor * 1e6, 2), "of_floor": round(floor / seconds, 3),
+                    "GBps": round((wbytes + act) / seconds / 1e9, 2),
+                    "GFLOPs": round(2 * rows * n_out * k / seconds / 1e9, 2),
+                    "copies": copies, "working_set_MB": round(copies * wbytes / 1e6, 1),
+                    "cache_resident": resident, "setup_s": round(build_s, 1), **extra,
+                }
+                results.append(row)
+                print(f"{n_out:>6}x{k:<6} M={rows:<4} {fmt:<17} {row['us']:>10.1f} us  floor {row['floor_us']:>9.1f} us "
+                      f"({100 * row['of_floor']:5.1f}%)  copies {copies}{' cache-resident' if resident else ''}",
+                      flush=True)
+    return {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "llc_bytes": llc, "threads": THREADS,
+        "bandwidth": bw, "floor_bandwidth": "triad", "ort_nbits_cpu_bits": nbits,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": TVM_VERSION,
+                     "python": platform.python_version()},
+        "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats, "results": results,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# report
+
+
+def recompute_floors(data: dict) -> None:
+    """Floors and fractions of the floor from ``data["bandwidth"]["triad"]`` (after a re-measurement)."""
+    bw = data["bandwidth"]["triad"] * 1e9
+    for row in data["results"]:
+        moved = weight_bytes(row["format"], row["N"], row["K"]) + 4.0 * row["M"] * (row["K"] + row["N"])
+        row["floor_us"] = round(moved / bw * 1e6, 2)
+        row["of_floor"] = round(row["floor_us"] / row["us"], 3)
+
+
+def table(data: dict) -> str:
+    """Markdown: one row per (shape, M), microseconds per format, speedups of pbs2pc (uint32) over each."""
+    res = data["results"]
+    fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
+    head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["N"], r["K"], r["M"]) for r in res))
+    for n_out, k, rows in keys:
+        cell = {r["format"]: r for r in res if (r["N"], r["K"], r["M"]) == (n_out, k, rows)}
+        ours = cell.get("pbs2pc_u32")
+
+        def fmt_us(f):
+            if f not in cell:
+                return "—"
+            return f"{cell[f]['us']:.1f}" + (" (c)" if cell[f]["cache_resident"] else "")
+
+        def ratio(f):
+            return f"{cell[f]['us'] / ours['us']:.2f}×" if ours and f in cell else "—"
+
+        nb4 = [f for f in cell if f.startswith("ort_nbits4")]
+        best4 = min(nb4, key=lambda f: cell[f]["us"]) if nb4 else None
+        lines.append("| " + " | ".join([f"{n_out}×{k}", str(rows)] + [fmt_us(f) for f in fmts] + [
+            f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("torch_fp32"), ratio("ort_fp32"),
+            ratio(best4) if best4 else "—"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> bool:
+    """Roofline: achieved GFLOP/s against arithmetic intensity (FLOP per byte moved), M = 1, 16, 128."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    res = data["results"]
+    bw = data["bandwidth"]["triad"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ai = np.logspace(-1.5, 2.5, 100)
+    ax.plot(ai, bw * ai, "k-", lw=1, label=f"memory roof: triad {bw:.0f} GB/s")
+    peak = 2 * 32 * 2.6  # 2 cores x one 512-bit FMA (32 flop) per cycle x 2.6 GHz base clock (boost is higher)
+    ax.axhline(peak, color="gray", ls="--", lw=1, label=f"fp32 FMA at 2.6 GHz base ≈ {peak:.0f} GFLOP/s")
+    styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
+              "ort_nbits4_acc0": ("C4", "^"), "ort_nbits4_acc4": ("C5", "v"), "ort_nbits2_acc0": ("C6", "^"),
+              "ort_nbits2_acc4": ("C7", "v")}
+    for fmt in dict.fromkeys(r["format"] for r in res):
+        pts = [r for r in res if r["format"] == fmt]
+        x = [2 * r["M"] * r["N"] * r["K"] / ((r["GBps"] * 1e9) * r["us"] * 1e-6) for r in pts]
+        y = [r["GFLOPs"] for r in pts]
+        color, marker = styles.get(fmt, ("k", "x"))
+        ax.scatter(x, y, c=color, marker=marker, s=[18 + 10 * np.log2(r["M"]) for r in pts], label=fmt, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte of weights + activations)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"Single linear layers, {data['cpu']}, {data['threads']} threads (marker size ~ M)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, M = 1, small STREAM arrays")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from the JSON")
+    parser.add_argument("--shapes", default="", help="comma-separated NxK subset, e.g. 11008x4096,4096x11008")
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS, help="values of M")
+    parser.add_argument("--layouts", type=int, nargs="+", default=[32, 8], help="plane word widths to compare")
+    parser.add_argument("--alt-layout-rows", type=int, nargs="+", default=[1, 16, 128],
+                        help="M values at which layouts other than uint32 are measured")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per row (median)")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row at most")
+    parser.add_argument("--max-copies", type=int, default=64, help="weight copies rotated at most")
+    parser.add_argument("--stream-gib", type=float, default=2.0, help="GiB per STREAM array")
+    parser.add_argument("--remeasure-bandwidth", action="store_true",
+                        help="with --report-only: measure STREAM again, keep the higher figures, recompute floors "
+                             "(on a shared machine the first measurement can be depressed by other load)")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stream_gib = min(args.stream_gib, 0.25)
+        args.repeats = min(args.repeats, 5)
+        if args.output == RESULTS:
+            args.output = RESULTS.with_name("kernels_quick.json")
+    if args.report_only:
+        data = json.loads(args.output.read_text())
+        if args.remeasure_bandwidth:
+            again = stream(args.stream_gib, 5)
+            print(f"bandwidth again GB/s: copy {again['copy']}, triad {again['triad']}, read {again['read']}")
+            data["bandwidth_runs"] = data.get("bandwidth_runs", [dict(data["bandwidth"])]) + [again]
+            for key in ("copy", "triad", "read"):
+                data["bandwidth"][key] = max(run[key] for run in data["bandwidth_runs"])
+            recompute_floors(data)
+            args.output.write_text(json.dumps(data, indent=1) + "\n")
+    else:
+        data = run_benchmark(args)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(data, indent=1) + "\n")
+    md = table(data)
+    print(md)
+    if not args.quick:
+        (args.output.with_suffix(".md")).write_text(md + "\n")
+        plot(data, DOCS / "kernels_roofline.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

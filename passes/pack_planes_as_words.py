@@ -1,0 +1,139 @@
+"""PackPlanesAsWords: re-type the packed sign/mask parameters of pbs2p ops as wider unsigned words.
+
+Where it runs: on the imported module, before the phase pipeline, as the first half of the build's
+*params transform* (``pbs2pc.compiler.build.to_target_layout``). It changes ``main``'s signature, so the
+weight arrays that the runtime will pass must change the same way; the build applies the recorded
+transform to the arrays (``numpy.ndarray.view``) and writes them to the weights file in the new layout.
+
+Why: the interchange planes are uint8 ``[N, K/8]`` with bits packed little-endian. Viewed as uint32
+``[N, K/32]`` they hold exactly the same bytes (x86 and AArch64 are little-endian), but the kernel then
+fetches one word per 32 weights of a row instead of one per 8, which makes the CPU GEMV's per-row gathers
+4x fewer (measured 1.0-1.5x faster at M = 1 on 7 of 8 shapes, docs/performance.md). No bit moves, so the re-layout is free
+and exact; it is the simplest of the target layouts the design allows (architecture.md §2).
+
+The module stays valid and runnable: every re-typed parameter reaches the op's reference function
+through a zero-copy ``R.memory.view`` back to uint8, and :class:`LowerSparseBinaryLinear` hands the word
+tensor itself to the kernel, after which the view is dead code.
+
+Before::
+
+    def main(x, w_sign: R.Tensor((1536, 72), "uint8"), w_mask: R.Tensor((1536, 72), "uint8"), ...):
+        y = pbs2p_sparse_binary_linear(x, w_sign, w_mask, alpha, mu)
+
+After (``PackPlanesAsWords(32)``), with ``main`` tagged ``pbs2pc.params_transform = {"w_sign": "uint32",
+"w_mask": "uint32"}``::
+
+    def main(x, w_sign: R.Tensor((1536, 18), "uint32"), w_mask: R.Tensor((1536, 18), "uint32"), ...):
+        s8 = R.memory.view(w_sign, R.shape([1536, 72]), "uint8")
+        m8 = R.memory.view(w_mask, R.shape([1536, 72]), "uint8")
+        y = pbs2p_sparse_binary_linear(x, s8, m8, alpha, mu)
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import relax, tvm
+
+#: The attribute on ``main`` listing re-typed parameters: ``{param name: new dtype}``.
+TRANSFORM_ATTR = "pbs2pc.params_transform"
+OP_ATTR = "pbs2p.op"
+PLANE_ROLES = ("sign", "mask")
+WORD_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
+
+
+def _is_pbs2p_call(mod, expr) -> relax.Function | None:
+    """The reference function a call goes to, when it is a pbs2p op call."""
+    if not isinstance(expr, relax.Call) or not isinstance(expr.op, relax.GlobalVar):
+        return None
+    func = mod[expr.op]
+    if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get(OP_ATTR) == "SparseBinaryLinear":
+        return func
+    return None
+
+
+def _plane_params(mod, func: relax.Function, word_bits: int) -> list:
+    """Parameters of ``func`` used only as sign/mask planes of pbs2p calls and re-typeable to words.
+
+    A plane qualifies when it is a static uint8 ``[N, K/8]`` tensor, ``word_bits`` divides both K and
+    the op's group size (so a word never straddles a scale group), and nothing else reads it.
+    """
+    params = set(func.params)
+    uses, plane_uses = {}, {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var) and expr in params:
+            uses[expr] = uses.get(expr, 0) + 1
+        ref = _is_pbs2p_call(mod, expr)
+        if ref is None:
+            return
+        roles = [p.name for p in ref.params]
+        for role, arg in zip(roles, expr.args):
+            if role in PLANE_ROLES and arg in params and _fits(arg, int(ref.attrs["group_size"]), word_bits):
+                plane_uses[arg] = plane_uses.get(arg, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return [p for p in func.params if p in plane_uses and plane_uses[p] == uses[p]]
+
+
+def _fits(var: relax.Var, group_size: int, word_bits: int) -> bool:
+    ty = var.ty
+    if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "uint8" or ty.shape is None or ty.ndim != 2:
+        return False
+    dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
+    if None in dims:
+        return False
+    k = dims[1] * 8
+    return k % word_bits == 0 and group_size % word_bits == 0
+
+
+@relax.expr_functor.mutator
+class _Retyper(relax.PyExprMutator):
+    """Replace uses of the old plane parameters by uint8 views of the new word parameters."""
+
+    def __init__(self, mod, new_params: dict):
+        super().__init__(mod)
+        self.new_params = new_params  # old Var -> new Var
+        self.views = {}
+
+    def visit_var_(self, var):
+        if var in self.new_params:
+            if var not in self.views:
+                old = var.ty
+                self.views[var] = self.builder_.emit(
+                    relax.op.memory.view(self.new_params[var], old.shape, old.dtype), name_hint=f"{var.name}_u8"
+                )
+            return self.views[var]
+        return super().visit_var_(var)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackPlanesAsWords")
+class PackPlanesAsWords:
+    """Re-type pbs2p sign/mask parameters of ``main`` as ``word_bits``-wide words (see the module docstring)."""
+
+    def __init__(self, word_bits: int = 32):
+        if word_bits not in WORD_DTYPES:
+            raise ValueError(f"word_bits must be one of {sorted(WORD_DTYPES)}, got {word_bits}")
+        self.word_bits = word_bits
+
+    def transform_module(self, mod, _ctx):
+        if self.word_bits == 8 or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        func = mod["main"]
+        planes = _plane_params(mod, func, self.word_bits)
+        if not planes:
+            return mod
+        dtype, ratio = WORD_DTYPES[self.word_bits], self.word_bits // 8
+        new_params = {}
+        for old in planes:
+            rows, cols = (int(d) for d in old.ty.shape.values)
+            new_params[old] = relax.Var(old.name, relax.TensorType([rows, cols // ratio], dtype))
+        retyper = _Retyper(mod, new_params)
+        # Views are emitted where the old parameter is first used: inside the dataflow block, before the call.
+        body = retyper.visit_expr(func.body)
+        params = [new_params.get(p, p) for p in func.params]
+        transform = {p.name: dtype for p in planes}
+        old_transform = dict(func.attrs[TRANSFORM_ATTR]) if func.attrs is not None and TRANSFORM_ATTR in func.attrs else {}
+        new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        new_func = new_func.with_attr(TRANSFORM_ATTR, {**old_transform, **transform})
+        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        out["main"] = new_func
+        return out
