@@ -8,10 +8,12 @@ leaves nothing behind under the requested names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,6 +41,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     from pbs2pc.compiler.pipeline import make_pipeline
     from pbs2pc.compiler.targets import get_preset
     from pbs2pc.compiler.tvm_compat import TVM_VERSION, tvm
+    from pbs2pc.passes import kv_cache
 
     say = progress or (lambda _msg: None)
     output = Path(output)
@@ -58,12 +61,14 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     timings["import_s"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
+    mod, params = to_target_layout(imported.mod, imported.params, preset)
     pipeline = make_pipeline(preset, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"))
-    executable = tvm.compile(imported.mod, target=preset.tvm_target(), relax_pipeline=pipeline)
+    executable = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=pipeline)
     timings["compile_s"] = round(time.perf_counter() - start, 2)
 
     lib_path, weights_path, manifest_path = artifact_paths(output)
     vocab = _vocab_size(imported)
+    cache = kv_cache.cache_layout(imported.mod)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "pbs2pc_version": pbs2pc.__version__,
@@ -74,8 +79,12 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "host": platform.machine(),
         "library": lib_path.name,
         "weights": weights_path.name,
-        "inputs": imported.inputs,
-        "outputs": imported.outputs,
+        # With a KV cache, main and decode take the inputs below, then the caches (layer by layer, key
+        # then value, in kv_cache's layouts), then the weights; they return the logits.
+        "inputs": [n for n in imported.inputs if not (cache and n.startswith("past_key_values."))],
+        "outputs": [n for n in imported.outputs if not (cache and n.startswith("present."))],
+        "functions": ["main", kv_cache.DECODE] if cache else ["main"],
+        "kv_cache": dataclasses.asdict(cache) if cache else None,
         "vocab_size": vocab,
         "max_sequence": _max_sequence(imported),
         "source": imported.metadata,
@@ -95,15 +104,50 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
             executable.export_library(str(tmp_lib), **export_kwargs)
         except Exception as exc:
             raise ToolchainError(f"linking {lib_path.name} failed: {str(exc).strip().splitlines()[-1]}") from None
-        manifest["params"] = write_weights(tmp_weights, imported.params)
+        manifest["params"] = write_weights(tmp_weights, params)
         timings["write_s"] = round(time.perf_counter() - start, 2)
         manifest["sizes"] = {"library": tmp_lib.stat().st_size, "weights": tmp_weights.stat().st_size}
         tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
+def to_target_layout(mod, params: dict, preset) -> tuple:
+    """The params transform: re-encode weights into the preset's target layout, signature and arrays alike.
+
+    The weights are parameters of ``main`` that the runtime loads from the weights file, so a layout
+    change must rewrite both the Relax signature and the arrays the same way. The Relax pass does the
+    first and records what it changed in ``main``'s ``pbs2pc.params_transform`` attribute (``{param
+    name: new dtype}``); this function applies that record to the numpy arrays (a zero-copy ``view``:
+    uint8 planes reinterpreted as little-endian words hold the same bytes) and drops the attribute.
+    Returns ``(mod, params)`` with ``params`` in ``main``'s order.
+    """
+    import numpy as np
+
+    from pbs2pc.passes import PackPlanesAsWords
+    from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR
+
+    mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
+    main = mod["main"]
+    record = dict(main.attrs[TRANSFORM_ATTR]) if main.attrs is not None and TRANSFORM_ATTR in main.attrs else {}
+    if not record:
+        return mod, params
+    if sys.byteorder != "little":  # a word view holds the same bits only on little-endian hosts
+        raise Pbs2pcError("compiling with word-packed bit planes needs a little-endian host; use plane_word_bits=8.")
+    mod["main"] = main.without_attr(TRANSFORM_ATTR)
+    out = {}
+    for name, array in params.items():
+        if name in record:
+            array = np.ascontiguousarray(array).view(np.dtype(str(record[name])))
+        out[name] = array
+    return mod, out
+
+
 def _vocab_size(imported) -> int | None:
+    from pbs2pc.compiler.tvm_compat import tvm
+
     out = imported.mod["main"].ret_ty
+    if isinstance(out, tvm.relax.TupleType):
+        out = out.fields[0]
     shape = getattr(out, "shape", None)
     try:
         return int(shape[-1]) if shape is not None else None

@@ -13,7 +13,10 @@ TVM's Relax ONNX importer matches converters by ``op_type`` only and has no hook
 Every ``SparseBinaryLinear`` becomes a call to a private Relax function tagged ``pbs2p.op`` whose body is
 the op's reference meaning in plain Relax ops (decode + matmul), like a composite function in TVM's BYOC
 flow: the module stays runnable as is, and :func:`pbs2pc.passes.LowerSparseBinaryLinear` later replaces
-each call with a packed-bit TIR kernel.
+each call with a packed-bit TIR kernel. The standard ``Attention`` op (opset 23, which TVM's importer does
+not know: its ``Attention`` converter is Microsoft's contrib op of the same name) is imported the same way,
+tagged ``pbs2p.op = "Attention"``; :func:`pbs2pc.passes.UseKVCache` turns the calls whose past keys and
+values are graph inputs into an in-place KV-cache kernel, and inlines the others.
 """
 
 from __future__ import annotations
@@ -177,11 +180,91 @@ class SparseBinaryLinearConverter(onnx_frontend.OnnxOpConverter):
         return relax.Call(gv, [x, *present.values()])
 
 
+def _attention_reference(q_ty, k_ty, v_ty, mask_ty, past_k_ty, past_v_ty, scale: float) -> relax.Function:
+    """ONNX ``Attention`` (4-D, grouped-query, boolean mask, optional past) in plain Relax ops.
+
+    Returns ``(y, present_key, present_value)``; ``present = concat(past, new)`` along the sequence axis.
+    """
+    op = relax.op
+    bb = relax.BlockBuilder()
+    names = ("q", "k", "v", "attn_mask", "past_key", "past_value")
+    types = (q_ty, k_ty, v_ty, mask_ty, past_k_ty, past_v_ty)
+    params = [relax.Var(name, ty) for name, ty in zip(names, types) if ty is not None]
+    by_name = {p.name: p for p in params}
+    heads, kv_heads, head_dim = (int(q_ty.shape[1]), int(k_ty.shape[1]), int(q_ty.shape[3]))
+    with bb.function("onnx_attention", params, private=True):
+        with bb.dataflow():
+            e = bb.emit
+            k, v = by_name["k"], by_name["v"]
+            if "past_key" in by_name:
+                k = e(op.concat([by_name["past_key"], k], axis=2))
+                v = e(op.concat([by_name["past_value"], v], axis=2))
+            q = by_name["q"]
+            batch, seq = q_ty.shape[0], q_ty.shape[2]
+            # Query head h reads kv head h // rep: view q as [B, KV, rep, S, D], broadcast K and V over rep.
+            q5 = e(op.reshape(q, [batch, kv_heads, heads // kv_heads, seq, head_dim]))
+            scores = e(op.matmul(q5, e(op.expand_dims(e(op.permute_dims(k, [0, 1, 3, 2])), 2))))
+            scores = e(op.multiply(scores, relax.const(np.float32(scale))))
+            # The mask's key axis is the keys' length (past + new): say so, for shape inference (checked at run time).
+            mask = by_name["attn_mask"]
+            mask = bb.match_cast(mask, relax.TensorType([mask.ty.shape[0], 1, seq, k.ty.shape[2]], "bool"))
+            mask = e(op.expand_dims(mask, 1))  # [B, 1, 1, S, T] over (KV, rep)
+            scores = e(op.where(mask, scores, relax.const(np.float32(-np.inf))))
+            probs = e(op.nn.softmax(scores, axis=-1))
+            y = e(op.reshape(e(op.matmul(probs, e(op.expand_dims(v, 2)))), [batch, heads, seq, head_dim]))
+            out = bb.emit_output(relax.Tuple([y, k, v]))
+        bb.emit_func_output(out)
+    return bb.get()["onnx_attention"].with_attrs({OP_ATTR: "Attention", "scale": float(scale)})
+
+
+class AttentionConverter(onnx_frontend.OnnxOpConverter):
+    """Converts the standard ``Attention`` op (opset 23) into a call of a ``pbs2p.op``-tagged function.
+
+    Supported: 4-D ``Q/K/V`` ``[B, heads, S, D]`` with grouped-query heads, a boolean ``attn_mask``
+    ``[B or 1, 1, S, T]``, ``past_key``/``past_value`` (both or neither), no softcap, ``is_causal = 0``
+    (the mask says what is causal, as exporters do: the spec's causal alignment ignores the past).
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        name = attr.get("tvm_custom", {}).get("name") or "Attention"
+        where = f"node {name!r} (Attention)"
+        args = [None if value is None else bb.normalize(value) for value in list(inputs)[:6]]
+        args += [None] * (6 - len(args))
+        if len(inputs) > 6 and inputs[6] is not None:
+            raise UnsupportedError(f"{where}: nonpad_kv_seqlen is not supported; give the padding in attn_mask.")
+        q, k, v, mask, past_k, past_v = args
+        for role, value in (("Q", q), ("K", k), ("V", v)):
+            if value is None or value.ty.ndim != 4 or value.ty.dtype != "float32":
+                raise UnsupportedError(f"{where}: {role} must be a 4-D float32 [batch, heads, sequence, head_dim] "
+                                       "tensor; 3-D inputs are not supported.")
+        if any(int(attr.get(key, 0)) for key in ("is_causal", "qk_matmul_output_mode")) or float(attr.get("softcap", 0.0)):
+            raise UnsupportedError(f"{where}: is_causal, softcap and qk_matmul_output_mode are not supported; "
+                                   "pass causality as a boolean attn_mask.")
+        if mask is None or mask.ty.dtype != "bool" or mask.ty.ndim != 4:
+            raise UnsupportedError(f"{where}: attn_mask must be a boolean [batch, 1, sequence, total] tensor.")
+        if (past_k is None) != (past_v is None):
+            raise UnsupportedError(f"{where}: past_key and past_value must be given together.")
+        try:
+            heads, kv_heads, head_dim = int(q.ty.shape[1]), int(k.ty.shape[1]), int(q.ty.shape[3])
+        except TypeError:
+            raise UnsupportedError(f"{where}: head counts and head_dim must be static.") from None
+        if heads % kv_heads or int(k.ty.shape[3]) != head_dim or int(v.ty.shape[3]) != head_dim:
+            raise UnsupportedError(f"{where}: {heads} query heads cannot share {kv_heads} kv heads, or the "
+                                   "head sizes of Q, K and V differ.")
+        scale = float(attr.get("scale", head_dim ** -0.5))
+        func = _attention_reference(q.ty, k.ty, v.ty, mask.ty, None if past_k is None else past_k.ty,
+                                    None if past_v is None else past_v.ty, scale)
+        gv = bb.add_func(func, "onnx_attention")
+        return relax.Call(gv, [a for a in args if a is not None])
+
+
 @contextlib.contextmanager
 def _pbs2p_converters():
     """Extend the importer's converter map with pbs2p ops for the duration of one import."""
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), onnx_op.OP_TYPE: SparseBinaryLinearConverter}
+    onnx_frontend._get_convert_map = lambda: {**original(), onnx_op.OP_TYPE: SparseBinaryLinearConverter,
+                                              "Attention": AttentionConverter}
     try:
         yield
     finally:

@@ -14,7 +14,8 @@ from typing import Callable
 from pbs2pc.compiler.targets import TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
-from pbs2pc.passes import LowerSparseBinaryLinear
+from pbs2pc.passes import LowerSparseBinaryLinear, UseKVCache
+from pbs2pc.passes.kv_cache import DECODE
 
 
 def schedule_rules(preset: TargetPreset) -> list:
@@ -26,22 +27,38 @@ def schedule_rules(preset: TargetPreset) -> list:
     raise UnsupportedError(f"target {preset.name!r}: no schedule rules for the {preset.family} family yet.")
 
 
+def _dead_code(entries: list[str]) -> "tvm.transform.Pass":
+    """DeadCodeElimination over those of ``entries`` the module has (a graph without attention, such as a
+    single-layer benchmark, has no ``decode`` entry, and TVM's pass fails on a missing name)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="DeadCodeEliminationOfEntries")
+    def dead_code(mod, _ctx):
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        return relax.transform.DeadCodeElimination([e for e in entries if e in names])(mod)
+
+    return dead_code
+
+
 def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
     """The ordered phases for ``preset``."""
     rt = relax.transform
     return [
+        # Attention against caches the runtime owns, updated in place; adds the one-token "decode" entry.
+        ("use_kv_cache", UseKVCache()),
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels.
         ("lower_pbs2p", LowerSparseBinaryLinear()),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),
         # The remaining high-level ops -> TIR, then fuse elementwise chains into their producers.
+        # cumsum / sort / top-k have no LegalizeOps rule: TVM dispatches them to target kernels first.
+        ("dispatch_sort_scan", relax.backend.DispatchSortScan()),
         ("legalize", rt.LegalizeOps()),
         ("annotate_patterns", rt.AnnotateTIROpPattern()),
         ("fold_constants", rt.FoldConstant()),
         ("fuse_ops", rt.FuseOps()),
         ("fuse_tir", rt.FuseTIR()),
-        ("dead_code", rt.DeadCodeElimination(["main"])),
+        ("dead_code", _dead_code(["main", DECODE])),
         # Schedule every PrimFunc with the target family's rules (first rule that applies wins).
         ("schedule", dlight.ApplyDefaultSchedule(*schedule_rules(preset))),
         # Standard Relax lowering to VM bytecode (as in TVM's default CPU pipeline).

@@ -57,3 +57,5 @@ from tvm.s_tir.dlight.gpu.matmul import IterKind as MatmulIterKind  # noqa: E402
 from tvm.s_tir.dlight.gpu.matmul import detect_iter_traits as matmul_iter_traits  # noqa: E402,F401
 # The SBlockRealize (iteration bindings) of a block in a schedule.
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize as get_sblock_realize  # noqa: E402,F401
+# A copy of a Relax function with fresh variables (two functions of a module must not share bindings).
+from tvm.relax.utils import copy_with_new_vars  # noqa: E402,F401

@@ -47,3 +47,32 @@ def torch_logits_fn(model) -> LogitsFn:
             return model(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
 
     return run
+
+
+class TorchDecoder:
+    """A PyTorch causal LM with Hugging Face's KV cache, as a decoder for :mod:`pbs2pc.runtime.generate`.
+
+    Lets the same loop and sampler drive PyTorch, onnxruntime and the compiled library, so their tokens can
+    be compared one for one.
+    """
+
+    max_sequence = None
+
+    def __init__(self, model):
+        self.model = model
+        self._past = None
+
+    def _run(self, ids) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.as_tensor(ids, dtype=torch.long).reshape(1, -1), cache=self._past, use_cache=True)
+        self._past = out["cache"]  # transformers >= 5.2 names the KV cache "cache" (was past_key_values)
+        return out.logits[0, -1].float().numpy()
+
+    def prefill(self, prompt_ids, capacity: int) -> np.ndarray:
+        self._past = None
+        return self._run(prompt_ids)
+
+    def step(self, token_id: int) -> np.ndarray:
+        return self._run([token_id])

@@ -2,12 +2,27 @@
 
 The graph is written directly with ``onnx.helper`` from the model's config and weights (as onnxruntime-genai's
 model builder does) rather than traced: the result is small, deterministic, uses only ops that both
-onnxruntime and TVM's importer support, and names things predictably. The exported computation is
-``logits = model(input_ids, position_ids)`` for int64 ``[batch, sequence]`` inputs (dynamic sizes;
-``position_ids`` is ``0..sequence-1`` per row, the Hugging Face / optimum naming), with causal attention
-over the whole sequence and no KV cache. Every decoder-block linear that was compressed becomes a
-pbs2p node (the reference FunctionProtos are attached); the rest (embedding, norms, the LM head) stays
-float32. Weights go to external data (``model.onnx.data``).
+onnxruntime and pbs2pc's importer support, and names things predictably. It is a decoder "with past", in
+the naming optimum and onnxruntime-genai use, so one file serves prefill and decode:
+
+=============================  ======================================  =====================================
+name                           shape (int64 unless said)               meaning
+=============================  ======================================  =====================================
+``input_ids``                  ``[batch, sequence]``                   new tokens
+``attention_mask``             ``[batch, total_sequence]``             1 = attend, 0 = padding; past + new
+``position_ids``               ``[batch, sequence]``                   rotary positions of the new tokens
+``past_key_values.{i}.key``    float32 ``[batch, kv_heads, past_sequence, head_dim]``  (``.value`` alike)
+``logits``                     float32 ``[batch, sequence, vocab]``    output
+``present.{i}.key``            float32 ``[batch, kv_heads, total_sequence, head_dim]`` (``.value`` alike)
+=============================  ======================================  =====================================
+
+A prompt is run with empty past tensors (``past_sequence = 0``). Attention is the standard ONNX
+``Attention`` op (opset 23) with ``past_key``/``past_value`` in and ``present_key``/``present_value`` out;
+query ``q`` attends key ``k`` when ``cumsum(attention_mask)[k] - 1 <= position_ids[q]`` and
+``attention_mask[k] == 1`` (causal by position, padding excluded), given as an explicit boolean mask.
+Every decoder-block linear that was compressed becomes a pbs2p node (the reference FunctionProtos are
+attached); the rest (embedding, norms, the LM head) stays float32. Weights go to external data
+(``model.onnx.data``).
 
 Correctness is tested against the PyTorch model: onnxruntime must reproduce its logits.
 """
@@ -30,7 +45,17 @@ from pbs2pc.models import onnx_op
 from pbs2pc.models.modules import SparseBinaryLinear
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-INPUT, POSITIONS, OUTPUT = "input_ids", "position_ids", "logits"
+INPUT, MASK, POSITIONS, OUTPUT = "input_ids", "attention_mask", "position_ids", "logits"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """Graph input names of one layer's cached keys and values (optimum's naming)."""
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Graph output names of one layer's keys and values after this call."""
+    return f"present.{layer}.key", f"present.{layer}.value"
 
 
 class _Graph:
@@ -49,6 +74,11 @@ class _Graph:
         out = self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
+
+    def op_n(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> list[str]:
+        """A node with several (named) outputs."""
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        return outputs
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -118,9 +148,8 @@ class _LlamaExporter:
         rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
 
-    def attention(self, x: str, attn, prefix: str, cos: str, sin: str, mask: str) -> str:
+    def attention(self, x: str, attn, prefix: str, layer: int, cos: str, sin: str, mask: str) -> str:
         g, d = self.g, self.head_dim
-        rep = self.heads // self.kv_heads
 
         def heads(t: str, count: int) -> str:  # [B, S, count*D] -> [B, count, S, D]
             return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, count, d])])], perm=[0, 2, 1, 3])
@@ -128,14 +157,10 @@ class _LlamaExporter:
         q = self.rotate(heads(self.linear(x, attn.q_proj, f"{prefix}.q_proj"), self.heads), cos, sin)
         k = self.rotate(heads(self.linear(x, attn.k_proj, f"{prefix}.k_proj"), self.kv_heads), cos, sin)
         v = heads(self.linear(x, attn.v_proj, f"{prefix}.v_proj"), self.kv_heads)
-        # Grouped-query attention without copying K/V: q heads [kv*rep + r] share kv head kv, so view q as
-        # [B, KV, rep, S, D] and let MatMul broadcast K and V over the rep axis.
-        q5 = g.op("Reshape", [q, g.const([0, self.kv_heads, rep, -1, d])])
-        k5 = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2])])
-        v5 = g.op("Unsqueeze", [v, g.const([2])])
-        scores = g.op("Mul", [g.op("MatMul", [q5, k5]), self.scalar(float(d) ** -0.5)])
-        probs = g.op("Softmax", [g.op("Where", [mask, scores, self.scalar(float("-inf"))])], axis=-1)
-        ctx = g.op("Reshape", [g.op("MatMul", [probs, v5]), g.const([0, self.heads, -1, d])])
+        # Grouped-query attention with the cache: 4-D inputs, query head h reads kv head h // (H / KV).
+        ctx, _, _ = g.op_n("Attention", [q, k, v, mask, *past_names(layer)],
+                           [g.fresh("attn"), *present_names(layer)], name=f"{prefix}.attention",
+                           scale=float(d) ** -0.5)
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, self.heads * d])])
         return self.linear(ctx, attn.o_proj, f"{prefix}.o_proj")
 
@@ -150,17 +175,20 @@ class _LlamaExporter:
         g, inner = self.g, self.model.model
         embed = g.init("model.embed_tokens.weight", _weight(inner.embed_tokens.weight))
         h = g.op("Gather", [embed, INPUT], axis=0, hint="embed")
-        # Causal attention from the positions: query q sees key k where pos[k] <= pos[q]. Mask [B, 1, 1, S, S]
-        # broadcasts over the (kv head, group) axes of the scores; rotary tables gathered to [B, 1, S, D].
-        keys, queries = g.op("Unsqueeze", [POSITIONS, g.const([1])]), g.op("Unsqueeze", [POSITIONS, g.const([2])])
-        mask = g.op("Unsqueeze", [g.op("LessOrEqual", [keys, queries]), g.const([1, 2])])
+        # Query q sees key k when the key's position (cumsum of the mask - 1) <= the query's position and the
+        # key is not padding: a boolean mask [B, 1, S, T] that broadcasts over heads.
+        key_pos = g.op("Sub", [g.op("CumSum", [MASK, g.const(1)]), g.const(1)], hint="key_positions")
+        causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_pos, g.const([1])]),
+                                      g.op("Unsqueeze", [POSITIONS, g.const([2])])])
+        valid = g.op("Unsqueeze", [g.op("Cast", [MASK], to=TensorProto.BOOL), g.const([1])])
+        mask = g.op("Unsqueeze", [g.op("And", [causal, valid]), g.const([1])], hint="attn_mask")
         cos_t, sin_t = self.rope_tables()
         cos = g.op("Unsqueeze", [g.op("Gather", [cos_t, POSITIONS], axis=0), g.const([1])])
         sin = g.op("Unsqueeze", [g.op("Gather", [sin_t, POSITIONS], axis=0), g.const([1])])
         for i, layer in enumerate(inner.layers):
             prefix = f"model.layers.{i}"
             a = self.attention(self.rms_norm(h, layer.input_layernorm, f"{prefix}.input_layernorm"),
-                               layer.self_attn, f"{prefix}.self_attn", cos, sin, mask)
+                               layer.self_attn, f"{prefix}.self_attn", i, cos, sin, mask)
             h = g.op("Add", [h, a], hint="resid")
             f = self.mlp(self.rms_norm(h, layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm"),
                          layer.mlp, f"{prefix}.mlp")
@@ -172,13 +200,16 @@ class _LlamaExporter:
         else:
             logits = self.linear(h, self.model.lm_head, "lm_head")
         g.nodes.append(helper.make_node("Identity", [logits], [OUTPUT], name="output"))
-        return helper.make_graph(
-            g.nodes, "pbs2pc",
-            [helper.make_tensor_value_info(INPUT, TensorProto.INT64, ["batch", "sequence"]),
-             helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch", "sequence"])],
-            [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", self.cfg.vocab_size])],
-            g.inits,
-        )
+        layers = range(len(inner.layers))
+        kv = lambda name, length: helper.make_tensor_value_info(  # noqa: E731
+            name, TensorProto.FLOAT, ["batch", self.kv_heads, length, self.head_dim])
+        inputs = [helper.make_tensor_value_info(INPUT, TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info(MASK, TensorProto.INT64, ["batch", "total_sequence"]),
+                  helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch", "sequence"])]
+        inputs += [kv(name, "past_sequence") for i in layers for name in past_names(i)]
+        outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", self.cfg.vocab_size])]
+        outputs += [kv(name, "total_sequence") for i in layers for name in present_names(i)]
+        return helper.make_graph(g.nodes, "pbs2pc", inputs, outputs, g.inits)
 
 
 def to_onnx(model, metadata: dict | None = None) -> onnx.ModelProto:

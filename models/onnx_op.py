@@ -22,8 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 DOMAIN = "pbs2p"
 OP_TYPE = "SparseBinaryLinear"
 OPSET_VERSION = 1
-#: The standard ONNX opset the function bodies are written in (BitwiseAnd needs 18).
-ONNX_OPSET = 18
+#: The standard ONNX opset of exported models (the KV-cache ``Attention`` op needs 23). The function
+#: bodies import the model's own version (the checker insists), which must be at least MIN_ONNX_OPSET.
+ONNX_OPSET = 23
+MIN_ONNX_OPSET = 18  # BitwiseAnd
 INPUTS = ("X", "sign", "mask", "alpha", "mu", "bias")
 OPTIONAL = ("mask", "mu", "bias")
 
@@ -57,8 +59,8 @@ def _unpack(nodes: list, plane: str, out: str) -> None:
     ]
 
 
-def make_function(has_mask: bool, has_mu: bool, has_bias: bool) -> onnx.FunctionProto:
-    """The reference FunctionProto of one overload."""
+def make_function(has_mask: bool, has_mu: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
+    """The reference FunctionProto of one overload, written against default-domain ``opset``."""
     present = {"mask": has_mask, "mu": has_mu, "bias": has_bias}
     formal = [name for name in INPUTS if name not in OPTIONAL or present[name]]
     # Positional binding: an omitted optional input before a present one keeps its slot.
@@ -121,7 +123,7 @@ def make_function(has_mask: bool, has_mu: bool, has_bias: bool) -> onnx.Function
         nodes.append(helper.make_node("MatMul", ["X", "w_t"], ["Y"]))
     return helper.make_function(
         DOMAIN, OP_TYPE, inputs, ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        opset_imports=[helper.make_opsetid("", opset)],
         attributes=["n", "m", "group_size"],
         overload=overload_name(has_mask, has_mu, has_bias),
     )
@@ -130,9 +132,10 @@ def make_function(has_mask: bool, has_mu: bool, has_bias: bool) -> onnx.Function
 def attach_functions(model: onnx.ModelProto) -> None:
     """Attach the reference function of every overload the model's pbs2p nodes use (idempotent)."""
     have = {(f.domain, f.name, f.overload) for f in model.functions}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX_OPSET)
     for node in model.graph.node:
         if node.domain != DOMAIN or node.op_type != OP_TYPE or (DOMAIN, OP_TYPE, node.overload) in have:
             continue
         names = set(node.overload.split("_")) if node.overload else set()
-        model.functions.append(make_function("mask" in names, "mu" in names, "bias" in names))
+        model.functions.append(make_function("mask" in names, "mu" in names, "bias" in names, max(opset, MIN_ONNX_OPSET)))
         have.add((DOMAIN, OP_TYPE, node.overload))

@@ -3,6 +3,8 @@
 This module only exports pass constructors.
 """
 
+from pbs2pc.passes.kv_cache import UseKVCache
 from pbs2pc.passes.lower_sparse_binary_linear import LowerSparseBinaryLinear
+from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
 
-__all__ = ["LowerSparseBinaryLinear"]
+__all__ = ["LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]

@@ -23,7 +23,7 @@ import numpy as np
 from pbs2pc.errors import Pbs2pcError
 
 ALIGN = 64
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def artifact_paths(library: str | os.PathLike) -> tuple[Path, Path, Path]:

@@ -73,6 +73,16 @@ def test_truncated_external_data(tiny_onnx, tmp_path, capsys):
 def test_bad_run_arguments(tiny_library, capsys):
     _assert_user_error(["run", str(tiny_library), "--input-ids", "1,x"], capsys, "comma-separated integers")
     _assert_user_error(["run", str(tiny_library), "--input-ids", "1,100000"], capsys, "token ids must be in")
+    _assert_user_error(["run", str(tiny_library), "--prompt", "  "], capsys, "--prompt is empty")
+    _assert_user_error(["run", str(tiny_library), "--prompt", "hi", "--temperature", "-1"], capsys, "temperature")
+    _assert_user_error(["run", str(tiny_library), "--prompt", "hi", "--top-p", "2"], capsys, "top_p")
+    _assert_user_error(["run", str(tiny_library), "--prompt", "hi", "--max-new-tokens", "0"], capsys, "at least 1")
+
+
+def test_unknown_sampling_option_is_an_argparse_error(tiny_library, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(tiny_library), "--prompt", "hi", "--top-z", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --top-z" in capsys.readouterr().err
 
 
 def test_unknown_target_is_an_argparse_error(tiny_onnx, tmp_path, capsys):

@@ -25,12 +25,19 @@ def _session(path: str):
 
 
 def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
-    """Logits from onnxruntime running an exported file (sessions are cached per path)."""
+    """Logits from onnxruntime running an exported file on a fresh sequence (sessions cached per path)."""
     session = _session(str(onnx_path))
-    feeds = {"input_ids": ids}
-    if any(i.name == "position_ids" for i in session.get_inputs()):
-        feeds["position_ids"] = positions(ids)
-    return session.run(None, feeds)[0]
+    feeds = {}
+    for value in session.get_inputs():
+        if value.name == "input_ids":
+            feeds[value.name] = ids
+        elif value.name == "position_ids":
+            feeds[value.name] = positions(ids)
+        elif value.name == "attention_mask":
+            feeds[value.name] = np.ones(ids.shape, np.int64)
+        elif value.name.startswith("past_key_values."):  # [batch, kv_heads, 0, head_dim]
+            feeds[value.name] = np.zeros((ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
+    return session.run(["logits"], feeds)[0]
 
 
 def rel_err(got, ref) -> float:

@@ -289,11 +289,14 @@ def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int):
     """``C[j] += A[k] * B[j, k]``: dot products vectorised along K, a few rows of B per A load.
 
     ``rfactor`` splits the reduction into ``lanes`` partial sums per row (vector FMAs); the final
-    horizontal sum and any epilogue run per tile of rows, so partials stay in a stack tile.
+    horizontal sum and any epilogue run per tile of rows, so partials stay in a stack tile. Sixteen rows
+    per tile keep 16 zmm accumulators busy per load of A: measured on the tied LM head
+    ``[1, 576] x [49152, 576]ᵀ``, 2 threads: 4 rows 9.9 ms, 8 rows 7.5 ms, 16 rows 6.1 ms, 32 rows
+    6.3 ms (torch fp32 10.3 ms in the same run).
     """
     if dims.j_ext is None or dims.k_ext is None or dims.k_ext % lanes:
         return None
-    rows = cu.pick_tile(dims.j_ext, [4, 2, 1])
+    rows = cu.pick_tile(dims.j_ext, [16, 8, 4, 2, 1])
     epilogues = sch.get_consumers(main)
     j_tile, j_row = sch.split(dims.loops[dims.j_pos], [None, rows])
     k_out, k_lane = sch.split(dims.loops[dims.k_pos], [None, lanes])

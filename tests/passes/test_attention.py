@@ -1,0 +1,130 @@
+"""The KV-cache attention kernel and the UseKVCache pass, against a numpy oracle and onnxruntime."""
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from pbs2pc.compiler.tvm_compat import relax, tvm
+from pbs2pc.passes.kernels.attention import cached_attention
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    func = cached_attention(6, 2, 64, 0.125).with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+
+
+def oracle(q, k, v, mask, past_k, past_v, scale=0.125):
+    """ONNX Attention-23 semantics in float64: concat the past, grouped-query heads, boolean mask."""
+    keys, values = np.concatenate([past_k, k], 2), np.concatenate([past_v, v], 2)
+    rep = q.shape[1] // k.shape[1]
+    keys, values = np.repeat(keys, rep, 1).astype(np.float64), np.repeat(values, rep, 1).astype(np.float64)
+    scores = np.where(mask, q.astype(np.float64) @ keys.transpose(0, 1, 3, 2) * scale, -np.inf)
+    with np.errstate(invalid="ignore"):
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+    return np.nan_to_num(probs) @ values, keys, values
+
+
+def run_kernel(kernel, batch, past, seq, capacity, padding=0, seed=0):
+    rng = np.random.default_rng(seed)
+    heads, kv, d, total = 6, 2, 64, past + seq
+    q = rng.standard_normal((batch, heads, seq, d), dtype=np.float32)
+    k, v = (rng.standard_normal((batch, kv, seq, d), dtype=np.float32) for _ in range(2))
+    past_k, past_v = (rng.standard_normal((batch, kv, past, d), dtype=np.float32) for _ in range(2))
+    # Caches start as garbage (not zeros) beyond what the past filled: the kernel must not read it.
+    k_cache = rng.standard_normal((batch, kv, d, capacity), dtype=np.float32) * 1e3
+    v_cache = rng.standard_normal((batch, kv, capacity, d), dtype=np.float32) * 1e3
+    k_cache[..., :past] = past_k.transpose(0, 1, 3, 2)
+    v_cache[:, :, :past] = past_v
+    key_index = np.arange(total)
+    mask = (key_index[None, :] <= np.arange(past, total)[:, None])[None, None].repeat(batch, 0)
+    mask[-1, ..., :padding] = False  # left padding on the last sequence of the batch
+    args = [tvm.runtime.tensor(a) for a in (q, k, v, mask, k_cache, v_cache, np.zeros_like(q))]
+    kernel["main"](*args)
+    y, keys, values = oracle(q, k, v, mask, past_k, past_v)
+    return args, y, keys, values
+
+
+@pytest.mark.parametrize("batch,past,seq,capacity", [(1, 0, 1, 16), (1, 0, 7, 16), (1, 15, 1, 16), (1, 16, 1, 32),
+                                                     (2, 5, 3, 32), (1, 37, 30, 80), (1, 200, 1, 208)])
+def test_kernel_matches_the_oracle_and_appends_in_place(kernel, batch, past, seq, capacity):
+    args, y, keys, values = run_kernel(kernel, batch, past, seq, capacity, padding=2 if batch > 1 else 0)
+    total = past + seq
+    np.testing.assert_allclose(args[-1].numpy(), y, rtol=2e-5, atol=2e-5)
+    # The caches now hold past + new, in their layouts, and nothing beyond was touched.
+    np.testing.assert_array_equal(args[4].numpy()[..., :total], keys[:, ::3].transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(args[5].numpy()[:, :, :total], values[:, ::3])
+
+
+def test_fully_masked_rows_give_zeros(kernel):
+    args, _, _, _ = run_kernel(kernel, 2, 0, 1, 16, padding=1)  # batch 1's only key is padding
+    assert np.all(args[-1].numpy()[1] == 0) and np.all(np.isfinite(args[-1].numpy()))
+
+
+def test_too_small_cache_is_an_error_not_a_crash(kernel):
+    with pytest.raises(Exception, match="KV cache is too small"):
+        run_kernel(kernel, 1, 16, 1, 16)
+    with pytest.raises(Exception, match="multiple of 16"):
+        run_kernel(kernel, 1, 0, 1, 24)
+
+
+def test_assembly_scores_and_values_with_zmm_fma(kernel):
+    """Compile-only: the score and value loops are 16-wide AVX-512 FMAs (the point of the cache layouts)."""
+    asm = kernel.mod.imports[0].inspect_source("asm") if kernel.mod.imports else kernel.mod.inspect_source("asm")
+    assert len(re.findall(r"vfmadd\d+ps\s+[^\n]*%zmm", asm)) >= 2
+
+
+def attention_graph(with_past: bool, **attrs):
+    h, kv, d = 4, 2, 8
+    inputs = ["q", "k", "v", "mask"] + (["pk", "pv"] if with_past else [])
+    outputs = ["y"] + (["presk", "presv"] if with_past else [])
+    value = lambda name, shape, t=TensorProto.FLOAT: helper.make_tensor_value_info(name, t, shape)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Attention", inputs, outputs, name="att", **attrs)], "g",
+        [value("q", ["b", h, "s", d]), value("k", ["b", kv, "s", d]), value("v", ["b", kv, "s", d]),
+         value("mask", ["b", 1, "s", "t"], TensorProto.BOOL)]
+        + ([value("pk", ["b", kv, "p", d]), value("pv", ["b", kv, "p", d])] if with_past else []),
+        [value("y", ["b", h, "s", d])] + ([value("presk", ["b", kv, "t", d]), value("presv", ["b", kv, "t", d])]
+                                          if with_past else []))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def test_attention_without_past_compiles_to_the_reference_and_matches_onnxruntime(tmp_path):
+    """A hand-written Attention node with no cache keeps its reference function (no in-place kernel)."""
+    import onnxruntime as ort
+
+    from pbs2pc.compiler import frontend
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.tvm_compat import tvm as ttvm
+    from pbs2pc.passes import UseKVCache
+
+    model = attention_graph(False)
+    onnx.save(model, tmp_path / "att.onnx")
+    mod = UseKVCache()(frontend.import_onnx(tmp_path / "att.onnx").mod)
+    assert "decode" not in [gv.name_hint for gv in mod.get_global_vars()]
+    compile_model(tmp_path / "att.onnx", tmp_path / "att.so", "x86")
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((2, 4, 5, 8), dtype=np.float32),
+             "k": rng.standard_normal((2, 2, 5, 8), dtype=np.float32),
+             "v": rng.standard_normal((2, 2, 5, 8), dtype=np.float32),
+             "mask": np.tril(np.ones((5, 5), bool))[None, None].repeat(2, 0)}
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    vm = relax.VirtualMachine(ttvm.runtime.load_module(str(tmp_path / "att.so")), ttvm.cpu())
+    got = vm["main"](*[ttvm.runtime.tensor(feeds[n]) for n in ("q", "k", "v", "mask")]).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs,match", [({"is_causal": 1}, "is_causal"), ({"softcap": 2.0}, "softcap")])
+def test_unsupported_attention_forms_are_named(tmp_path, attrs, match):
+    from pbs2pc.compiler import frontend
+    from pbs2pc.errors import UnsupportedError
+
+    onnx.save(attention_graph(True, **attrs), tmp_path / "att.onnx")
+    with pytest.raises(UnsupportedError, match=match):
+        frontend.import_onnx(tmp_path / "att.onnx")
