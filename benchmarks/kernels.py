@@ -10,7 +10,8 @@ In one process and one run, for every weight shape N x K and rows M:
   ``models.onnx_op.make_node``), compiled through the project's real path: ``frontend.import_onnx`` ->
   the build's params transform ``build.to_target_layout`` -> ``tvm.compile`` with
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
-  Measured for each plane layout (``--layouts``; the x86 preset's default is uint32 words).
+  Measured for each plane layout (``--layouts``; the x86 preset's default is uint32 words, planes and
+  scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
@@ -155,7 +156,7 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 # the contenders
 
 
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng):
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -183,6 +184,8 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng):
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
     preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits)
+    if interleave is not None:
+        preset = dataclasses.replace(preset, plane_interleave=interleave)
     imported = frontend.import_onnx(model)
     mod, params = to_target_layout(imported.mod, imported.params, preset)
     t0 = time.perf_counter()
@@ -192,7 +195,9 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng):
     args = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params.values()]
     x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np.float32))
     main = vm["main"]
-    return (lambda: main(x, *args)), {"compile_s": round(compile_s, 2), "planes": str(next(iter(params.values())).dtype)}
+    sign = params["w0.sign"]
+    return (lambda: main(x, *args)), {"compile_s": round(compile_s, 2), "planes": str(sign.dtype),
+                                      "interleave": sign.shape[2] if sign.ndim == 3 else 0}
 
 
 def torch_runner(n_out, k, rows, copies, rng):
@@ -317,7 +322,7 @@ def run_benchmark(args) -> dict:
                 t_build = time.perf_counter()
                 extra = {}
                 if fmt.startswith("pbs2pc_u"):
-                    run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng)
+                    run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng, args.interleave)
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":
@@ -437,6 +442,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="", help="comma-separated NxK subset, e.g. 11008x4096,4096x11008")
     parser.add_argument("--rows", type=int, nargs="+", default=ROWS, help="values of M")
     parser.add_argument("--layouts", type=int, nargs="+", default=[32, 8], help="plane word widths to compare")
+    parser.add_argument("--interleave", type=int, default=None,
+                        help="rows per interleaved block of planes and scales (0: row-major); "
+                             "default: the x86 preset's")
     parser.add_argument("--alt-layout-rows", type=int, nargs="+", default=[1, 16, 128],
                         help="M values at which layouts other than uint32 are measured")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per row (median)")

@@ -83,7 +83,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         # then value, in kv_cache's layouts), then the weights; they return the logits.
         "inputs": [n for n in imported.inputs if not (cache and n.startswith("past_key_values."))],
         "outputs": [n for n in imported.outputs if not (cache and n.startswith("present."))],
-        "functions": ["main", kv_cache.DECODE] if cache else ["main"],
+        "functions": ["main", kv_cache.DECODE, kv_cache.PREFILL] if cache else ["main"],
         "kv_cache": dataclasses.asdict(cache) if cache else None,
         "vocab_size": vocab,
         "max_sequence": _max_sequence(imported),
@@ -115,29 +115,39 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
     """The params transform: re-encode weights into the preset's target layout, signature and arrays alike.
 
     The weights are parameters of ``main`` that the runtime loads from the weights file, so a layout
-    change must rewrite both the Relax signature and the arrays the same way. The Relax pass does the
-    first and records what it changed in ``main``'s ``pbs2pc.params_transform`` attribute (``{param
-    name: new dtype}``); this function applies that record to the numpy arrays (a zero-copy ``view``:
-    uint8 planes reinterpreted as little-endian words hold the same bytes) and drops the attribute.
+    change must rewrite both the Relax signature and the arrays the same way. The Relax passes do the
+    first (PackPlanesAsWords re-types the planes as words, then InterleaveRows stores planes and scales
+    as ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
+    (``{param name: {"dtype": new dtype, "interleave": T}}``); this function applies that record to the
+    numpy arrays and drops the attribute: first the dtype (a zero-copy ``view``: uint8 planes
+    reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
+    :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order).
     Returns ``(mod, params)`` with ``params`` in ``main``'s order.
     """
     import numpy as np
 
-    from pbs2pc.passes import PackPlanesAsWords
-    from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR
+    from pbs2pc.passes import InterleaveRows, PackPlanesAsWords
+    from pbs2pc.passes.interleave_rows import interleave_array
+    from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record
 
     mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
+    mod = InterleaveRows(preset.plane_interleave)(mod)
     main = mod["main"]
-    record = dict(main.attrs[TRANSFORM_ATTR]) if main.attrs is not None and TRANSFORM_ATTR in main.attrs else {}
+    record = read_record(main)
     if not record:
         return mod, params
-    if sys.byteorder != "little":  # a word view holds the same bits only on little-endian hosts
-        raise Pbs2pcError("compiling with word-packed bit planes needs a little-endian host; use plane_word_bits=8.")
     mod["main"] = main.without_attr(TRANSFORM_ATTR)
     out = {}
     for name, array in params.items():
-        if name in record:
-            array = np.ascontiguousarray(array).view(np.dtype(str(record[name])))
+        entry = record.get(name)
+        if entry is not None:
+            if np.dtype(entry["dtype"]) != array.dtype:
+                if sys.byteorder != "little":  # a word view holds the same bits only on little-endian hosts
+                    raise Pbs2pcError("compiling with word-packed bit planes needs a little-endian host; "
+                                      "use plane_word_bits=8.")
+                array = np.ascontiguousarray(array).view(np.dtype(entry["dtype"]))
+            if entry.get("interleave", 0) > 1:
+                array = interleave_array(array, entry["interleave"])
         out[name] = array
     return mod, out
 

@@ -15,7 +15,7 @@ from pbs2pc.compiler.targets import TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
 from pbs2pc.passes import LowerSparseBinaryLinear, UseKVCache
-from pbs2pc.passes.kv_cache import DECODE
+from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
 
 def schedule_rules(preset: TargetPreset) -> list:
@@ -58,7 +58,7 @@ def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
         ("fold_constants", rt.FoldConstant()),
         ("fuse_ops", rt.FuseOps()),
         ("fuse_tir", rt.FuseTIR()),
-        ("dead_code", _dead_code(["main", DECODE])),
+        ("dead_code", _dead_code(["main", DECODE, PREFILL])),
         # Schedule every PrimFunc with the target family's rules (first rule that applies wins).
         ("schedule", dlight.ApplyDefaultSchedule(*schedule_rules(preset))),
         # Standard Relax lowering to VM bytecode (as in TVM's default CPU pipeline).

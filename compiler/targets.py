@@ -28,12 +28,18 @@ class TargetPreset:
     #: interchange uint8 bytes). Applied at compile time by the build's params transform
     #: (:func:`pbs2pc.compiler.build.to_target_layout`); measured in docs/performance.md.
     plane_word_bits: int = 8
+    #: Rows per interleaved block of the planes and scales (``[N, C]`` stored as ``[N/T, C, T]``, so the
+    #: ``T`` rows a SIMD vector covers are contiguous); 0 keeps the row-major layout. Layers whose N is not a
+    #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
+    plane_interleave: int = 0
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
             raise ValueError(f"unknown family {self.family}")
         if self.plane_word_bits not in (8, 16, 32):
             raise ValueError(f"plane_word_bits must be 8, 16 or 32, got {self.plane_word_bits}")
+        if self.plane_interleave < 0:
+            raise ValueError(f"plane_interleave must be 0 (off) or a number of rows, got {self.plane_interleave}")
 
     def tvm_target(self):
         """The ``tvm.target.Target`` of this preset."""
@@ -60,6 +66,7 @@ X86 = TargetPreset(
     target={"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
     plane_word_bits=32,  # uint32 words: same bytes, 4x fewer per-row gathers in the GEMV
+    plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

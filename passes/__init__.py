@@ -3,8 +3,9 @@
 This module only exports pass constructors.
 """
 
+from pbs2pc.passes.interleave_rows import InterleaveRows
 from pbs2pc.passes.kv_cache import UseKVCache
 from pbs2pc.passes.lower_sparse_binary_linear import LowerSparseBinaryLinear
 from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
 
-__all__ = ["LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]
+__all__ = ["InterleaveRows", "LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]

@@ -14,7 +14,10 @@ layer's whole cache on every generated token. This pass instead:
 3. drops the ``present`` outputs (they are the caches themselves), so ``main`` returns the other outputs
    (the logits) alone;
 4. adds ``decode``: ``main`` with ``batch = sequence = 1`` bound, so one-token steps get kernels built for
-   a static single row (the GEMV schedules) instead of the symbolic-size ones.
+   a static single row (the GEMV schedules) instead of the symbolic-size ones;
+5. adds ``prefill``: ``main`` returning the logits of the last position only (``[batch, 1, vocab]``),
+   when the logits come from a matmul of the hidden states (the LM head): generation needs no others, and
+   the head is the largest matmul of a prompt (SmolLM2, 512 tokens: 14.5 GFLOP, ~0.3 s on 2 cores).
 
 Before::
 
@@ -34,7 +37,7 @@ After::
 
 Attention calls whose past keys are not graph inputs (or that have none) keep their reference function.
 Precondition the caller keeps (the runtime does): the cache tensors passed in hold the first ``T - S``
-positions from earlier calls and have room for ``T`` (rounded up to 16), and are not shared.
+positions from earlier calls and have room for ``T`` (rounded up to 64), and are not shared.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from pbs2pc.compiler.tvm_compat import copy_with_new_vars
 
 OP_ATTR = "pbs2p.op"
 ATTENTION = "Attention"
-#: The entry point added for one-token steps.
+#: The entry points added for one-token steps and for prompts (last-position logits).
 DECODE = "decode"
+PREFILL = "prefill"
 #: Names of the symbolic dimensions the exporter uses (``batch``, ``sequence``) that ``decode`` binds to 1.
 DECODE_BINDINGS = {"batch": 1, "sequence": 1}
 
@@ -62,7 +66,7 @@ class CacheLayout:
     head_dim: int
     key_layout: str = "[batch, kv_heads, head_dim, capacity]"
     value_layout: str = "[batch, kv_heads, capacity, head_dim]"
-    capacity_multiple: int = 16
+    capacity_multiple: int = 64
 
 
 def _attention_func(mod, call):
@@ -167,6 +171,9 @@ class UseKVCache:
         names = {var.name for var in relax.analysis.defined_symbolic_vars(decode)}
         decode = decode.bind_symbolic_vars({k: v for k, v in DECODE_BINDINGS.items() if k in names}).with_attr("global_symbol", DECODE)
         out[DECODE] = decode
+        prefill = _last_position_logits(copy_with_new_vars(out["main"]))
+        if prefill is not None:
+            out[PREFILL] = prefill.with_attr("global_symbol", PREFILL)
         # The reference functions of the rewritten calls are dead now.
         called = set()
         for _, func in out.functions_items():
@@ -209,3 +216,40 @@ def _drop_cache_outputs(body, cache_vars: set):
     bindings = list(block.bindings[:-1]) + [relax.VarBinding(new_var, value)]
     new_block = relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings)
     return relax.SeqExpr(list(body.blocks[:-1]) + [new_block], new_var)
+
+
+@relax.expr_functor.mutator
+class _SliceBeforeHead(relax.PyExprMutator):
+    """Rebind ``head = matmul(h, w)`` as ``matmul(h[:, S-1:S], w)``; the bindings after it follow."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def visit_var_binding_(self, binding):
+        if not binding.var.same_as(self.head):
+            return super().visit_var_binding_(binding)
+        h, w = (self.visit_expr(a) for a in binding.value.args)
+        seq = h.ty.shape[1]
+        last = self.builder_.emit(relax.op.strided_slice(h, axes=[1], begin=[seq - 1], end=[seq], assume_inbound=True),
+                                  name_hint="last_hidden")
+        new = self.builder_.emit(relax.op.matmul(last, w, out_dtype=binding.value.attrs.out_dtype), name_hint="logits")
+        self.set_var_remap(binding.var, new)
+
+
+def _last_position_logits(func):
+    """``func`` computing only the last position's logits, or None when its output is not ``matmul(h, w)``
+    of a 3-D ``h [batch, sequence, hidden]``."""
+    body = func.body
+    if not isinstance(body, relax.SeqExpr) or not body.blocks:
+        return None
+    bindings = {b.var: b.value for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)}
+    var = body.body
+    while var in bindings and isinstance(bindings[var], relax.Var):  # gv = lv139
+        var = bindings[var]
+    value = bindings.get(var)
+    if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.matmul"))
+            and value.args[0].ty.ndim == 3 and value.ty.ndim == 3):
+        return None
+    new_body = _SliceBeforeHead(var).visit_expr(body)
+    return relax.Function(func.params, new_body, new_body.body.ty, func.is_pure, func.attrs, func.span)

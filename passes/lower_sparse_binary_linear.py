@@ -4,9 +4,11 @@ Where it runs: right after the ONNX import (``pbs2pc.compiler.frontend``) and be
 Its input has one private Relax function per pbs2p op, tagged ``pbs2p.op`` and holding the op's reference
 meaning in plain Relax ops (a dense decode + matmul); ``main`` calls them. This pass rewrites every such
 call into ``call_tir`` of the TE kernel :func:`pbs2pc.passes.kernels.sparse_binary_linear`, which reads the
-packed sign and mask bits directly, and removes the reference functions. The kernel PrimFunc carries a
-``pbs2p_info`` attribute (the scheme and which optional inputs exist) for the schedule rules, and is marked
-opaque so fusion leaves it whole.
+packed sign and mask bits directly, and removes the reference functions. Inputs that the params transform
+re-laid out (uint32 words from PackPlanesAsWords, ``[N/T, C, T]`` blocks from InterleaveRows) reach the
+kernel in that layout; the views and copies that kept the reference functions' signature become dead
+code. The kernel PrimFunc carries a ``pbs2p_info`` attribute (the scheme and which optional inputs exist)
+for the schedule rules, and is marked opaque so fusion leaves it whole.
 
 Before::
 
@@ -37,6 +39,8 @@ def _is_linear(func) -> bool:
     return isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get(OP_ATTR) == OP_TYPE
 ROLES = ("x", "sign", "mask", "alpha", "mu", "bias")
 _VIEW = tvm.ir.Op.get("relax.memory.view")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 #: TVM's OpPatternKind.kOpaque: keeps FuseOps from merging the kernel (its schedule rule needs it whole).
 _OPAQUE = 8
 
@@ -75,12 +79,13 @@ class _Lowerer(relax.PyExprMutator):
         if x_ty.dtype != "float32":
             x2 = bb.emit(op.astype(x2, "float32"))
         info = pbs2p_info(n, m, g, "mask" in roles, "mu" in roles, "bias" in roles)
-        planes = [self._word_plane(roles[r]) if r in roles else None for r in ("sign", "mask")]
+        planes = [self._target_input(roles[r]) if r in roles else None for r in ("sign", "mask")]
         if planes[1] is not None and str(planes[0].ty.dtype) != str(planes[1].ty.dtype):
             planes = [roles["sign"], roles["mask"]]  # mixed widths: give the kernel the uint8 views
+        scales = [self._target_input(roles[r]) if r in roles else None for r in ("alpha", "mu")]
         y = bb.emit(
             bb.call_te(
-                _kernel, x2, planes[0], planes[1], roles["alpha"], roles.get("mu"), roles.get("bias"),
+                _kernel, x2, planes[0], planes[1], scales[0], scales[1], roles.get("bias"),
                 n, m, g,
                 primfunc_name_hint=f"sparse_binary_linear_{n}of{m}_g{g}_",
                 primfunc_attrs={INFO_ATTR: info, "op_pattern": _OPAQUE},
@@ -115,6 +120,34 @@ class _Lowerer(relax.PyExprMutator):
         if (rows, cols * ratio) != (out_rows, out_cols):
             return plane
         return source
+
+    def _interleaved(self, value):
+        """The ``[N/T, C, T]`` tensor behind ``reshape(permute_dims(p, [0, 2, 1]), [N, C])`` (see
+        InterleaveRows), else ``value``: the kernel reads the interleaved layout itself."""
+        reshaped = self.lookup_binding(value) if isinstance(value, relax.Var) else None
+        if not (isinstance(reshaped, relax.Call) and reshaped.op.same_as(_RESHAPE)):
+            return value
+        swapped = reshaped.args[0]
+        bound = self.lookup_binding(swapped) if isinstance(swapped, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op.same_as(_PERMUTE)):
+            return value
+        axes = bound.attrs.axes
+        source = bound.args[0]
+        src_ty = source.ty
+        if axes is None or [int(a) for a in axes] != [0, 2, 1] or not isinstance(src_ty, relax.TensorType):
+            return value
+        try:
+            blocks, cols, t = (int(d) for d in src_ty.shape.values)
+            rows, out_cols = (int(d) for d in value.ty.shape.values)
+        except (TypeError, ValueError):
+            return value
+        if (blocks * t, cols) != (rows, out_cols) or str(src_ty.dtype) != str(value.ty.dtype):
+            return value
+        return source
+
+    def _target_input(self, value):
+        """What the kernel reads for a sign/mask/alpha/mu argument: the parameter in its target layout."""
+        return self._interleaved(self._word_plane(value))
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerSparseBinaryLinear")

@@ -20,8 +20,8 @@ Before::
     def main(x, w_sign: R.Tensor((1536, 72), "uint8"), w_mask: R.Tensor((1536, 72), "uint8"), ...):
         y = pbs2p_sparse_binary_linear(x, w_sign, w_mask, alpha, mu)
 
-After (``PackPlanesAsWords(32)``), with ``main`` tagged ``pbs2pc.params_transform = {"w_sign": "uint32",
-"w_mask": "uint32"}``::
+After (``PackPlanesAsWords(32)``), with ``main`` tagged ``pbs2pc.params_transform = {"w_sign": {"dtype":
+"uint32"}, "w_mask": {"dtype": "uint32"}}``::
 
     def main(x, w_sign: R.Tensor((1536, 18), "uint32"), w_mask: R.Tensor((1536, 18), "uint32"), ...):
         s8 = R.memory.view(w_sign, R.shape([1536, 72]), "uint8")
@@ -33,11 +33,34 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 
-#: The attribute on ``main`` listing re-typed parameters: ``{param name: new dtype}``.
+#: The attribute on ``main`` listing re-laid-out parameters: ``{param name: {"dtype": new dtype}}``, plus
+#: ``"interleave": T`` for those InterleaveRows stored as ``[N/T, C, T]``. The build applies it to the arrays
+#: (:func:`pbs2pc.compiler.build.to_target_layout`): first the dtype view, then the interleave.
 TRANSFORM_ATTR = "pbs2pc.params_transform"
 OP_ATTR = "pbs2p.op"
 PLANE_ROLES = ("sign", "mask")
 WORD_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
+
+
+def read_record(func) -> dict:
+    """``main``'s params-transform record as plain Python: ``{name: {"dtype": str, ["interleave": int]}}``."""
+    if func.attrs is None or TRANSFORM_ATTR not in func.attrs:
+        return {}
+    out = {}
+    for name, entry in dict(func.attrs[TRANSFORM_ATTR]).items():
+        if isinstance(entry, str):  # the first form of the record: just the new dtype
+            out[str(name)] = {"dtype": entry}
+        else:
+            out[str(name)] = {str(k): (str(v) if k == "dtype" else int(v)) for k, v in dict(entry).items()}
+    return out
+
+
+def merge_record(func, record: dict) -> dict:
+    """``func``'s record updated with ``record`` (entries of one parameter are merged key by key)."""
+    merged = read_record(func)
+    for name, entry in record.items():
+        merged[name] = {**merged.get(name, {}), **entry}
+    return merged
 
 
 def _is_pbs2p_call(mod, expr) -> relax.Function | None:
@@ -130,10 +153,9 @@ class PackPlanesAsWords:
         # Views are emitted where the old parameter is first used: inside the dataflow block, before the call.
         body = retyper.visit_expr(func.body)
         params = [new_params.get(p, p) for p in func.params]
-        transform = {p.name: dtype for p in planes}
-        old_transform = dict(func.attrs[TRANSFORM_ATTR]) if func.attrs is not None and TRANSFORM_ATTR in func.attrs else {}
+        transform = {p.name: {"dtype": dtype} for p in planes}
         new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-        new_func = new_func.with_attr(TRANSFORM_ATTR, {**old_transform, **transform})
+        new_func = new_func.with_attr(TRANSFORM_ATTR, merge_record(func, transform))
         out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         out["main"] = new_func
         return out

@@ -66,7 +66,7 @@ def run_demo(model_spec: str = "smollm2-135m", nm: str = "6:8", out_dir: str | P
     ``method`` other than ``simple`` (e.g. ``pbs2p``) calibrates on ``nsamples`` windows of 512 tokens of
     the calibration text: the fast setting (16 samples: about a minute on 2 quiet cores).
     """
-    import onnxruntime as ort
+    from pbs2pc.runtime.reference import OrtDecoder
 
     from pbs2pc.commands.compile import compile_with_progress
     from pbs2pc.models import compress, data, evaluate, export, hf
@@ -91,22 +91,17 @@ def run_demo(model_spec: str = "smollm2-135m", nm: str = "6:8", out_dir: str | P
     with clock.step(f"export {onnx_path}"):
         export.export(model, onnx_path, {"source_model": model_spec, "weights_note": source.note, **info})
     with clock.step("perplexity: compressed (onnxruntime)"):
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-
-        def ort_logits(ids):
-            pos = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-            return session.run(None, {"input_ids": ids, "position_ids": pos})[0]
-
+        ort_logits = OrtDecoder(onnx_path).logits
         ppl["compressed (onnxruntime)"] = evaluate.perplexity(ort_logits, tokens, "onnxruntime")
     lib_path = out_dir / "model.so"
     with clock.step(f"compile for {target} -> {lib_path}"):
         manifest = compile_with_progress(onnx_path, lib_path, target)
     compiled = load(lib_path)
-    with clock.step("run a prompt (compiled library, greedy)"):
-        ids = tokenizer(PROMPT, add_special_tokens=False).input_ids
-        new = compiled.generate_ids(ids, max_new_tokens, tokenizer.eos_token_id)
-        continuation = tokenizer.decode(new)
+    with clock.step("generate from a prompt (compiled library, KV cache, greedy)"):
+        generation = compiled.generate(PROMPT, max_new_tokens)
+        continuation = generation.text
         _say(f"    {PROMPT!r} -> {continuation!r}")
+        _say(f"    {generation.stats.summary()}")
     with clock.step("perplexity: compressed (compiled library)"):
         ppl["compressed (compiled)"] = evaluate.perplexity(compiled.logits, tokens, "compiled")
         window = tokens[:1]

@@ -36,7 +36,7 @@ def _tvm_runtime():
 class KVCache:
     """One sequence batch's keys and values on the device: the caches ``main``/``decode`` update in place.
 
-    ``capacity`` is a multiple of 16 (the attention kernel reads keys 16 at a time); ``length`` tokens are
+    ``capacity`` is a multiple of 64 (the attention kernel reads keys 64 at a time); ``length`` tokens are
     filled. Layouts are in the manifest's ``kv_cache`` entry (keys ``[B, KV, D, C]``, values ``[B, KV, C, D]``).
     """
 
@@ -126,8 +126,10 @@ class CompiledModel:
             raise Pbs2pcError(f"position ids must be in [0, {max_len}), got {position_ids.min()}..{position_ids.max()}.")
         return ids, position_ids
 
-    def _run(self, ids: np.ndarray, position_ids: np.ndarray, cache: KVCache | None) -> np.ndarray:
-        """One call of the compiled model: ``main``, or ``decode`` for a single token; updates ``cache``."""
+    def _run(self, ids: np.ndarray, position_ids: np.ndarray, cache: KVCache | None,
+             last_only: bool = False) -> np.ndarray:
+        """One call of the compiled model: ``main``, ``decode`` for a single token, or ``prefill`` when only
+        the last position's logits are wanted; updates ``cache``."""
         tensor = self._tvm.runtime.tensor
         function, extra = "main", []
         total = ids.shape[1]
@@ -137,8 +139,11 @@ class CompiledModel:
                 raise Pbs2pcError(f"the KV cache holds {cache.capacity} tokens of batch {cache.batch}; this call "
                                   f"needs {total} of batch {ids.shape[0]}.")
             extra = cache.tensors
-            if ids.shape == (1, 1) and "decode" in self.manifest.get("functions", ()):
+            functions = self.manifest.get("functions", ())
+            if ids.shape == (1, 1) and "decode" in functions:
                 function = "decode"
+            elif last_only and "prefill" in functions:
+                function = "prefill"
         feeds = {"input_ids": ids, "position_ids": position_ids,
                  "attention_mask": np.ones((ids.shape[0], total), np.int64)}
         args = [tensor(np.ascontiguousarray(feeds[name]), self.device) for name in self.inputs]
@@ -167,7 +172,7 @@ class CompiledModel:
             self._recompute = [int(t) for t in ids[0]]
             return self._run(ids, positions, None)[0, -1]
         self._cache = KVCache(self, max(capacity, ids.shape[1]))
-        return self._run(ids, positions, self._cache)[0, -1]
+        return self._run(ids, positions, self._cache, last_only=True)[0, -1]
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token to the sequence :meth:`prefill` started; the logits after it."""

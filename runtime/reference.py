@@ -45,6 +45,17 @@ class OrtDecoder:
         self._past: dict[str, np.ndarray] = {}
         self._length = 0
 
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits ``[batch, sequence, vocab]`` of fresh sequences (empty past), like ``CompiledModel.logits``."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        batch, seq = ids.shape
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), ids.shape).copy()}
+        feeds.update({name: np.zeros((batch, shape[1], 0, shape[3]), np.float32)
+                      for name, shape in self._past_shape.items()})
+        return self.session.run(["logits"], feeds)[0]
+
     def _run(self, ids: np.ndarray) -> np.ndarray:
         total = self._length + ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),

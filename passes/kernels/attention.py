@@ -6,25 +6,36 @@ heads, a boolean mask) for ``S`` new tokens against a cache that already holds `
 of the whole cache every step), the cache here is a fixed-capacity buffer the caller owns and the kernel
 writes the new entries into it (Relax ``call_tir_inplace``); nothing is copied.
 
-Cache layouts (chosen for the x86 inner loops; ``C`` is the capacity, a multiple of 16):
+Cache layouts (chosen for the x86 inner loops; ``C`` is the capacity, a multiple of 64):
 
 * keys ``[B, KV, D, C]`` (transposed): the score loop ``s[t] += q[d] * K[d, t]`` runs over contiguous
-  ``t``, 16 keys per AVX-512 vector, with no horizontal sums;
+  ``t``, a block of 64 keys (four AVX-512 vectors) accumulated in registers over ``d``, with no
+  horizontal sums;
 * values ``[B, KV, C, D]``: the output loop ``y[d] += p[t] * V[t, d]`` runs over contiguous ``d``.
 
 Parameters, in order: ``q [B, H, S, D]``, ``k [B, KV, S, D]``, ``v [B, KV, S, D]``, ``mask [MB, 1, S, T]``
 (bool; ``MB`` is ``B`` or 1), ``k_cache``, ``v_cache`` (updated in place), ``y [B, H, S, D]`` (output).
 Key ``t`` counts for query ``s`` when ``mask[b, 0, s, t]``; a row with no such key gives zeros (ONNX gives
-NaN there; such rows are padding). Scores are accumulated over all ``T`` keys, 16 at a time, so the
-capacity rounded up to 16 must cover ``T`` (asserted).
+NaN there; such rows are padding). Scores are computed for whole blocks of 64 keys, so ``T`` rounded up to
+64 must fit in the capacity (asserted). The softmax's exponential is a vectorised polynomial (relative
+error below 2e-7), since LLVM would otherwise call ``expf`` once per key.
+
+Rows stop at their last unmasked key, which halves the work of a causal prompt. Measured on SmolLM2's
+shapes (9 query / 3 kv heads, head_dim 64, 2 threads, another job running): a 512-token prompt 22.6 ms
+per layer with the first version (the score row re-read for every ``d``, scalar ``expf``, all keys) and
+10.1 ms with this one; one decode step at 512 cached tokens 93 -> 65 us per layer.
 """
 
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
 
-#: Keys per vector in the score loop (AVX-512 float32 lanes); the cache capacity is a multiple of it.
-KEY_BLOCK = 16
+#: Keys per score block: four AVX-512 float32 vectors, so four independent FMA chains hide the latency.
+#: The cache capacity is a multiple of it (the score loop reads whole blocks of keys).
+KEY_BLOCK = 64
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # Cody-Waite split of ln 2
 
 
 def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float):
@@ -46,7 +57,7 @@ def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float):
         v_cache = T.match_buffer(vc_h, (B, KV, C, D), "float32")
         y = T.match_buffer(y_h, (B, H, S, D), "float32")
         T.Assert(C % KB == 0 and (TT + KB - 1) // KB * KB <= C and S <= TT,
-                 "pbs2pc attention: the KV cache is too small for this call (or its capacity is not a multiple of 16)")
+                 "pbs2pc attention: the KV cache is too small for this call (or its capacity is not a multiple of 64)")
         # 1. Append: the new tokens go to cache positions P .. T-1.
         for bj in T.parallel(B * KV):
             for s, d in T.grid(S, D):
@@ -55,36 +66,82 @@ def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float):
         # 2. Attend: one (batch, query head, query) row per iteration.
         for row in T.parallel(B * H * S):
             scores = T.alloc_buffer(((TT + KB - 1) // KB * KB,), "float32", scope="local")
-            acc = T.alloc_buffer((D,), "float32", scope="local")
-            stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exponentials
+            block = T.alloc_buffer((KB,), "float32", scope="local")  # one block of scores, in registers
+            part = T.alloc_buffer((KB,), "float32", scope="local")  # per-lane max, then per-lane sum
+            acc = T.alloc_buffer((2, D), "float32", scope="local")  # two chains over keys
+            stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exponentials
+            # exp's x and n per lane. (Not let-bindings: TVM 0.27's vectorizer broadcasts lane 0 of a
+            # let-bound value inside a vectorized loop.)
+            ex = T.alloc_buffer((KB,), "float32", scope="local")
+            en = T.alloc_buffer((KB,), "float32", scope="local")
             b = row // (H * S)
             h = row // S % H
             s = row % S
             mb = T.if_then_else(MB == 1, T.int64(0), b)
-            for t0 in range((TT + KB - 1) // KB):
-                for t1 in T.vectorized(KB):
-                    scores[t0 * KB + t1] = T.float32(0)
-            for d in range(D):
-                for t0 in range((TT + KB - 1) // KB):
-                    for t1 in T.vectorized(KB):
-                        scores[t0 * KB + t1] = scores[t0 * KB + t1] + q[b, h, s, d] * k_cache[b, h // rep, d, t0 * KB + t1]
+            # Keys after the row's last unmasked one contribute nothing: stop there (halves causal prefill).
+            last = T.alloc_buffer((1,), "int64", scope="local")
+            last[0] = T.int64(0)
+            for t in range(TT):
+                if mask[mb, 0, s, t]:
+                    last[0] = t + 1
+            blocks = (last[0] + KB - 1) // KB
+            # Scores, one block of keys at a time: q[d] broadcast times a contiguous row of Kᵀ.
+            for t0 in range(blocks):
+                for j in T.vectorized(KB):
+                    block[j] = T.float32(0)
+                for d in range(D):
+                    for j in T.vectorized(KB):
+                        block[j] = block[j] + q[b, h, s, d] * k_cache[b, h // rep, d, t0 * KB + j]
+                for j in T.vectorized(KB):
+                    scores[t0 * KB + j] = block[j] * T.float32(scale)
+            # Masked keys and the block's tail past T get -inf (a scalar pass over T booleans).
+            for t in range(blocks * KB):
+                if t >= TT:
+                    scores[t] = T.float32(neg_inf)
+                elif not mask[mb, 0, s, t]:
+                    scores[t] = T.float32(neg_inf)
+            for j in T.vectorized(KB):
+                part[j] = T.float32(neg_inf)
+            for t0 in range(blocks):
+                for j in T.vectorized(KB):
+                    part[j] = T.max(part[j], scores[t0 * KB + j])
             stat[0] = T.float32(neg_inf)
+            for j in range(KB):
+                stat[0] = T.max(stat[0], part[j])
+            # exp(score - max), vectorised: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the degree-6
+            # Taylor polynomial (relative error < 2e-7); masked keys (x below -80) give exactly 0.
+            for j in T.vectorized(KB):
+                part[j] = T.float32(0)
+            for t0 in range(blocks):
+                for j in T.vectorized(KB):
+                    ex[j] = T.max(scores[t0 * KB + j] - stat[0], T.float32(-87.0))
+                for j in T.vectorized(KB):
+                    en[j] = T.floor(ex[j] * T.float32(_LOG2E) + T.float32(0.5))
+                for j in T.vectorized(KB):
+                    block[j] = ex[j] - en[j] * T.float32(_LN2_HI) - en[j] * T.float32(_LN2_LO)  # r
+                for j in T.vectorized(KB):
+                    scores[t0 * KB + j] = T.Select(
+                        ex[j] < T.float32(-80.0), T.float32(0),
+                        (T.float32(1) + block[j] * (T.float32(1) + block[j] * (T.float32(0.5) + block[j] * (
+                            T.float32(1 / 6) + block[j] * (T.float32(1 / 24) + block[j] * (
+                                T.float32(1 / 120) + block[j] * T.float32(1 / 720)))))))
+                        * T.reinterpret("float32", T.shift_left(T.Cast("int32", en[j]) + T.int32(127), T.int32(23))))
+                for j in T.vectorized(KB):
+                    part[j] = part[j] + scores[t0 * KB + j]
             stat[1] = T.float32(0)
-            for t in range(TT):
-                if mask[mb, 0, s, t]:
-                    stat[0] = T.max(stat[0], scores[t])
-            for t in range(TT):
-                if mask[mb, 0, s, t]:
-                    scores[t] = T.exp((scores[t] - stat[0]) * T.float32(scale))
-                    stat[1] = stat[1] + scores[t]
-                else:
-                    scores[t] = T.float32(0)
-            for d in T.vectorized(D):
-                acc[d] = T.float32(0)
-            for t in range(TT):
+            for j in range(KB):
+                stat[1] = stat[1] + part[j]
+            # Weighted sum of values: two independent FMA chains over keys.
+            for c, d in T.grid(2, D):
+                acc[c, d] = T.float32(0)
+            for t2 in range(last[0] // 2):
+                for c in T.unroll(2):
+                    for d in T.vectorized(D):
+                        acc[c, d] = acc[c, d] + scores[t2 * 2 + c] * v_cache[b, h // rep, t2 * 2 + c, d]
+            if last[0] % 2 == 1:
                 for d in T.vectorized(D):
-                    acc[d] = acc[d] + scores[t] * v_cache[b, h // rep, t, d]
+                    acc[0, d] = acc[0, d] + scores[last[0] - 1] * v_cache[b, h // rep, last[0] - 1, d]
             for d in T.vectorized(D):
-                y[b, h, s, d] = T.if_then_else(stat[1] > T.float32(0), acc[d] / stat[1], T.float32(0))
+                y[b, h, s, d] = T.if_then_else(stat[1] > T.float32(0), (acc[0, d] + acc[1, d]) / stat[1], T.float32(0))
 
     return kernel

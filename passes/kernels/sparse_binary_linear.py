@@ -21,6 +21,11 @@ The bit planes may also be passed as uint16 or uint32 words (``plane.view(np.uin
 since the packing is little-endian and x86/AArch64 are little-endian machines); the compute reads bit
 ``j % bits`` of word ``j // bits``. Wider words make the CPU GEMV's per-row gathers 2-4x cheaper.
 
+Any of sign, mask, alpha and mu may also come **row-interleaved** (pbs2pc.passes.InterleaveRows): a 3-D
+``[N/T, C, T]`` tensor holding element ``[o, c]`` of the 2-D one at ``[o // T, c, o % T]``, so the ``T``
+rows of a tile that a SIMD vector covers are contiguous for each word or scale. The compute reads
+either layout (decided per input by its rank); the values and bits are the same.
+
 Example
 -------
 >>> from pbs2pc.compiler.tvm_compat import te, tirx
@@ -82,6 +87,29 @@ def word_bits(plane: te.Tensor) -> int:
     return int(dtype[4:])
 
 
+def interleave_of(tensor: te.Tensor) -> int:
+    """Rows per interleaved block ``T`` of a row-interleaved ``[N/T, C, T]`` input; 0 for a plain ``[N, C]`` one."""
+    if len(tensor.shape) == 2:
+        return 0
+    if len(tensor.shape) == 3 and isinstance(tensor.shape[2], tirx.IntImm):
+        return int(tensor.shape[2])
+    raise ValueError(f"a weight input must be [N, C] or row-interleaved [N/T, C, T], got shape {list(tensor.shape)}")
+
+
+def rows_of(tensor: te.Tensor):
+    """``N`` of a plain or row-interleaved weight input."""
+    t, n = interleave_of(tensor), tensor.shape[0]
+    if not t:
+        return n
+    return n * t  # IntImm * int folds to an IntImm
+
+
+def _at(tensor: te.Tensor, o, c):
+    """Element ``[o, c]`` of the logical ``[N, C]`` input, whichever layout it is stored in."""
+    t = interleave_of(tensor)
+    return tensor[o // t, c, o % t] if t else tensor[o, c]
+
+
 def _bit_set(plane: te.Tensor, o, j):
     """Whether weight ``(o, j)`` has its bit set in a little-endian packed plane.
 
@@ -91,7 +119,7 @@ def _bit_set(plane: te.Tensor, o, j):
     bits = word_bits(plane)
     dtype = str(plane.dtype)
     bit = tirx.const(1, dtype) << (j % bits).astype(dtype)
-    return (plane[o, j // bits] & bit) != tirx.const(0, dtype)
+    return (_at(plane, o, j // bits) & bit) != tirx.const(0, dtype)
 
 
 def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, group_size: int) -> te.Tensor:
@@ -103,7 +131,8 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
         float32 ``[M, K]``; ``M`` may be a symbolic ``tirx.Var`` (dynamic sequence length).
     sign : te.Tensor
         uint8 ``[N, K/8]``, bit ``j % 8`` of byte ``[o, j // 8]`` is 1 where ``W[o, j] > 0``; or the
-        same plane viewed as uint16 ``[N, K/16]`` / uint32 ``[N, K/32]`` words.
+        same plane viewed as uint16 ``[N, K/16]`` / uint32 ``[N, K/32]`` words. This and the three
+        inputs below may instead be row-interleaved, ``[N/T, C, T]`` (see the module docstring).
     mask : te.Tensor or None
         Same layout and dtype as ``sign``, 1 where the weight is kept; ``None`` only when ``n == m``.
     alpha : te.Tensor
@@ -123,7 +152,12 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
     if mask is None and n != m:
         raise ValueError(f"the mask may be omitted only when n == m, got {n}:{m}")
     rows, k = x.shape
-    out_features = sign.shape[0]
+    out_features = rows_of(sign)
+    for t in (mask, alpha, mu):
+        rows_t = None if t is None else rows_of(t)
+        static = isinstance(rows_t, tirx.IntImm) and isinstance(out_features, tirx.IntImm)
+        if static and int(rows_t) != int(out_features):
+            raise ValueError(f"{t.name} has {int(rows_t)} rows, the sign plane {int(out_features)}")
     if x.dtype != "float32":
         raise ValueError(f"x must be float32, got {x.dtype}")
     g = group_size
@@ -134,11 +168,11 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
         # W = alpha * (2s - 1) + mu is written as select(s, mu + alpha, mu - alpha): the same float32
         # values (one rounding either way), but both arms depend on the group only, so a schedule that
         # loops over the bits of a group hoists them and a weight costs one bit test and one blend.
-        a = alpha[o, j // g].astype("float32")
+        a = _at(alpha, o, j // g).astype("float32")
         if mu is None:
             w = tirx.Select(_bit_set(sign, o, j), a, -a)
         else:
-            u = mu[o, j // g].astype("float32")
+            u = _at(mu, o, j // g).astype("float32")
             w = tirx.Select(_bit_set(sign, o, j), u + a, u - a)
         if mask is not None:
             w = tirx.Select(_bit_set(mask, o, j), w, tirx.const(0.0, "float32"))

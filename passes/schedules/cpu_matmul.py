@@ -314,6 +314,8 @@ def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int):
     sch.vectorize(rf_lane)
     sch.parallel(outer)
     init = sch.decompose_reduction(partial, rf_k)
+    if dims.k_ext // lanes <= 64:  # short rows (the LM head's K = 576): unrolled, 6.1 -> 5.7 ms
+        sch.unroll(rf_k)
     cu.vectorize_innermost(sch, init, lanes)
     return sch
 

@@ -11,7 +11,9 @@ Two schedules, both decoding every weight once per call straight from the bits:
 * **GEMV** (M == 1): ``decode`` is inlined into the reduction. Vector lanes run over output rows; per
   tile of rows the bit-plane words of one column chunk and the scales of one group are gathered into
   tiny stack buffers, then every bit of a word is one ``vptestmd`` + blend per 16 rows. Planes viewed
-  as uint16/uint32 words (same bits, little-endian) cut the gathers 2-4x: about 1.4x faster.
+  as uint16/uint32 words (same bits, little-endian) cut the gathers 2-4x: about 1.4x faster; planes and
+  scales row-interleaved for the SIMD width (``[N/16, C, 16]``, the x86 target layout) need no gather
+  at all: each word or scale vector is one contiguous load.
 * **GEMM** (M > 1 or symbolic): per tile of output rows, ``decode`` fills a local ``Wᵀ[K, tile_n]``
   (laid out k-major so rows are the contiguous vector dim), then a register-tiled micro-kernel
   (``tile_m`` rows x ``micro_n`` columns of accumulators) streams X. Symbolic or ragged M is padded
@@ -104,11 +106,14 @@ def _cache_decode_inputs(sch: s_tir.Schedule, block, word_loop, group_loop) -> N
 
     The gathers read one word (or scale) per output row, strided by the row pitch; the decode then
     reads them as contiguous vectors, which is what lets the bit test and blend run over SIMD lanes.
+    Row-interleaved inputs (``[N/T, C, T]``, pbs2pc.passes.InterleaveRows) already hold a tile's words
+    and scales contiguously: they are read in place with vector loads, no gather.
     """
-    names = [str(r.source.dtype) for r in sch.get(block).reads]
-    for idx, dtype in enumerate(names):
+    reads = [r.source for r in sch.get(block).reads]
+    for idx, source in enumerate(reads):
+        dtype = str(source.dtype)
         at = word_loop if dtype.startswith("uint") else group_loop if dtype == "float16" else None
-        if at is None:
+        if at is None or len(source.shape) == 3:
             continue
         cached = sch.cache_read(block, idx, cu.SCRATCH)
         sch.compute_at(cached, at, preserve_unit_loops=True)

@@ -18,6 +18,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import dlight, relax, te, tirx, tvm  # noqa: E402
 from pbs2pc.models.format import NMScheme  # noqa: E402
 from pbs2pc.models.simple import compress_weight  # noqa: E402
+from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels.sparse_binary_linear import pbs2p_info, sparse_binary_linear  # noqa: E402
 from pbs2pc.passes.schedules import cpu_rules  # noqa: E402
 from testutil import legalize_and_fuse  # noqa: E402
@@ -42,14 +43,22 @@ def packed(n_out, k, n, m, g, mu=True, bias=True, seed=0):
     return layer if mu else dataclasses.replace(layer, mu=None)
 
 
-def kernel_func(layer, rows, word="uint8"):
-    """The PrimFunc the Relax pass creates with ``call_te`` (same attribute), M static or symbolic."""
+def kernel_func(layer, rows, word="uint8", interleave=0):
+    """The PrimFunc the Relax pass creates with ``call_te`` (same attribute), M static or symbolic.
+
+    ``interleave=T``: planes and scales come row-interleaved, ``[N/T, C, T]`` (the x86 target layout).
+    """
     n_out, k, g, bits = layer.out_features, layer.in_features, layer.scheme.group_size, int(word[4:])
+
+    def weight(cols, dtype, name):
+        shape = (n_out // interleave, cols, interleave) if interleave else (n_out, cols)
+        return te.placeholder(shape, dtype, name)
+
     x = te.placeholder((rows, k), "float32", "x")
-    sign = te.placeholder((n_out, k // bits), word, "sign")
-    mask = None if layer.mask is None else te.placeholder((n_out, k // bits), word, "mask")
-    alpha = te.placeholder((n_out, k // g), "float16", "alpha")
-    mu = None if layer.mu is None else te.placeholder((n_out, k // g), "float16", "mu")
+    sign = weight(k // bits, word, "sign")
+    mask = None if layer.mask is None else weight(k // bits, word, "mask")
+    alpha = weight(k // g, "float16", "alpha")
+    mu = None if layer.mu is None else weight(k // g, "float16", "mu")
     bias = None if layer.bias is None else te.placeholder((n_out,), "float32", "bias")
     y = sparse_binary_linear(x, sign, mask, alpha, mu, bias, n=layer.scheme.n, m=layer.scheme.m, group_size=g)
     func = te.create_prim_func([t for t in (x, sign, mask, alpha, mu, bias) if t is not None] + [y])
@@ -62,16 +71,19 @@ def schedule(mod):
         return dlight.ApplyDefaultSchedule(*cpu_rules())(mod)
 
 
-def build_kernel(layer, rows, word="uint8"):
-    mod = schedule(tvm.IRModule({"main": kernel_func(layer, rows, word)}))
+def build_kernel(layer, rows, word="uint8", interleave=0):
+    mod = schedule(tvm.IRModule({"main": kernel_func(layer, rows, word, interleave)}))
     assert mod["main"].attrs.get("tirx.is_scheduled"), "no rule scheduled the pbs2p kernel"
     return tvm.compile(mod, target=TARGET)
 
 
-def run_kernel(ex, layer, rows, word="uint8", seed=1):
+def run_kernel(ex, layer, rows, word="uint8", seed=1, interleave=0):
     x = np.random.default_rng(seed).standard_normal((rows, layer.in_features)).astype("float32")
     planes = [None if p is None else np.ascontiguousarray(p).view(word) for p in (layer.sign, layer.mask)]
-    args = [a for a in (x, *planes, layer.alpha, layer.mu, layer.bias) if a is not None]
+    weights = [*planes, layer.alpha, layer.mu]
+    if interleave:
+        weights = [None if w is None else interleave_array(w, interleave) for w in weights]
+    args = [a for a in (x, *weights, layer.bias) if a is not None]
     out = tvm_compat.tensor(np.zeros((rows, layer.out_features), "float32"))
     ex["main"](*[tvm_compat.tensor(a) for a in args], out)
     return out.numpy(), layer.matmul(x)
@@ -154,6 +166,37 @@ def test_kernel_word_planes(n, m, g, mu, bias, word):
         assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
 
 
+@pytest.mark.parametrize("n,m,g,mu,bias", SCHEMES)
+def test_kernel_interleaved_rows(n, m, g, mu, bias):
+    """The x86 target layout: uint32 planes and fp16 scales row-interleaved as [N/16, C, 16].
+
+    Every N:M, with and without mu and bias: static M == 1 (GEMV, contiguous word and scale loads), a
+    static M = 17 (GEMM, padded) and one symbolic-M build at M = 1, 2, 3, 17, 128 (GEMM).
+    """
+    layer = packed(320, 512, n, m, g, mu, bias, seed=13)
+    for rows in (1, 17):
+        got, ref = run_kernel(build_kernel(layer, rows, "uint32", 16), layer, rows, "uint32", interleave=16)
+        assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
+    ex = build_kernel(layer, tirx.Var("m", "int64"), "uint32", 16)
+    for rows in (1, 2, 3, 17, 128):
+        got, ref = run_kernel(ex, layer, rows, "uint32", seed=rows, interleave=16)
+        assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
+
+
+def test_interleaved_gemv_reads_in_place():
+    """With interleaved inputs the GEMV stages no per-row gathers: words and scales are read where they are."""
+    layer = packed(256, 256, 6, 8, 64)
+    plain = schedule(tvm.IRModule({"main": kernel_func(layer, 1, "uint32")}))["main"].script()
+    inter = schedule(tvm.IRModule({"main": kernel_func(layer, 1, "uint32", 16)}))["main"].script()
+    assert "sign_global" in plain and "alpha_global" in plain  # the gathers of the row-major layout
+    assert "_global[" not in inter.replace("matmul_global[", ""), inter
+    # Any block T that divides N reads correctly, even one narrower than the vector (N = 1000, T = 8, tiles of 8).
+    odd = packed(1000, 128, 5, 8, 64, seed=5)
+    for rows in (1, 17):
+        got, ref = run_kernel(build_kernel(odd, rows, "uint32", 8), odd, rows, "uint32", interleave=8)
+        assert rel_err(got, ref) < TOL
+
+
 @pytest.mark.parametrize("static_rows", [None, 1])
 def test_kernel_found_by_structure_after_fusion(static_rows):
     """FuseTIR drops PrimFunc attributes; the rule still finds decode -> matmul -> fused SiLU."""
@@ -213,23 +256,32 @@ def test_no_dense_weight_copy_in_global_memory():
         assert sizes and max(sizes.values()) <= 256 * 64, sizes
 
 
-@pytest.mark.parametrize("word", ["uint8", "uint32"])
-def test_x86_assembly_uses_mask_registers_and_zmm(word):
+@pytest.mark.parametrize("word,interleave", [("uint8", 0), ("uint32", 0), ("uint32", 16)])
+def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
     """Compile-only: the instructions the kernel design relies on are in the generated x86 code.
 
     Each weight bit becomes an AVX-512 mask register through ``vptestm{b,d}``/``vptestnm{b,d}`` (a
     vector of plane bytes or words tested against a constant bit), the kept/pruned and +/- choices are blends or masked
     moves on zmm registers, and the products accumulate with 512-bit ``vfmadd``. Both schedules (GEMV at
-    M == 1, register-tiled GEMM for symbolic M) are checked.
+    M == 1, register-tiled GEMM for symbolic M) are checked. With row-interleaved planes and scales (the
+    x86 target layout) the GEMV loads each word vector with one 512-bit move and converts each scale vector
+    with one ``vcvtph2ps`` from memory, and never gathers (no ``vpgather``, no ``vpinsrw`` lane inserts).
     """
     import re
 
+    gather = r"vpgather|vpinsrw\s+\$\d+, -?\d*\(%"  # a gather, or a lane insert from memory
     layer = packed(256, 256, 6, 8, 64)
     for rows in (1, tirx.Var("m", "int64")):
-        asm = build_kernel(layer, rows, word=word).mod.inspect_source("asm")
+        asm = build_kernel(layer, rows, word=word, interleave=interleave).mod.inspect_source("asm")
         assert re.search(r"vptestn?m[bd]\s+.*%k\d", asm), "no bit test into a mask register"
         assert re.search(r"vblendmps\s+.*%zmm|vmovaps\s+%zmm\d+, %zmm\d+ \{%k\d\}", asm), "no masked blend"
         assert re.search(r"vfmadd\d+ps\s+.*%zmm", asm), "no 512-bit FMA"
+        if interleave and rows == 1:
+            assert not re.search(gather, asm), "the interleaved GEMV still gathers"
+            assert re.search(r"vmovdq[au]\d*\s+-?\d*\(%\w+,%\w+\), %zmm", asm), "no 512-bit word load"
+            assert re.search(r"vcvtph2ps\s+-?\d*\(%\w+,%\w+(,\d)?\), %zmm", asm), "no fp16 scale vector load"
+        elif word == "uint32" and rows == 1:
+            assert re.search(gather, asm), "the row-major GEMV is expected to gather (test is stale)"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The x86 target layout: PackPlanesAsWords + the build's params transform, end to end on small graphs.
+"""The x86 target layout: PackPlanesAsWords + InterleaveRows + the build's params transform, end to end.
 
 Each test builds an ONNX graph of pbs2p nodes (``models.onnx_op.make_node``), imports it, applies
 ``build.to_target_layout`` for a preset, compiles with the real pipeline and compares the Relax VM's output
@@ -25,8 +25,9 @@ from pbs2pc.compiler.tvm_compat import relax, tvm  # noqa: E402
 from pbs2pc.models import onnx_op  # noqa: E402
 from pbs2pc.models.format import NMScheme  # noqa: E402
 from pbs2pc.models.simple import compress_weight  # noqa: E402
-from pbs2pc.passes import LowerSparseBinaryLinear, PackPlanesAsWords  # noqa: E402
-from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR  # noqa: E402
+from pbs2pc.passes import InterleaveRows, LowerSparseBinaryLinear, PackPlanesAsWords  # noqa: E402
+from pbs2pc.passes.interleave_rows import deinterleave_array  # noqa: E402
+from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record  # noqa: E402
 from testutil import rel_err  # noqa: E402
 
 X86 = get_preset("x86")
@@ -78,21 +79,44 @@ def _compile_and_run(layers, preset, rows_list, static=None):
 
 
 def test_params_transform_retypes_signature_and_arrays():
-    """Signature and arrays change together; the record is consumed; uint8 presets change nothing."""
+    """Signature and arrays change together; the record is consumed; uint8 presets change nothing.
+
+    The x86 layout: planes as uint32 words, then planes and scales row-interleaved as [N/16, C, 16] (the
+    same bytes in another order: de-interleaving gives back the word view of the interchange bytes).
+    """
     layers = _layers([(64, 256, 6, 8, 64, True), (32, 256, 8, 8, 128, False)])
     imported = frontend.import_onnx(_model(layers))
     mod, params = to_target_layout(imported.mod, imported.params, X86)
     types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in mod["main"].params[1:]}
-    assert types["l0.sign"] == ("uint32", [64, 8]) and types["l0.mask"] == ("uint32", [64, 8])
-    assert types["l1.sign"] == ("uint32", [32, 8]) and "l1.mask" not in types  # 8:8 has no mask plane
-    assert types["l0.alpha"] == ("float16", [64, 4])
+    assert types["l0.sign"] == ("uint32", [4, 8, 16]) and types["l0.mask"] == ("uint32", [4, 8, 16])
+    assert types["l1.sign"] == ("uint32", [2, 8, 16]) and "l1.mask" not in types  # 8:8 has no mask plane
+    assert types["l0.alpha"] == ("float16", [4, 4, 16]) and types["l0.mu"] == ("float16", [4, 4, 16])
+    assert types["l0.bias"] == ("float32", [64])  # bias is read once per row: left alone
     assert list(params) == list(types)
     for name, (dtype, shape) in types.items():
         assert str(params[name].dtype) == dtype and list(params[name].shape) == shape
-        assert params[name].tobytes() == imported.params[name].tobytes()  # the same bytes, reinterpreted
+        plain = deinterleave_array(params[name]) if len(shape) == 3 else params[name]
+        assert plain.tobytes() == imported.params[name].tobytes()  # the same bytes, reinterpreted and permuted
+        if len(shape) == 3:  # element [o, c] of the plain array sits at [o // 16, c, o % 16]
+            assert params[name][1, 1, 3] == plain[1 * 16 + 3, 1]
     assert mod["main"].attrs is None or TRANSFORM_ATTR not in mod["main"].attrs
-    same_mod, same = to_target_layout(imported.mod, imported.params, dataclasses.replace(X86, plane_word_bits=8))
+    words_mod, words = to_target_layout(imported.mod, imported.params, dataclasses.replace(X86, plane_interleave=0))
+    assert words["l0.sign"].shape == (64, 8) and words["l0.alpha"] is imported.params["l0.alpha"]
+    same_mod, same = to_target_layout(imported.mod, imported.params,
+                                      dataclasses.replace(X86, plane_word_bits=8, plane_interleave=0))
     assert all(same[n] is imported.params[n] for n in same) and same_mod.same_as(imported.mod)
+
+
+def test_interleave_record_and_fallback():
+    """The record describes the permutation; N not a multiple of 16 keeps the row-major layout."""
+    layers = _layers([(48, 256, 6, 8, 64, True), (40, 256, 6, 8, 64, True)])
+    mod = InterleaveRows(16)(PackPlanesAsWords(32)(frontend.import_onnx(_model(layers)).mod))
+    record = read_record(mod["main"])
+    assert record["l0.sign"] == {"dtype": "uint32", "interleave": 16}
+    assert record["l0.alpha"] == {"dtype": "float16", "interleave": 16}
+    assert record["l1.sign"] == {"dtype": "uint32"} and "l1.alpha" not in record  # 40 rows: not interleaved
+    assert "l0.bias" not in record
+    assert InterleaveRows(0)(mod).same_as(mod)
 
 
 def test_lowering_reads_the_words_and_drops_the_view():
@@ -107,21 +131,43 @@ def test_lowering_reads_the_words_and_drops_the_view():
     assert 'l0_sign: T.Buffer((T.int64(64), T.int64(8)), "uint32")' in signature and "uint8" not in signature
 
 
-@pytest.mark.parametrize("word_bits", [32, 16, 8])
-def test_word_layouts_match_reference(word_bits):
-    """Every N:M the format allows, odd K (576, 1088), symbolic M at 1, 2, 3, 17 and 128 rows."""
+def test_lowering_reads_the_interleaved_inputs():
+    """The kernel takes the [N/16, C, 16] parameters; the copies back to [N, C] become dead code."""
+    layers = _layers([(64, 256, 6, 8, 64, True)])
+    mod = InterleaveRows(16)(PackPlanesAsWords(32)(frontend.import_onnx(_model(layers)).mod))
+    text = mod["main"].script()
+    assert "R.permute_dims" in text and "R.memory.view" in text  # the reference function's [N, C] inputs
+    lowered = relax.transform.DeadCodeElimination(["main"])(LowerSparseBinaryLinear()(mod))
+    text = lowered["main"].script()
+    assert "R.permute_dims" not in text and "R.memory.view" not in text and "R.reshape" not in text
+    kernel = next(f for _, f in lowered.functions_items() if f.attrs is not None and "pbs2p_info" in f.attrs)
+    signature = kernel.script().split("def ", 1)[1].split("\n", 1)[0]
+    assert 'l0_sign: T.Buffer((T.int64(4), T.int64(8), T.int64(16)), "uint32")' in signature
+    assert 'l0_mu: T.Buffer((T.int64(4), T.int64(4), T.int64(16)), "float16")' in signature
+
+
+@pytest.mark.parametrize("word_bits,interleave", [(32, 16), (32, 0), (16, 16), (8, 16)])
+def test_word_layouts_match_reference(word_bits, interleave):
+    """Every N:M the format allows, odd K (576, 1088), symbolic M at 1, 2, 3, 17 and 128 rows.
+
+    N = 96, 48, 16 are interleaved (with ``interleave``), N = 40 and 72 fall back to the row-major layout.
+    """
     layers = _layers([(96, 576, 6, 8, 64, True), (40, 576, 2, 4, 64, False), (72, 576, 5, 8, 64, True),
-                      (48, 576, 4, 8, 64, False), (16, 576, 8, 8, 64, True)], seed=word_bits)
-    preset = dataclasses.replace(X86, plane_word_bits=word_bits)
+                      (48, 576, 4, 8, 64, False), (16, 576, 8, 8, 64, True)], seed=word_bits + interleave)
+    preset = dataclasses.replace(X86, plane_word_bits=word_bits, plane_interleave=interleave)
     _, params = _compile_and_run(layers, preset, [1, 2, 3, 17, 128])
     assert str(params["l0.sign"].dtype) == f"uint{word_bits}"
+    assert params["l0.sign"].ndim == (3 if interleave else 2) and params["l1.sign"].ndim == 2
 
 
 def test_static_gemv_and_groups_a_word_would_straddle():
-    """Static M == 1 (the GEMV schedule); G = 24 is not a multiple of 32, so that layer keeps uint8."""
+    """Static M == 1 (the GEMV schedule); G = 24 is not a multiple of 32, so those layers keep uint8
+    planes (interleaved all the same where 16 divides N)."""
     layers = _layers([(64, 1088, 6, 8, 64, True), (64, 1088, 6, 8, 64, False)], seed=3)
     _, params = _compile_and_run(layers, X86, [1], static=1)
-    assert str(params["l0.sign"].dtype) == "uint32"
-    odd = _layers([(40, 576, 6, 8, 24, True)], seed=4)
+    assert str(params["l0.sign"].dtype) == "uint32" and params["l0.sign"].shape == (4, 34, 16)
+    odd = _layers([(40, 576, 6, 8, 24, True), (48, 576, 6, 8, 24, True)], seed=4)
     _, params = _compile_and_run(odd, X86, [1, 5])
     assert str(params["l0.sign"].dtype) == "uint8" and str(params["l0.mask"].dtype) == "uint8"
+    assert params["l0.sign"].shape == (40, 72) and params["l1.sign"].shape == (3, 72, 16)
+    _compile_and_run(odd, X86, [1], static=1)

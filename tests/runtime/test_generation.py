@@ -10,22 +10,29 @@ from pbs2pc.runtime.sampling import Sampler
 from testutil import make_ids, ort_logits, rel_err
 
 
+def test_prefill_returns_the_last_position_of_main(tiny_library):
+    model = load(tiny_library)
+    ids = make_ids(1, 9, seed=4)
+    full = model.logits(ids)[0, -1]
+    assert rel_err(model.prefill(ids[0], capacity=16), full) < 1e-6
+
+
 def test_manifest_describes_the_cache_and_decode_entry(tiny_library):
     model = load(tiny_library)
-    assert model.manifest["functions"] == ["main", "decode"]
+    assert model.manifest["functions"] == ["main", "decode", "prefill"]
     assert model.manifest["inputs"] == ["input_ids", "attention_mask", "position_ids"]
     assert model.manifest["outputs"] == ["logits"]
     assert model.manifest["kv_cache"]["layers"] == 2 and model.manifest["kv_cache"]["head_dim"] == 16
 
 
-@pytest.mark.parametrize("prompt_len", [1, 5, 16, 17])
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 17, 64, 65])
 def test_cached_steps_match_full_sequence_logits(tiny_library, tiny_onnx, prompt_len):
     """Prefill ``prompt_len`` tokens, then one token at a time: each position's logits equal onnxruntime's
-    logits for the whole sequence (no cache) at that position. Crosses the 16-key block boundary."""
-    ids = make_ids(1, 24, seed=prompt_len)
+    logits for the whole sequence (no cache) at that position. Crosses the 64-key block boundary."""
+    ids = make_ids(1, 70, seed=prompt_len)
     ref = ort_logits(tiny_onnx, ids)[0]
     model = load(tiny_library)
-    got = [model.prefill(ids[0, :prompt_len], capacity=24)]
+    got = [model.prefill(ids[0, :prompt_len], capacity=70)]
     got += [model.step(int(t)) for t in ids[0, prompt_len:]]
     assert rel_err(np.stack(got), ref[prompt_len - 1:]) < 1e-5
 
@@ -89,8 +96,8 @@ def test_bad_generation_input(tiny_library):
     with pytest.raises(Pbs2pcError, match="temperature"):
         model.generate([1, 2], 4, temperature=-1)
     with pytest.raises(Pbs2pcError, match="KV cache holds"):
-        model.prefill([1, 2, 3], capacity=16)
-        for _ in range(14):
+        model.prefill([1, 2, 3], capacity=64)
+        for _ in range(62):
             model.step(1)
 
 

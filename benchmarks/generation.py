@@ -1,0 +1,204 @@
+"""Text-generation benchmark: compiled SmolLM2-135M (6:8) against PyTorch and onnxruntime fp32 with KV caches.
+
+    python benchmarks/generation.py                    # prompts of 32, 128, 512 tokens, 64 new (~6 min)
+    python benchmarks/generation.py --quick            # one prompt length, 16 new tokens, 1 repeat
+
+In one process and one run, for each prompt length (real held-out English text, the same tokens for all):
+
+* **pbs2pc**: SmolLM2 compressed at 6:8 (the simple compressor: speed does not depend on how the bits were
+  chosen), exported, compiled for x86, run through ``pbs2pc.runtime`` with its in-place KV cache: the
+  ``main`` function for the prompt, ``decode`` for each new token.
+* **torch generate**: the original model in float32, ``model.generate(do_sample=False)`` with its default
+  dynamic cache, 2 threads. Prefill = one call with ``max_new_tokens=1``; decode rate from the difference
+  of two calls (``N`` and 1 new tokens, ``min_new_tokens`` set so both run to length).
+* **torch loop**: the same model stepped by pbs2pc's own loop (:class:`pbs2pc.models.evaluate.TorchDecoder`),
+  i.e. without ``generate``'s per-token overhead: the fairest view of PyTorch's kernels.
+* **onnxruntime**: the original model exported by pbs2pc (dense fp32 ``MatMul``s, the same ``Attention``
+  op with past/present) on onnxruntime's CPU provider, 2 intra-op threads, driven by the same loop.
+
+Greedy decoding, no early stop (all runs produce exactly ``--new-tokens`` tokens). Every figure is the
+median of ``--repeats`` repeats. Beside the decode rates: the memory floor of one decode step (bytes of
+weights each runtime reads per token / the read bandwidth measured at the start, 2 threads).
+Results go to ``benchmarks/results/generation.json`` and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "generation.json"
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of ``tensor.sum()`` over a ``gib`` GiB float32 array with 2 threads (best of ``repeats``)."""
+    import torch
+
+    a = torch.full((int(gib * 2**30) // 4,), 1.0)
+    a.sum()
+    best = min(_seconds(a.sum) for _ in range(repeats))
+    return round(a.numel() * 4 / best / 1e9, 1)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build(workdir: Path, rebuild: bool):
+    """The original model (torch), its dense ONNX export, and the compiled 6:8 library."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.models import compress, export, hf
+
+    model, tokenizer, source = hf.load("smollm2-135m")
+    model.eval()
+    dense_onnx, lib = workdir / "original" / "model.onnx", workdir / "pbs2p" / "model.so"
+    if rebuild or not dense_onnx.exists():
+        print("exporting the original model (dense fp32) ...", flush=True)
+        export.export(model, dense_onnx, {"source_model": "smollm2-135m"})
+    if rebuild or not lib.exists():
+        print("compressing (6:8, simple), exporting and compiling ...", flush=True)
+        small = copy.deepcopy(model)
+        info = compress.compress_model(small, "6:8", method="simple", progress=False)
+        export.export(small, workdir / "pbs2p" / "model.onnx", {"source_model": "smollm2-135m", **info})
+        compile_model(workdir / "pbs2p" / "model.onnx", lib, "x86")
+        del small
+    return model, tokenizer, dense_onnx, lib
+
+
+def prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
+    from pbs2pc.models import data
+
+    longest = max(lengths)
+    window = data.token_windows(tokenizer, "heldout", longest, max_windows=1)[0].tolist()
+    return {n: window[:n] for n in lengths}
+
+
+def loop_rates(decoder, ids: list[int], new_tokens: int, repeats: int) -> dict:
+    """Prefill seconds and decode tokens/s through pbs2pc's generation loop (greedy, no early stop)."""
+    from pbs2pc.runtime import generate as gen
+
+    ttft, rate = [], []
+    for _ in range(repeats):
+        stats = gen.generate(decoder, ids, new_tokens).stats
+        ttft.append(stats.time_to_first_token_s)
+        rate.append(stats.decode_tokens_per_s)
+    return {"prefill_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate)}
+
+
+def torch_generate_rates(model, ids: list[int], new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    x = torch.tensor([ids])
+
+    def run(n):
+        with torch.inference_mode():
+            return _seconds(lambda: model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False))
+
+    run(2)
+    one = statistics.median(run(1) for _ in range(repeats))
+    full = statistics.median(run(new_tokens) for _ in range(repeats))
+    return {"prefill_s": one, "decode_tok_s": (new_tokens - 1) / max(full - one, 1e-9)}
+
+
+def run_benchmark(args) -> dict:
+    import torch
+
+    from pbs2pc.models.evaluate import TorchDecoder
+    from pbs2pc.runtime import load
+    from pbs2pc.runtime.reference import OrtDecoder
+
+    torch.set_num_threads(2)
+    bandwidth = read_bandwidth()
+    model, tokenizer, dense_onnx, lib = build(args.workdir, args.rebuild)
+    compiled = load(lib)
+    ort = OrtDecoder(dense_onnx, threads=2)
+    torch_loop = TorchDecoder(model)
+    weight_bytes = {
+        "pbs2pc": sum(p["nbytes"] for p in compiled.manifest["params"]),
+        "torch": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    weight_bytes["onnxruntime"] = weight_bytes["torch"]
+    rows = []
+    for length, ids in prompts(tokenizer, args.prompt_lengths).items():
+        print(f"prompt {length} tokens ...", flush=True)
+        row = {"prompt_tokens": length, "new_tokens": args.new_tokens}
+        for _ in range(1):  # warm-up of every runtime on this length
+            for d in (compiled, ort, torch_loop):
+                loop_rates(d, ids, 2, 1)
+        row["pbs2pc"] = loop_rates(compiled, ids, args.new_tokens, args.repeats)
+        row["torch generate"] = torch_generate_rates(model, ids, args.new_tokens, args.repeats)
+        row["torch loop"] = loop_rates(torch_loop, ids, args.new_tokens, args.repeats)
+        row["onnxruntime"] = loop_rates(ort, ids, args.new_tokens, args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {
+        "command": "python benchmarks/generation.py " + " ".join(args.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": 2,
+        "read_bandwidth_gb_s": bandwidth,
+        "weight_bytes_per_token": weight_bytes,
+        "decode_floor_ms": {k: round(v / bandwidth / 1e6, 2) for k, v in weight_bytes.items()},
+        "load_average": os.getloadavg()[0],
+        "rows": rows,
+    }
+
+
+RUNTIMES = ("pbs2pc", "torch generate", "torch loop", "onnxruntime")
+
+
+def table(data: dict) -> str:
+    lines = ["| prompt | runtime | time to first token (ms) | prefill tok/s | decode tok/s | decode ms/token | "
+             "pbs2pc decode speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        ours = row["pbs2pc"]["decode_tok_s"]
+        for name in RUNTIMES:
+            r = row[name]
+            lines.append(f"| {row['prompt_tokens']} | {name} | {r['prefill_s'] * 1e3:.0f} | "
+                         f"{row['prompt_tokens'] / r['prefill_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                         f"{1e3 / r['decode_tok_s']:.1f} | {ours / r['decode_tok_s']:.2f}x |")
+    floor = data["decode_floor_ms"]
+    lines.append("")
+    lines.append(f"Read bandwidth {data['read_bandwidth_gb_s']} GB/s (2 threads). Weights read per decode step: "
+                 f"pbs2pc {data['weight_bytes_per_token']['pbs2pc'] / 1e6:.0f} MB (floor {floor['pbs2pc']} ms), "
+                 f"torch / onnxruntime fp32 {data['weight_bytes_per_token']['torch'] / 1e6:.0f} MB "
+                 f"(floor {floor['torch']} ms). Load average at the end: {data['load_average']:.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one 32-token prompt, 16 new tokens, 1 repeat")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "pbs2pc-bench-generation")
+    parser.add_argument("--rebuild", action="store_true", help="export and compile again even if present")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        args.prompt_lengths, args.new_tokens, args.repeats = [32], 16, 1
+    data = run_benchmark(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(data, indent=1) + "\n")
+    print(table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
