@@ -371,7 +371,11 @@ def recompute_floors(data: dict) -> None:
 
 
 def table(data: dict) -> str:
-    """Markdown: one row per (shape, M), microseconds per format, speedups of pbs2pc (uint32) over each."""
+    """Markdown: one row per (shape, M), microseconds per format, speedups of pbs2pc (the x86 preset's
+    plane layout) over each."""
+    from pbs2pc.compiler.targets import get_preset
+
+    default = f"pbs2pc_u{get_preset('x86').plane_word_bits}"
     res = data["results"]
     fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
     head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4"]
@@ -379,7 +383,7 @@ def table(data: dict) -> str:
     keys = list(dict.fromkeys((r["N"], r["K"], r["M"]) for r in res))
     for n_out, k, rows in keys:
         cell = {r["format"]: r for r in res if (r["N"], r["K"], r["M"]) == (n_out, k, rows)}
-        ours = cell.get("pbs2pc_u32")
+        ours = cell.get(default)
 
         def fmt_us(f):
             if f not in cell:

@@ -65,7 +65,7 @@ X86 = TargetPreset(
     family="cpu",
     target={"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
-    plane_word_bits=32,  # uint32 words: same bytes, 4x fewer per-row gathers in the GEMV
+    plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
 )
 

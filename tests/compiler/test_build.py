@@ -38,10 +38,10 @@ def test_artifact_holds_packed_weights_only(tiny_library, tiny_compressed):
     manifest = json.loads(manifest_path.read_text())
     by_name = {p["name"]: p for p in manifest["params"]}
     layer = "model.layers.0.mlp.down_proj"
-    # The x86 target layout: planes as little-endian uint32 words (same bytes), scales stay float16; both
-    # row-interleaved in blocks of 16 rows, [N/16, C, 16] (down_proj: N = 64 outputs, K = 128 inputs, G = 64).
-    assert by_name[f"{layer}.sign"]["dtype"] == "uint32" and by_name[f"{layer}.alpha"]["dtype"] == "float16"
-    assert by_name[f"{layer}.sign"]["shape"] == [4, 4, 16] and by_name[f"{layer}.alpha"]["shape"] == [4, 2, 16]
+    # The x86 target layout: byte planes and float16 scales, both row-interleaved in blocks of 16 rows,
+    # [N/16, C, 16] (down_proj: N = 64 outputs, K = 128 inputs -> 16 plane bytes, G = 64 -> 2 groups).
+    assert by_name[f"{layer}.sign"]["dtype"] == "uint8" and by_name[f"{layer}.alpha"]["dtype"] == "float16"
+    assert by_name[f"{layer}.sign"]["shape"] == [4, 16, 16] and by_name[f"{layer}.alpha"]["shape"] == [4, 2, 16]
     assert not any(name.startswith(layer) and p["dtype"] == "float32" for name, p in by_name.items())
     # No dense float32 copy of any compressed weight, in the library or the weights file: search for the
     # bytes of a decoded row.

@@ -166,20 +166,22 @@ def test_kernel_word_planes(n, m, g, mu, bias, word):
         assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
 
 
+@pytest.mark.parametrize("word", ["uint8", "uint32"])
 @pytest.mark.parametrize("n,m,g,mu,bias", SCHEMES)
-def test_kernel_interleaved_rows(n, m, g, mu, bias):
-    """The x86 target layout: uint32 planes and fp16 scales row-interleaved as [N/16, C, 16].
+def test_kernel_interleaved_rows(n, m, g, mu, bias, word):
+    """The x86 target layout: planes (bytes, the x86 default, or uint32 words) and fp16 scales
+    row-interleaved as [N/16, C, 16].
 
     Every N:M, with and without mu and bias: static M == 1 (GEMV, contiguous word and scale loads), a
     static M = 17 (GEMM, padded) and one symbolic-M build at M = 1, 2, 3, 17, 128 (GEMM).
     """
     layer = packed(320, 512, n, m, g, mu, bias, seed=13)
     for rows in (1, 17):
-        got, ref = run_kernel(build_kernel(layer, rows, "uint32", 16), layer, rows, "uint32", interleave=16)
+        got, ref = run_kernel(build_kernel(layer, rows, word, 16), layer, rows, word, interleave=16)
         assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
-    ex = build_kernel(layer, tirx.Var("m", "int64"), "uint32", 16)
+    ex = build_kernel(layer, tirx.Var("m", "int64"), word, 16)
     for rows in (1, 2, 3, 17, 128):
-        got, ref = run_kernel(ex, layer, rows, "uint32", seed=rows, interleave=16)
+        got, ref = run_kernel(ex, layer, rows, word, seed=rows, interleave=16)
         assert rel_err(got, ref) < TOL, (rows, rel_err(got, ref))
 
 
@@ -256,7 +258,7 @@ def test_no_dense_weight_copy_in_global_memory():
         assert sizes and max(sizes.values()) <= 256 * 64, sizes
 
 
-@pytest.mark.parametrize("word,interleave", [("uint8", 0), ("uint32", 0), ("uint32", 16)])
+@pytest.mark.parametrize("word,interleave", [("uint8", 0), ("uint32", 0), ("uint32", 16), ("uint8", 16)])
 def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
     """Compile-only: the instructions the kernel design relies on are in the generated x86 code.
 
@@ -264,8 +266,9 @@ def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
     vector of plane bytes or words tested against a constant bit), the kept/pruned and +/- choices are blends or masked
     moves on zmm registers, and the products accumulate with 512-bit ``vfmadd``. Both schedules (GEMV at
     M == 1, register-tiled GEMM for symbolic M) are checked. With row-interleaved planes and scales (the
-    x86 target layout) the GEMV loads each word vector with one 512-bit move and converts each scale vector
-    with one ``vcvtph2ps`` from memory, and never gathers (no ``vpgather``, no ``vpinsrw`` lane inserts).
+    x86 target layout) the GEMV loads the 16 rows' plane bytes with one 128-bit move (uint32 words: one
+    512-bit move), converts each scale vector with one ``vcvtph2ps`` from memory, and never gathers (no
+    ``vpgather``, no ``vpinsrw`` lane inserts).
     """
     import re
 
@@ -278,7 +281,11 @@ def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
         assert re.search(r"vfmadd\d+ps\s+.*%zmm", asm), "no 512-bit FMA"
         if interleave and rows == 1:
             assert not re.search(gather, asm), "the interleaved GEMV still gathers"
-            assert re.search(r"vmovdq[au]\d*\s+-?\d*\(%\w+,%\w+\), %zmm", asm), "no 512-bit word load"
+            if word == "uint32":  # 16 rows' words: one 512-bit load
+                assert re.search(r"vmovdq[au]\d*\s+-?\d*\(%\w+,%\w+\), %zmm", asm), "no 512-bit word load"
+            else:  # 16 rows' bytes: one 128-bit load, then each bit is one vptest(n)mb into a mask register
+                assert re.search(r"vmovdq[au]\d*\s+-?\d*\(%\w+,%\w+\), %xmm", asm), "no 128-bit byte load"
+                assert re.search(r"vptestn?mb\s+%xmm\d+, %xmm\d+, %k\d", asm), "no byte test over 16 rows"
             assert re.search(r"vcvtph2ps\s+-?\d*\(%\w+,%\w+(,\d)?\), %zmm", asm), "no fp16 scale vector load"
         elif word == "uint32" and rows == 1:
             assert re.search(gather, asm), "the row-major GEMV is expected to gather (test is stale)"
