@@ -40,7 +40,7 @@ After (``InterleaveRows(16)``)::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, merge_record
+from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record
 
 #: The pbs2p reference-function parameters this pass may re-lay out.
 ROLES = ("sign", "mask", "alpha", "mu")
@@ -112,24 +112,10 @@ def _candidates(mod, func: relax.Function, t: int) -> list:
     return [p for p in func.params if p in role_uses and role_uses[p] == uses[p] and _static_2d(p, t)]
 
 
-@relax.expr_functor.mutator
-class _Relayout(relax.PyExprMutator):
-    """Replace uses of the old parameters by ``reshape(permute_dims(new))`` (emitted at the first use)."""
-
-    def __init__(self, mod, new_params: dict):
-        super().__init__(mod)
-        self.new_params = new_params  # old Var -> new Var
-        self.plain = {}
-
-    def visit_var_(self, var):
-        if var in self.new_params:
-            if var not in self.plain:
-                old = var.ty
-                swapped = self.builder_.emit(relax.op.permute_dims(self.new_params[var], [0, 2, 1]),
-                                             name_hint=f"{var.name}_rows")
-                self.plain[var] = self.builder_.emit(relax.op.reshape(swapped, old.shape), name_hint=f"{var.name}_2d")
-            return self.plain[var]
-        return super().visit_var_(var)
+def _row_major(bb, new, old_ty):
+    """``[N/T, C, T]`` back to ``[N, C]``: ``reshape(permute_dims(new, [0, 2, 1]))``."""
+    swapped = bb.emit(relax.op.permute_dims(new, [0, 2, 1]))
+    return relax.op.reshape(swapped, old_ty.shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="InterleaveRows")
@@ -155,7 +141,7 @@ class InterleaveRows:
         for old in chosen:
             rows, cols = (int(d) for d in old.ty.shape.values)
             new_params[old] = relax.Var(old.name, relax.TensorType([rows // t, cols, t], old.ty.dtype))
-        body = _Relayout(mod, new_params).visit_expr(func.body)
+        body = ReplaceParams(mod, new_params, _row_major, "2d").visit_expr(func.body)
         params = [new_params.get(p, p) for p in func.params]
         record = {p.name: {"dtype": str(p.ty.dtype), "interleave": t} for p in chosen}
         new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)

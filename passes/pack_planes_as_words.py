@@ -109,23 +109,31 @@ def _fits(var: relax.Var, group_size: int, word_bits: int) -> bool:
 
 
 @relax.expr_functor.mutator
-class _Retyper(relax.PyExprMutator):
-    """Replace uses of the old plane parameters by uint8 views of the new word parameters."""
+class ReplaceParams(relax.PyExprMutator):
+    """Replace the uses of re-laid-out parameters by an expression of the new parameter that has the old
+    type (``old_from_new(new_var, old_type)``), emitted once, at the first use, so the module stays valid.
 
-    def __init__(self, mod, new_params: dict):
+    Shared by the params-transform passes (this one: a uint8 view of words; ``InterleaveRows``: the
+    inverse permutation), whose lowering then hands the new parameter itself to the kernel.
+    """
+
+    def __init__(self, mod, new_params: dict, old_from_new, suffix: str):
         super().__init__(mod)
         self.new_params = new_params  # old Var -> new Var
-        self.views = {}
+        self.old_from_new, self.suffix = old_from_new, suffix
+        self.bound = {}
 
     def visit_var_(self, var):
         if var in self.new_params:
-            if var not in self.views:
-                old = var.ty
-                self.views[var] = self.builder_.emit(
-                    relax.op.memory.view(self.new_params[var], old.shape, old.dtype), name_hint=f"{var.name}_u8"
-                )
-            return self.views[var]
+            if var not in self.bound:
+                self.bound[var] = self.builder_.emit(self.old_from_new(self.builder_, self.new_params[var], var.ty),
+                                                     name_hint=f"{var.name}_{self.suffix}")
+            return self.bound[var]
         return super().visit_var_(var)
+
+
+def _uint8_view(_bb, new, old_ty):
+    return relax.op.memory.view(new, old_ty.shape, old_ty.dtype)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackPlanesAsWords")
@@ -149,7 +157,7 @@ class PackPlanesAsWords:
         for old in planes:
             rows, cols = (int(d) for d in old.ty.shape.values)
             new_params[old] = relax.Var(old.name, relax.TensorType([rows, cols // ratio], dtype))
-        retyper = _Retyper(mod, new_params)
+        retyper = ReplaceParams(mod, new_params, _uint8_view, "u8")
         # Views are emitted where the old parameter is first used: inside the dataflow block, before the call.
         body = retyper.visit_expr(func.body)
         params = [new_params.get(p, p) for p in func.params]
