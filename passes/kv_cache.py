@@ -44,9 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pbs2pc.compiler.tvm_compat import relax, tirx, tvm
+from pbs2pc.compiler.tvm_compat import copy_with_new_vars, relax, tirx, tvm
 from pbs2pc.passes.kernels.attention import cached_attention
-from pbs2pc.compiler.tvm_compat import copy_with_new_vars
 
 OP_ATTR = "pbs2p.op"
 ATTENTION = "Attention"
@@ -156,12 +155,13 @@ class UseKVCache:
 
     def transform_module(self, mod, _ctx):
         main = mod["main"]
-        if cache_layout(mod) is None:
-            return mod
         caches, _ = _cache_params(mod, main)
+        if not caches:
+            return mod
+        cache_layout(mod)  # one cache shape for every layer, or a clear error
         rewriter = _CacheRewriter(mod, caches)
         body = rewriter.visit_expr(main.body)
-        body = _drop_cache_outputs(body, set(caches.values()))
+        body = _drop_cache_outputs(body)
         params = [caches.get(p, p) for p in main.params]
         new_main = relax.Function(params, body, body.body.ty, main.is_pure, main.attrs, main.span)
         rewriter.builder_.update_func(mod.get_global_var("main"), new_main)
@@ -169,8 +169,8 @@ class UseKVCache:
         # A copy with fresh variables: functions of one module must not share bindings (SSA).
         decode = copy_with_new_vars(out["main"])
         names = {var.name for var in relax.analysis.defined_symbolic_vars(decode)}
-        decode = decode.bind_symbolic_vars({k: v for k, v in DECODE_BINDINGS.items() if k in names}).with_attr("global_symbol", DECODE)
-        out[DECODE] = decode
+        decode = decode.bind_symbolic_vars({k: v for k, v in DECODE_BINDINGS.items() if k in names})
+        out[DECODE] = decode.with_attr("global_symbol", DECODE)
         prefill = _last_position_logits(copy_with_new_vars(out["main"]))
         if prefill is not None:
             out[PREFILL] = prefill.with_attr("global_symbol", PREFILL)
@@ -178,14 +178,15 @@ class UseKVCache:
         called = set()
         for _, func in out.functions_items():
             if isinstance(func, relax.Function):
-                relax.analysis.post_order_visit(func.body, lambda e: called.add(e) if isinstance(e, relax.GlobalVar) else None)
+                relax.analysis.post_order_visit(
+                    func.body, lambda e: called.add(e) if isinstance(e, relax.GlobalVar) else None)
         for gv, func in list(out.functions_items()):
             if gv not in called and isinstance(func, relax.Function) and (func.attrs or {}).get(OP_ATTR) == ATTENTION:
                 del out[gv]
         return out
 
 
-def _drop_cache_outputs(body, cache_vars: set):
+def _drop_cache_outputs(body):
     """``return (logits, present...)`` -> ``return logits``: the present values are the caches themselves.
 
     The imported ``main`` ends with one dataflow block whose output ``gv`` is bound to the output tuple.

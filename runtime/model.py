@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-
-from typing import Iterator
 
 from pbs2pc.errors import Pbs2pcError
 from pbs2pc.runtime import generate as gen
@@ -94,6 +93,7 @@ class CompiledModel:
         self.max_sequence = self.manifest.get("max_sequence")
         self._tokenizer = None
         self._cache: KVCache | None = None  # the sequence prefill/step continue
+        self._recompute: list[int] = []  # the same, for a graph without a cache (recomputed every step)
 
     @property
     def target(self) -> str:
