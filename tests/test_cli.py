@@ -26,6 +26,7 @@ def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
     assert main(["inspect", str(lib), "--layers"]) == 0
     out = capsys.readouterr().out
     assert "compiled for x86" in out and "model.layers.1.mlp.down_proj" in out
+    assert "KV cache: 2 layers x 2 kv heads x head_dim 16" in out and "'decode'" in out
     assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 0
     out = capsys.readouterr().out
     assert "logits [1, 3, 256]" in out and "next token candidates" in out
