@@ -134,9 +134,8 @@ def run_benchmark(args) -> dict:
     for length, ids in prompts(tokenizer, args.prompt_lengths).items():
         print(f"prompt {length} tokens ...", flush=True)
         row = {"prompt_tokens": length, "new_tokens": args.new_tokens}
-        for _ in range(1):  # warm-up of every runtime on this length
-            for d in (compiled, ort, torch_loop):
-                loop_rates(d, ids, 2, 1)
+        for d in (compiled, ort, torch_loop):  # warm-up of every runtime on this length
+            loop_rates(d, ids, 2, 1)
         row["pbs2pc"] = loop_rates(compiled, ids, args.new_tokens, args.repeats)
         row["torch generate"] = torch_generate_rates(model, ids, args.new_tokens, args.repeats)
         row["torch loop"] = loop_rates(torch_loop, ids, args.new_tokens, args.repeats)

@@ -141,7 +141,11 @@ def _cache_params(mod, main) -> tuple[dict, list]:
 
 def cache_layout(mod) -> CacheLayout | None:
     """The caches :class:`UseKVCache` gives ``mod``'s ``main`` (None: it has no cacheable attention)."""
-    _, layers = _cache_params(mod, mod["main"])
+    return _layout(_cache_params(mod, mod["main"])[1])
+
+
+def _layout(layers: list) -> CacheLayout | None:
+    """One cache shape for every layer, or a clear error."""
     if not layers:
         return None
     if len(set(layers)) != 1:
@@ -155,10 +159,9 @@ class UseKVCache:
 
     def transform_module(self, mod, _ctx):
         main = mod["main"]
-        caches, _ = _cache_params(mod, main)
-        if not caches:
+        caches, layers = _cache_params(mod, main)
+        if _layout(layers) is None:
             return mod
-        cache_layout(mod)  # one cache shape for every layer, or a clear error
         rewriter = _CacheRewriter(mod, caches)
         body = rewriter.visit_expr(main.body)
         body = _drop_cache_outputs(body)

@@ -13,31 +13,16 @@ def make_ids(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> np.ndarra
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
 
 
-def positions(ids: np.ndarray) -> np.ndarray:
-    return np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-
-
 @functools.lru_cache(maxsize=4)
-def _session(path: str):
-    import onnxruntime as ort
+def _decoder(path: str):
+    from pbs2pc.runtime.reference import OrtDecoder
 
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return OrtDecoder(path)
 
 
 def ort_logits(onnx_path, ids: np.ndarray) -> np.ndarray:
     """Logits from onnxruntime running an exported file on a fresh sequence (sessions cached per path)."""
-    session = _session(str(onnx_path))
-    feeds = {}
-    for value in session.get_inputs():
-        if value.name == "input_ids":
-            feeds[value.name] = ids
-        elif value.name == "position_ids":
-            feeds[value.name] = positions(ids)
-        elif value.name == "attention_mask":
-            feeds[value.name] = np.ones(ids.shape, np.int64)
-        elif value.name.startswith("past_key_values."):  # [batch, kv_heads, 0, head_dim]
-            feeds[value.name] = np.zeros((ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
-    return session.run(["logits"], feeds)[0]
+    return _decoder(str(onnx_path)).logits(ids)
 
 
 def rel_err(got, ref) -> float:

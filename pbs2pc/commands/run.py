@@ -11,6 +11,7 @@ arrives, and a closing line on stderr gives the time to first token and decode t
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -27,17 +28,11 @@ def add_parser(sub):
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this much "
                    "probability (default 1.0: all)")
     p.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
-    p.add_argument("--chat", action=argparse_bool(), default=None,
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: when it has one)")
     p.add_argument("--top", type=int, default=5, help="with --input-ids: candidates to show (default 5)")
     p.add_argument("--tokenizer", help="model spec or folder for the tokenizer (default: the source model)")
     return p
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def parse_ids(text: str) -> list[int]:
