@@ -122,7 +122,7 @@ def run_benchmark(args) -> dict:
     torch.set_num_threads(2)
     bandwidth = read_bandwidth()
     model, tokenizer, dense_onnx, lib = build(args.workdir, args.rebuild)
-    compiled = load(lib)
+    compiled = load(lib, threads=2)  # as torch and onnxruntime
     ort = OrtDecoder(dense_onnx, threads=2)
     torch_loop = TorchDecoder(model)
     weight_bytes = {

@@ -26,13 +26,14 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, help="profile the prompt entry on this many tokens instead")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="kernel threads (default: every CPU)")
     args = parser.parse_args(argv)
 
     import tvm
 
     from pbs2pc.runtime import KVCache, load
 
-    model = load(args.library)
+    model = load(args.library, threads=args.threads)
     tensor = tvm.runtime.tensor
     rng = np.random.default_rng(0)
     if args.prompt:

@@ -32,6 +32,8 @@ def add_parser(sub):
                    help="wrap the prompt in the model's chat template (default: when it has one)")
     p.add_argument("--top", type=int, default=5, help="with --input-ids: candidates to show (default 5)")
     p.add_argument("--tokenizer", help="model spec or folder for the tokenizer (default: the source model)")
+    p.add_argument("--threads", type=int, help="CPU threads for the kernels (default: $TVM_NUM_THREADS, else "
+                   "every CPU this process may use)")
     return p
 
 
@@ -59,7 +61,7 @@ def run(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validates before loading
     if args.prompt is not None and not args.prompt.strip():
         raise Pbs2pcError("--prompt is empty; give some text.")
-    model = load(args.library)
+    model = load(args.library, threads=args.threads)
     if args.input_ids is not None:
         ids = np.array(parse_ids(args.input_ids), dtype=np.int64)
         start = time.perf_counter()

@@ -52,3 +52,37 @@ def test_incomplete_artifacts_are_reported(tiny_library, tmp_path):
         load(copy)
     with pytest.raises(Pbs2pcError, match="does not exist"):
         load(tmp_path / "nothing.so")
+
+
+_THREADS_PROBE = """
+import sys, tvm
+from pbs2pc.runtime import load
+model = load(sys.argv[1], threads=None if sys.argv[2] == "default" else int(sys.argv[2]))
+print(model.threads, tvm.get_global_func("runtime.NumThreads")())
+"""
+
+
+@pytest.mark.parametrize("env, arg, expected", [
+    (None, "default", "cpus"),  # TVM alone would take half the hardware threads
+    ("1", "default", "1"),  # the user's TVM_NUM_THREADS wins over the default
+    (None, "1", "1"),
+])
+def test_thread_pool_uses_every_cpu_unless_told(tiny_library, env, arg, expected):
+    import os
+    import subprocess
+    import sys
+
+    from pbs2pc.runtime.model import cpu_threads
+
+    environ = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    if env is not None:
+        environ["TVM_NUM_THREADS"] = env
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(tiny_library), arg], env=environ,
+                         capture_output=True, text=True, check=True).stdout.split()
+    want = str(cpu_threads()) if expected == "cpus" else expected
+    assert out == [want, want]
+
+
+def test_bad_thread_count(tiny_library):
+    with pytest.raises(Pbs2pcError, match="--threads must be at least 1"):
+        load(tiny_library, threads=0)
