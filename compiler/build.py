@@ -30,12 +30,14 @@ def _host_compiler_present() -> bool:
 
 
 def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, target: str = "x86",
-                  dump_ir: str | os.PathLike | None = None,
+                  dump_ir: str | os.PathLike | None = None, activations: str = "fp32",
                   progress: Callable[[str], None] | None = None) -> dict:
     """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
 
     ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
     then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
+    ``activations="int8"`` quantises the inputs of the one-token (``decode``) linear layers to int8 (see
+    :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`); the default keeps fp32 everywhere.
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
@@ -47,7 +49,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     output = Path(output)
     if output.suffix != ".so":
         raise Pbs2pcError(f"the output must be a .so path, got {output.name!r}; e.g. -o model.so")
-    preset = get_preset(target).require()
+    preset = get_preset(target).require().with_activations(activations)
     if preset.cross_compiler is None and not _host_compiler_present():
         raise ToolchainError("no C++ compiler found to link the library; install one (apt-get install g++).")
     timings = {}
@@ -76,6 +78,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "tvm_version": TVM_VERSION,
         "target": preset.name,
         "target_dict": preset.target,
+        "activations": preset.activations,
         "host": platform.machine(),
         "library": lib_path.name,
         "weights": weights_path.name,

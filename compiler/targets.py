@@ -32,12 +32,19 @@ class TargetPreset:
     #: ``T`` rows a SIMD vector covers are contiguous); 0 keeps the row-major layout. Layers whose N is not a
     #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
     plane_interleave: int = 0
+    #: Activations of the one-token (``decode``) linear layers: ``"fp32"``, or ``"int8"`` (quantised per
+    #: scale group, multiplied with AVX-512 VNNI; ``pbs2pc compile --activations int8``). Only presets with
+    #: VNNI in ``int8_activations`` accept it.
+    activations: str = "fp32"
+    int8_activations: bool = False
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
             raise ValueError(f"unknown family {self.family}")
         if self.plane_word_bits not in (8, 16, 32):
             raise ValueError(f"plane_word_bits must be 8, 16 or 32, got {self.plane_word_bits}")
+        if self.activations not in ("fp32", "int8"):
+            raise ValueError(f"activations must be fp32 or int8, got {self.activations!r}")
         if self.plane_interleave < 0:
             raise ValueError(f"plane_interleave must be 0 (off) or a number of rows, got {self.plane_interleave}")
 
@@ -58,6 +65,14 @@ class TargetPreset:
             )
         return self
 
+    def with_activations(self, activations: str) -> "TargetPreset":
+        """This preset with ``activations`` (``"fp32"`` or ``"int8"``), or one clear error."""
+        if activations not in ("fp32", "int8"):
+            raise Pbs2pcError(f"unknown activation type {activations!r}; choose fp32 or int8.")
+        if activations == "int8" and not self.int8_activations:
+            raise UnsupportedError(f"target {self.name!r} has no int8-activation kernels; use --activations fp32.")
+        return dataclasses.replace(self, activations=activations)
+
 
 #: x86-64 with AVX-512 (F/BW/VL/VNNI/VBMI/VPOPCNTDQ): the development machine's CPU.
 X86 = TargetPreset(
@@ -67,6 +82,7 @@ X86 = TargetPreset(
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
+    int8_activations=True,  # vpdpbusd (AVX-512 VNNI) GEMV: pbs2pc.passes.kernels.sparse_binary_gemv_int8
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

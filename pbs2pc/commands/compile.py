@@ -13,10 +13,14 @@ def add_parser(sub):
     p.add_argument("-o", "--output", required=True, help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it")
     p.add_argument("--target", default="x86", choices=list(PRESETS), help="target preset (default: x86)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
+    p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
+                   help="fp32 (default), or int8: the one-token decode step quantises each linear layer's input "
+                        "to int8 per scale group and uses AVX-512 VNNI (about 2x faster GEMVs; accuracy cost in "
+                        "docs/performance.md)")
     return p
 
 
-def compile_with_progress(model, output, target: str, dump_ir=None) -> dict:
+def compile_with_progress(model, output, target: str, dump_ir=None, activations: str = "fp32") -> dict:
     """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
 
@@ -36,7 +40,7 @@ def compile_with_progress(model, output, target: str, dump_ir=None) -> dict:
             bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
-        return compile_model(model, output, target, dump_ir=dump_ir, progress=progress)
+        return compile_model(model, output, target, dump_ir=dump_ir, activations=activations, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -44,7 +48,7 @@ def compile_with_progress(model, output, target: str, dump_ir=None) -> dict:
 
 def run(args) -> int:
     start = time.perf_counter()
-    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir)
+    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir, args.activations)
     s = manifest["summary"]
     print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
           f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
