@@ -8,6 +8,8 @@ In one process and one run, for each prompt length (real held-out English text, 
 * **pbs2pc**: SmolLM2 compressed at 6:8 (the simple compressor: speed does not depend on how the bits were
   chosen), exported, compiled for x86, run through ``pbs2pc.runtime`` with its in-place KV cache: the
   ``main`` function for the prompt, ``decode`` for each new token.
+* **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to the decode step's
+  linear layers; accuracy cost in ``benchmarks/int8_accuracy.py``).
 * **torch generate**: the original model in float32, ``model.generate(do_sample=False)`` with its default
   dynamic cache, 2 threads. Prefill = one call with ``max_new_tokens=1``; decode rate from the difference
   of two calls (``N`` and 1 new tokens, ``min_new_tokens`` set so both run to length).
@@ -74,7 +76,11 @@ def build(workdir: Path, rebuild: bool):
         export.export(small, workdir / "pbs2p" / "model.onnx", {"source_model": "smollm2-135m", **info})
         compile_model(workdir / "pbs2p" / "model.onnx", lib, "x86")
         del small
-    return model, tokenizer, dense_onnx, lib
+    lib8 = workdir / "pbs2p-int8" / "model.so"
+    if rebuild or not lib8.exists():
+        print("compiling with int8 decode activations ...", flush=True)
+        compile_model(workdir / "pbs2p" / "model.onnx", lib8, "x86", activations="int8")
+    return model, tokenizer, dense_onnx, lib, lib8
 
 
 def prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
@@ -121,8 +127,9 @@ def run_benchmark(args) -> dict:
 
     torch.set_num_threads(2)
     bandwidth = read_bandwidth()
-    model, tokenizer, dense_onnx, lib = build(args.workdir, args.rebuild)
+    model, tokenizer, dense_onnx, lib, lib8 = build(args.workdir, args.rebuild)
     compiled = load(lib, threads=2)  # as torch and onnxruntime
+    compiled8 = load(lib8, threads=2)
     ort = OrtDecoder(dense_onnx, threads=2)
     torch_loop = TorchDecoder(model)
     weight_bytes = {
@@ -134,9 +141,10 @@ def run_benchmark(args) -> dict:
     for length, ids in prompts(tokenizer, args.prompt_lengths).items():
         print(f"prompt {length} tokens ...", flush=True)
         row = {"prompt_tokens": length, "new_tokens": args.new_tokens}
-        for d in (compiled, ort, torch_loop):  # warm-up of every runtime on this length
+        for d in (compiled, compiled8, ort, torch_loop):  # warm-up of every runtime on this length
             loop_rates(d, ids, 2, 1)
         row["pbs2pc"] = loop_rates(compiled, ids, args.new_tokens, args.repeats)
+        row["pbs2pc int8"] = loop_rates(compiled8, ids, args.new_tokens, args.repeats)
         row["torch generate"] = torch_generate_rates(model, ids, args.new_tokens, args.repeats)
         row["torch loop"] = loop_rates(torch_loop, ids, args.new_tokens, args.repeats)
         row["onnxruntime"] = loop_rates(ort, ids, args.new_tokens, args.repeats)
@@ -155,7 +163,7 @@ def run_benchmark(args) -> dict:
     }
 
 
-RUNTIMES = ("pbs2pc", "torch generate", "torch loop", "onnxruntime")
+RUNTIMES = ("pbs2pc", "pbs2pc int8", "torch generate", "torch loop", "onnxruntime")
 
 
 def table(data: dict) -> str:

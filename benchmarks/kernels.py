@@ -12,6 +12,8 @@ In one process and one run, for every weight shape N x K and rows M:
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
   Measured for each plane layout (``--layouts``; the x86 preset's default is uint32 words, planes and
   scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout).
+* **pbs2pc_int8** (M = 1 only): the same compiled with ``--activations int8`` (the VNNI GEMV; its accuracy
+  cost is measured by ``benchmarks/int8_accuracy.py``).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
@@ -156,7 +158,7 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 # the contenders
 
 
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None):
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32"):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -183,7 +185,7 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits)
+    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits).with_activations(activations)
     if interleave is not None:
         preset = dataclasses.replace(preset, plane_interleave=interleave)
     imported = frontend.import_onnx(model)
@@ -302,7 +304,7 @@ def run_benchmark(args) -> dict:
     bw = stream(args.stream_gib, 3 if args.quick else 5)
     print(f"bandwidth GB/s: copy {bw['copy']}, triad {bw['triad']}, read {bw['read']}", flush=True)
     nbits = [b for b in (4, 2) if ort_supports(b)]
-    formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
+    formats = [f"pbs2pc_u{bits}" for bits in args.layouts] + (["pbs2pc_int8"] if args.int8 else [])
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
     shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
     if args.shapes:
@@ -314,6 +316,8 @@ def run_benchmark(args) -> dict:
             for fmt in formats:
                 if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
                     continue
+                if fmt == "pbs2pc_int8" and rows > 1:
+                    continue  # int8 activations are a GEMV (decode step) kernel only
                 if fmt == "ort_nbits2_acc0" and rows > 1:
                     continue  # ORT's fp32-compute 2-bit path is ~100x slower than its int8 one (see M = 1)
                 wbytes = weight_bytes(fmt, n_out, k)
@@ -323,6 +327,8 @@ def run_benchmark(args) -> dict:
                 extra = {}
                 if fmt.startswith("pbs2pc_u"):
                     run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng, args.interleave)
+                elif fmt == "pbs2pc_int8":
+                    run, extra = pbs2pc_runner(n_out, k, rows, copies, 8, rng, args.interleave, activations="int8")
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":
@@ -379,6 +385,9 @@ def table(data: dict) -> str:
     res = data["results"]
     fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
     head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4"]
+    int8 = "pbs2pc_int8" in fmts
+    if int8:
+        head += ["int8 % floor", "int8 × torch", "int8 × best NBits-4"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["N"], r["K"], r["M"]) for r in res))
     for n_out, k, rows in keys:
@@ -395,9 +404,14 @@ def table(data: dict) -> str:
 
         nb4 = [f for f in cell if f.startswith("ort_nbits4")]
         best4 = min(nb4, key=lambda f: cell[f]["us"]) if nb4 else None
-        lines.append("| " + " | ".join([f"{n_out}×{k}", str(rows)] + [fmt_us(f) for f in fmts] + [
+        cols = [f"{n_out}×{k}", str(rows)] + [fmt_us(f) for f in fmts] + [
             f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("torch_fp32"), ratio("ort_fp32"),
-            ratio(best4) if best4 else "—"]) + " |")
+            ratio(best4) if best4 else "—"]
+        if int8:
+            q = cell.get("pbs2pc_int8")
+            cols += [f"{100 * q['of_floor']:.0f}%" if q else "—"] + [
+                f"{cell[f]['us'] / q['us']:.2f}×" if q and f else "—" for f in ("torch_fp32", best4)]
+        lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
@@ -458,6 +472,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remeasure-bandwidth", action="store_true",
                         help="with --report-only: measure STREAM again, keep the higher figures, recompute floors "
                              "(on a shared machine the first measurement can be depressed by other load)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8-activation GEMV (pbs2pc_int8, M = 1 only)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -483,7 +499,8 @@ def main(argv=None) -> int:
     print(md)
     if not args.quick:
         (args.output.with_suffix(".md")).write_text(md + "\n")
-        plot(data, DOCS / "kernels_roofline.png")
+        if args.output == RESULTS:  # a subset written elsewhere leaves the full run's plot alone
+            plot(data, DOCS / "kernels_roofline.png")
     return 0
 
 
