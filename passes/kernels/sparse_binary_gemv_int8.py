@@ -64,6 +64,14 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         return T.Select(T.bitwise_and(wide, lane_bits(half)) != T.broadcast(T.uint8(0), 64),
                         T.broadcast(T.uint8(1), 64), T.broadcast(T.uint8(0), 64))
 
+    def row_bytes(plane, tile, col):
+        # the plane byte at column byte ``col`` of the 16 rows of ``tile``: one 128-bit load
+        return plane.vload([tile, col, 0], "uint8x16")
+
+    def quad(xq, k):
+        # x[k .. k+3] (int8) as one int32, to broadcast to every lane
+        return T.reinterpret("int32", xq.vload([k], "int8x4"))
+
     def vnni(acc, weights01, xq4):
         return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, weights01,
                                        T.reinterpret("int8x64", T.broadcast(xq4, 16)))
@@ -111,21 +119,21 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                             if has_mask:
                                 ip[r, T.ramp(0, 1, LANES)] = vnni(
                                     ip.vload([r, 0], "int32x16"),
-                                    select_bytes(T.bitwise_and(sign.vload([task * R + r, g * CG + c, 0], "uint8x16"),
-                                                               mask.vload([task * R + r, g * CG + c, 0], "uint8x16")), h),
-                                    T.reinterpret("int32", xq.vload([g * G + c * 8 + h * 4], "int8x4")))
+                                    select_bytes(T.bitwise_and(row_bytes(sign, task * R + r, g * CG + c),
+                                                               row_bytes(mask, task * R + r, g * CG + c)), h),
+                                    quad(xq, g * G + c * 8 + h * 4))
                                 im[r, T.ramp(0, 1, LANES)] = vnni(
                                     im.vload([r, 0], "int32x16"),
-                                    select_bytes(mask.vload([task * R + r, g * CG + c, 0], "uint8x16"), h),
-                                    T.reinterpret("int32", xq.vload([g * G + c * 8 + h * 4], "int8x4")))
+                                    select_bytes(row_bytes(mask, task * R + r, g * CG + c), h),
+                                    quad(xq, g * G + c * 8 + h * 4))
                             else:
                                 ip[r, T.ramp(0, 1, LANES)] = vnni(
                                     ip.vload([r, 0], "int32x16"),
-                                    select_bytes(sign.vload([task * R + r, g * CG + c, 0], "uint8x16"), h),
-                                    T.reinterpret("int32", xq.vload([g * G + c * 8 + h * 4], "int8x4")))
-                                im[r, T.ramp(0, 1, LANES)] = vnni(
+                                    select_bytes(row_bytes(sign, task * R + r, g * CG + c), h),
+                                    quad(xq, g * G + c * 8 + h * 4))
+                                im[r, T.ramp(0, 1, LANES)] = vnni(  # no mask plane: every weight is kept
                                     im.vload([r, 0], "int32x16"), T.broadcast(T.uint8(1), 64),
-                                    T.reinterpret("int32", xq.vload([g * G + c * 8 + h * 4], "int8x4")))
+                                    quad(xq, g * G + c * 8 + h * 4))
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         if has_mu:
