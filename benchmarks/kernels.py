@@ -10,10 +10,10 @@ In one process and one run, for every weight shape N x K and rows M:
   ``models.onnx_op.make_node``), compiled through the project's real path: ``frontend.import_onnx`` ->
   the build's params transform ``build.to_target_layout`` -> ``tvm.compile`` with
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
-  Measured for each plane layout (``--layouts``; the x86 preset's default is uint32 words, planes and
+  Measured for each plane layout (``--layouts``; the x86 preset's default is bytes, planes and
   scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout).
-* **pbs2pc_int8** (M = 1 only): the same compiled with ``--activations int8`` (the VNNI GEMV; its accuracy
-  cost is measured by ``benchmarks/int8_accuracy.py``).
+* **pbs2pc_int8** (M = 1 only): the same compiled with ``--activations int8`` (the vpshufb lookup-table
+  GEMV; its accuracy cost is measured by ``benchmarks/int8_accuracy.py``).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),

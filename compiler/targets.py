@@ -33,8 +33,8 @@ class TargetPreset:
     #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
     plane_interleave: int = 0
     #: Activations of the one-token (``decode``) linear layers: ``"fp32"``, or ``"int8"`` (quantised per
-    #: scale group, multiplied with AVX-512 VNNI; ``pbs2pc compile --activations int8``). Only presets with
-    #: VNNI in ``int8_activations`` accept it.
+    #: scale group, products looked up in AVX-512BW ``vpshufb`` tables; ``pbs2pc compile --activations int8``).
+    #: Only presets with ``int8_activations`` accept it.
     activations: str = "fp32"
     int8_activations: bool = False
 
@@ -82,7 +82,7 @@ X86 = TargetPreset(
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
-    int8_activations=True,  # vpdpbusd (AVX-512 VNNI) GEMV: pbs2pc.passes.kernels.sparse_binary_gemv_int8
+    int8_activations=True,  # vpshufb lookup-table GEMV: pbs2pc.passes.kernels.sparse_binary_gemv_int8
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

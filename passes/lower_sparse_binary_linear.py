@@ -178,7 +178,7 @@ class LowerSparseBinaryLinear:
     """Lower every pbs2p reference function call to a packed-bit kernel (see the module docstring).
 
     ``int8_gemv=True`` (``pbs2pc compile --activations int8``) lowers calls with a single row (the
-    ``decode`` entry) to the int8-activation VNNI GEMV (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`)
+    ``decode`` entry) to the int8-activation lookup-table GEMV (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`)
     where it covers the layer's layout; every other call keeps the fp32 kernel.
     """
 

@@ -1,8 +1,8 @@
-"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 VNNI.
+"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (BW, VBMI).
 
 Opt-in (``pbs2pc compile --activations int8``): the one-token ``decode`` entry's linear layers quantise
-their input to int8 and multiply with ``vpdpbusd`` (64 byte products summed into 16 int32 lanes per
-instruction), where the fp32 GEMV (``sparse_binary_linear`` + the CPU schedule rule) spends about four
+their input to int8 and look the products up in tables (T-MAC style: ``vpshufb``, 64 lookups of 4 weights
+per instruction), where the fp32 GEMV (``sparse_binary_linear`` + the CPU schedule rule) spends about four
 vector instructions per 16 weights. The prompt (``main``/``prefill``, M > 1) keeps fp32 activations.
 
 Arithmetic. Per group ``g`` of ``G`` inputs, the activation is quantised symmetrically:
@@ -12,16 +12,24 @@ With ``P = mask & sign`` and ``M = mask`` as 0/1 planes, a weight is
 
     y[o] = sum_g s_g * (2 alpha[o, g] * IP[o, g] + (mu[o, g] - alpha[o, g]) * IM[o, g])
 
-where ``IP = sum_k q_k P[o, k]`` and ``IM = sum_k q_k M[o, k]`` are exact int32 dot products. The only
+where ``IP = sum_k q_k P[o, k]`` and ``IM = sum_k q_k M[o, k]`` are exact integer dot products. The only
 error against the fp32 op is the rounding of ``x`` to 8 bits per group (see docs/performance.md for its
 perplexity cost); :func:`reference` is the numpy oracle of exactly this arithmetic.
 
+Lookup tables. For every 4 consecutive inputs ``q[4j .. 4j+3]`` the kernel first builds the 16 sums
+``T_j[e] = sum_{i: bit i of e} q[4j + i]`` (|T| <= 508: int16, kept as a low-byte and a high-byte table of
+16 bytes each; K/2 bytes per table kind, in L1). A plane nibble (4 weights of one row) is then an index:
+``IP`` over those 4 columns is ``T_j[P nibble]``, exactly.
+
 Layout. The kernel reads the x86 target layout as it is (no second copy of the weights): sign and mask
 bytes row-interleaved ``[N/16, K/8, 16]`` (byte ``[t, c, j]`` holds bits ``8c .. 8c+7`` of row
-``16t + j``) and fp16 scales ``[N/16, K/G, 16]``. Per 16 rows and 8 columns, one 16-byte load per plane;
-a byte shuffle spreads each row's byte over the four bytes of its int32 lane, a ``vptestmb`` against the
-lane's bit pattern selects four columns, and the selected 0/1 bytes meet the four broadcast activations
-in one ``vpdpbusd``. ``R`` tiles of 16 rows per parallel task give ``2R`` independent accumulator chains.
+``16t + j``) and fp16 scales ``[N/16, K/G, 16]``. One 64-byte load holds 16 rows x 4 column bytes, one
+128-bit lane per column byte: exactly the shape of ``vpshufb``, whose 16-byte table is per lane. Per load
+and plane: the low and high nibbles as indices (``vpand``, ``vpsrlw``), two ``vpshufb`` each (low and high
+table bytes), ``vpunpck{l,h}bw`` back to int16 and ``vpaddw`` into accumulators that hold rows 0-7 and
+8-15 of each lane (at most 8 lookups of |T| <= 508 per word and group: no overflow). At the end of a group
+the four lanes are summed, widened to int32 and scaled in fp32. ``R`` tiles of 16 rows per parallel task
+share the table loads.
 """
 
 from __future__ import annotations
@@ -30,51 +38,72 @@ from pbs2pc.compiler.tvm_compat import T, tirx
 
 #: Rows per vector (int32 lanes of a zmm register) and the row interleave the kernel reads.
 LANES = 16
-#: 16-row tiles per parallel task (2 x 2 accumulator chains); 1, 2 and 4 measured within noise at 11008x4096.
-TILES_PER_TASK = 2
+#: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
+COLUMNS_PER_LOAD = 32
+#: 16-row tiles per parallel task (4 accumulators each); at 11008x4096 with the planes in L3, 4 tiles ran
+#: in 295 us, 2 in 303 us, 1 in 322 us (2 threads).
+TILES_PER_TASK = 4
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
     """Whether the kernel covers this layer (else the fp32 kernel runs it)."""
     return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
-            and group_size % LANES == 0 and in_features % group_size == 0)
+            and group_size % COLUMNS_PER_LOAD == 0 and in_features % group_size == 0)
 
 
 def _tiles_per_task(out_features: int) -> int:
     tiles = out_features // LANES
-    return next(r for r in (TILES_PER_TASK, 1) if tiles % r == 0)
+    return next(r for r in (TILES_PER_TASK, 2, 1) if tiles % r == 0)
 
 
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
               has_bias: bool):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
     N, K, G = out_features, in_features, group_size
-    NT, C, GB = N // LANES, K // 8, K // G
     R = _tiles_per_task(N)
+    NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
-    spread = [j // 4 for j in range(64)]  # byte 4j + i of the zmm <- row j's byte
+    CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
 
-    def lane_bits(half):
-        # bit (4 * half + i) for byte i of every int32 lane: the four columns this half of the byte holds
-        return T.shift_left(T.broadcast(T.uint8(1), 64),
-                            T.Cast("uint8x64", T.ramp(0, 1, 64) % 4 + 4 * half))
+    def u8(v):
+        return T.broadcast(T.uint8(v), 64)
 
-    def select_bytes(bytes16, half):
-        wide = T.Shuffle([bytes16] * 4, spread)  # Shuffle cannot widen: index into four copies
-        return T.Select(T.bitwise_and(wide, lane_bits(half)) != T.broadcast(T.uint8(0), 64),
-                        T.broadcast(T.uint8(1), 64), T.broadcast(T.uint8(0), 64))
+    def table_entry(xq, col_byte, nibble, e):
+        # T[e] for the 4 inputs of one nibble of a column byte, as int16 (|T| <= 4 * 127)
+        first = 8 * col_byte + 4 * nibble
+        terms = [T.Cast("int16", T.bitwise_and(T.shift_right(e, i), 1)) * T.Cast("int16", xq[first + i])
+                 for i in range(4)]
+        return terms[0] + terms[1] + terms[2] + terms[3]
 
-    def row_bytes(plane, tile, col):
-        # the plane byte at column byte ``col`` of the 16 rows of ``tile``: one 128-bit load
-        return plane.vload([tile, col, 0], "uint8x16")
+    def pshufb(table, idx):
+        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.pshuf.b.512",
+                                       T.reinterpret("int8x64", table), T.reinterpret("int8x64", idx))
 
-    def quad(xq, k):
-        # x[k .. k+3] (int8) as one int32, to broadcast to every lane
-        return T.reinterpret("int32", xq.vload([k], "int8x4"))
+    # vpunpcklbw / vpunpckhbw of (low bytes, high bytes): the int16 values of rows 0-7 / 8-15 of each lane
+    interleave = [[i for l in range(4) for j in range(8) for i in (16 * l + 8 * w + j, 64 + 16 * l + 8 * w + j)]
+                  for w in range(2)]
 
-    def vnni(acc, weights01, xq4):
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, weights01,
-                                       T.reinterpret("int8x64", T.broadcast(xq4, 16)))
+    def lookups(tab, col, bits, w):
+        # the table values of the low and high nibbles of ``bits`` (16 rows x 4 column bytes), summed, as the
+        # int16 words of rows 0-7 (w = 0) or 8-15 (w = 1) of each lane
+        lo_nibbles = T.bitwise_and(bits, u8(15))
+        hi_nibbles = T.bitwise_and(T.shift_right(bits, u8(4)), u8(15))
+        words = [T.reinterpret("int16x32", T.Shuffle(
+            [pshufb(tab.vload([2 * h, col, 0], "uint8x64"), idx),
+             pshufb(tab.vload([2 * h + 1, col, 0], "uint8x64"), idx)], interleave[w]))
+            for h, idx in ((0, lo_nibbles), (1, hi_nibbles))]
+        return words[0] + words[1]
+
+    def plane(buf, tile, col):
+        return buf.vload([tile, col, 0], "uint8x64")
+
+    lane = [list(range(8 * l, 8 * l + 8)) for l in range(4)]  # the int16 words of each 128-bit lane
+
+    def row_sums(a, b):
+        # a: rows 0-7 of each of the 4 lanes, b: rows 8-15 -> the 16 rows' sums over the lanes, int32
+        s1 = (T.Shuffle([a, b], lane[0] + lane[1] + [32 + i for i in lane[0] + lane[1]])
+              + T.Shuffle([a, b], lane[2] + lane[3] + [32 + i for i in lane[2] + lane[3]]))
+        return T.Cast("int32x16", T.Shuffle([s1], lane[0] + lane[2]) + T.Shuffle([s1], lane[1] + lane[3]))
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
@@ -84,6 +113,8 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xq = T.alloc_buffer((K,), "int8")
         xs = T.alloc_buffer((GB,), "float32")
+        qsum = T.alloc_buffer((GB,), "int32")
+        tab = T.alloc_buffer((4, C, LANES), "uint8")
         # 1. Quantise x per group (serial: K elements, a few microseconds, not worth a parallel launch).
         for g in range(GB):
             peak = T.alloc_buffer((LANES,), "float32", scope="local")
@@ -100,9 +131,21 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
             amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
             for k in T.vectorized(G):
                 xq[g * G + k] = T.Cast("int8", T.round(x[0, g * G + k] * amax[1]))
-        # 2. The GEMV: R tiles of 16 rows per task, two int32 dot products per tile and group.
+            if not has_mask:  # no mask plane: IM is the group's sum of q
+                qsum[g] = 0
+                for k in range(G):
+                    qsum[g] = qsum[g] + T.Cast("int32", xq[g * G + k])
+        # 2. The tables: tab[2h + b, c, e] = byte b (0 low, 1 high) of T[e] for nibble h of column byte c.
+        for c in range(C):
+            for h in range(2):
+                for e in T.vectorized(LANES):
+                    tab[2 * h, c, e] = T.Cast("uint8", T.bitwise_and(table_entry(xq, c, h, e), T.int16(255)))
+                    tab[2 * h + 1, c, e] = T.Cast("uint8", T.bitwise_and(
+                        T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
+        # 3. The GEMV: R tiles of 16 rows per task; int16 sums per (tile, plane, row half), reduced per group.
         for task in T.parallel(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32", scope="local")
+            a16 = T.alloc_buffer((R, 2, 2, 32), "int16", scope="local")  # [tile, P | M, rows 0-7 | 8-15, word]
             ip = T.alloc_buffer((R, LANES), "int32", scope="local")
             im = T.alloc_buffer((R, LANES), "int32", scope="local")
             for r in T.unroll(R):
@@ -110,30 +153,36 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     acc[r, l] = T.float32(0)
             for g in range(GB):
                 for r in T.unroll(R):
-                    for l in T.vectorized(LANES):
-                        ip[r, l] = 0
-                        im[r, l] = 0
-                for c in range(CG):
-                    for h in T.unroll(2):
-                        for r in T.unroll(R):
-                            if has_mask:
-                                ip[r, T.ramp(0, 1, LANES)] = vnni(
-                                    ip.vload([r, 0], "int32x16"),
-                                    select_bytes(T.bitwise_and(row_bytes(sign, task * R + r, g * CG + c),
-                                                               row_bytes(mask, task * R + r, g * CG + c)), h),
-                                    quad(xq, g * G + c * 8 + h * 4))
-                                im[r, T.ramp(0, 1, LANES)] = vnni(
-                                    im.vload([r, 0], "int32x16"),
-                                    select_bytes(row_bytes(mask, task * R + r, g * CG + c), h),
-                                    quad(xq, g * G + c * 8 + h * 4))
-                            else:
-                                ip[r, T.ramp(0, 1, LANES)] = vnni(
-                                    ip.vload([r, 0], "int32x16"),
-                                    select_bytes(row_bytes(sign, task * R + r, g * CG + c), h),
-                                    quad(xq, g * G + c * 8 + h * 4))
-                                im[r, T.ramp(0, 1, LANES)] = vnni(  # no mask plane: every weight is kept
-                                    im.vload([r, 0], "int32x16"), T.broadcast(T.uint8(1), 64),
-                                    quad(xq, g * G + c * 8 + h * 4))
+                    for p in T.unroll(2):
+                        for w in T.unroll(2):
+                            for l in T.vectorized(32):
+                                a16[r, p, w, l] = T.int16(0)
+                for cb in range(CB):
+                    for r in T.unroll(R):
+                        if has_mask:
+                            a16[r, 0, 0, T.ramp(0, 1, 32)] = a16.vload([r, 0, 0, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, T.bitwise_and(plane(sign, task * R + r, g * CG + cb * 4),
+                                                                    plane(mask, task * R + r, g * CG + cb * 4)), 0)
+                            a16[r, 0, 1, T.ramp(0, 1, 32)] = a16.vload([r, 0, 1, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, T.bitwise_and(plane(sign, task * R + r, g * CG + cb * 4),
+                                                                    plane(mask, task * R + r, g * CG + cb * 4)), 1)
+                            a16[r, 1, 0, T.ramp(0, 1, 32)] = a16.vload([r, 1, 0, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, plane(mask, task * R + r, g * CG + cb * 4), 0)
+                            a16[r, 1, 1, T.ramp(0, 1, 32)] = a16.vload([r, 1, 1, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, plane(mask, task * R + r, g * CG + cb * 4), 1)
+                        else:
+                            a16[r, 0, 0, T.ramp(0, 1, 32)] = a16.vload([r, 0, 0, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, plane(sign, task * R + r, g * CG + cb * 4), 0)
+                            a16[r, 0, 1, T.ramp(0, 1, 32)] = a16.vload([r, 0, 1, 0], "int16x32") + lookups(
+                                tab, g * CG + cb * 4, plane(sign, task * R + r, g * CG + cb * 4), 1)
+                for r in T.unroll(R):
+                    ip[r, T.ramp(0, 1, LANES)] = row_sums(a16.vload([r, 0, 0, 0], "int16x32"),
+                                                          a16.vload([r, 0, 1, 0], "int16x32"))
+                    if has_mask:
+                        im[r, T.ramp(0, 1, LANES)] = row_sums(a16.vload([r, 1, 0, 0], "int16x32"),
+                                                              a16.vload([r, 1, 1, 0], "int16x32"))
+                    else:
+                        im[r, T.ramp(0, 1, LANES)] = T.broadcast(qsum[g], LANES)
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         if has_mu:

@@ -15,7 +15,7 @@ def add_parser(sub):
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
     p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
                    help="fp32 (default), or int8: the one-token decode step quantises each linear layer's input "
-                        "to int8 per scale group and uses AVX-512 VNNI (about 2x faster GEMVs; accuracy cost in "
+                        "to int8 per scale group and looks the products up in vpshufb tables (faster GEMVs; accuracy cost in "
                         "docs/performance.md)")
     return p
 

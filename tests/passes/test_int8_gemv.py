@@ -1,4 +1,5 @@
-"""The int8-activation VNNI GEMV: numerics against its numpy oracle and the fp32 op, assembly, and its wiring.
+"""The int8-activation GEMV (vpshufb lookup tables): numerics against its numpy oracle and the fp32 op, assembly,
+and its wiring.
 
 The oracle (``sparse_binary_gemv_int8.reference``) does the same per-group quantisation of ``x`` and then
 exact integer dot products, so the kernel must match it to float32 rounding; against the fp32 op (the
@@ -65,7 +66,8 @@ def _dense(x, sign, mask, alpha, mu, bias, g):
     (576, 1536, 64, True, True, True),  # down, with a bias
     (48, 256, 128, True, False, False),  # no mu; 3 tiles of 16 rows (odd tile count: one tile per task)
     (64, 128, 64, False, True, False),  # dense binary (n = m): no mask plane
-    (16, 64, 16, False, False, True),  # smallest: one tile, the smallest group (16)
+    (16, 64, 32, False, False, True),  # smallest: one tile, the smallest group (32: one 64-byte plane load)
+    (96, 384, 128, True, True, True),  # 6 tiles: two tasks of 2 tiles (the 4-tile task does not divide)
 ])
 def test_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
     layer = _layer(n, k, g, has_mask, has_mu, has_bias)
@@ -84,11 +86,12 @@ def test_zero_group_quantises_to_zero():
     assert rel_err(got, k8.reference(x[0], sign, mask, alpha, mu, bias, 64)) < 1e-5
 
 
-def test_assembly_uses_vnni_and_mask_registers():
+def test_assembly_looks_up_tables_with_vpshufb():
     asm = _build(64, 256, 64, True, True, False).mod.inspect_source("asm")
-    assert re.search(r"vpdpbusd\s+%zmm", asm), "no 512-bit vpdpbusd"
-    assert re.search(r"vptestmb\s+.*%k\d", asm), "no bit test into a mask register"
-    assert re.search(r"vpermb\s+.*%zmm", asm), "row bytes are not spread with one vpermb"
+    assert len(re.findall(r"vpshufb\s+%zmm\d+, %zmm", asm)) >= 8, "the lookups are not 512-bit vpshufb"
+    assert re.search(r"vpunpcklbw\s+.*%zmm", asm) and re.search(r"vpunpckhbw\s+.*%zmm", asm), \
+        "table bytes are not widened to int16 with unpacks"
+    assert re.search(r"vpaddw\s+.*%zmm", asm), "no int16 accumulation"
     assert not re.search(r"vpgather|vgather", asm), "the GEMV gathers"
 
 
@@ -97,7 +100,8 @@ def test_supported_shapes():
     assert not k8.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the fp32 kernel runs them
     assert not k8.supported(1536, 576, 64, 16, "uint32")
     assert not k8.supported(40, 576, 64, 16, "uint8")  # N not a multiple of 16
-    assert not k8.supported(64, 576, 8, 16, "uint8")  # a group narrower than a vector
+    assert not k8.supported(64, 576, 16, 16, "uint8")  # a group narrower than one 64-byte plane load (32)
+    assert not k8.supported(64, 576, 8, 16, "uint8")
 
 
 def test_presets_accept_int8_only_with_vnni():
