@@ -42,7 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# numpy's OpenBLAS threads keep spinning after a BLAS call and take cores from the kernels being timed.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "kernels.json"

@@ -40,9 +40,10 @@ from pbs2pc.compiler.tvm_compat import T, tirx
 LANES = 16
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
-#: 16-row tiles per parallel task (4 accumulators each); at 11008x4096 with the planes in L3, 4 tiles ran
-#: in 295 us, 2 in 303 us, 1 in 322 us (2 threads).
-TILES_PER_TASK = 4
+#: 16-row tiles per parallel task (4 int16 accumulators each, sharing the table loads). At 11008x4096 with the
+#: planes in L3, 4 tiles ran in 295 us, 2 in 303 us, 1 in 322 us; streaming from memory 2 and 4 tiles were
+#: level (541 / 560 us) and 1 slower (646 us), 2 threads.
+TILES_PER_TASK = 2
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
