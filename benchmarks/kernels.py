@@ -11,7 +11,10 @@ In one process and one run, for every weight shape N x K and rows M:
   the build's params transform ``build.to_target_layout`` -> ``tvm.compile`` with
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
   Measured for each plane layout (``--layouts``; the x86 preset's default is bytes, planes and
-  scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout).
+  scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout). At M = 1
+  byte planes run the fp32 lookup-table GEMV (``passes/kernels/sparse_binary_gemv.py``).
+* **pbs2pc_te** (M = 1 only, with byte planes): the TE kernel + CPU schedule rule instead of that GEMV (the
+  x86 default before it), for the comparison.
 * **pbs2pc_int8** (M = 1 only): the same compiled with ``--activations int8`` (the vpshufb lookup-table
   GEMV; its accuracy cost is measured by ``benchmarks/int8_accuracy.py``).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
@@ -161,8 +164,9 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 # the contenders
 
 
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32"):
-    """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner."""
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True):
+    """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
+    ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -188,7 +192,8 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, act
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits).with_activations(activations)
+    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_gemv=lut_gemv)
+    preset = preset.with_activations(activations)
     if interleave is not None:
         preset = dataclasses.replace(preset, plane_interleave=interleave)
     imported = frontend.import_onnx(model)
@@ -307,7 +312,8 @@ def run_benchmark(args) -> dict:
     bw = stream(args.stream_gib, 3 if args.quick else 5)
     print(f"bandwidth GB/s: copy {bw['copy']}, triad {bw['triad']}, read {bw['read']}", flush=True)
     nbits = [b for b in (4, 2) if ort_supports(b)]
-    formats = [f"pbs2pc_u{bits}" for bits in args.layouts] + (["pbs2pc_int8"] if args.int8 else [])
+    formats = [f"pbs2pc_u{bits}" for bits in args.layouts] + (["pbs2pc_te"] if 8 in args.layouts else [])
+    formats += ["pbs2pc_int8"] if args.int8 else []
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
     shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
     if args.shapes:
@@ -319,8 +325,8 @@ def run_benchmark(args) -> dict:
             for fmt in formats:
                 if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
                     continue
-                if fmt == "pbs2pc_int8" and rows > 1:
-                    continue  # int8 activations are a GEMV (decode step) kernel only
+                if fmt in ("pbs2pc_int8", "pbs2pc_te") and rows > 1:
+                    continue  # GEMV (decode step) variants: int8 activations, the TE kernel instead of the LUT one
                 if fmt == "ort_nbits2_acc0" and rows > 1:
                     continue  # ORT's fp32-compute 2-bit path is ~100x slower than its int8 one (see M = 1)
                 wbytes = weight_bytes(fmt, n_out, k)
@@ -332,6 +338,8 @@ def run_benchmark(args) -> dict:
                     run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng, args.interleave)
                 elif fmt == "pbs2pc_int8":
                     run, extra = pbs2pc_runner(n_out, k, rows, copies, 8, rng, args.interleave, activations="int8")
+                elif fmt == "pbs2pc_te":
+                    run, extra = pbs2pc_runner(n_out, k, rows, copies, 8, rng, args.interleave, lut_gemv=False)
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":
@@ -435,7 +443,7 @@ def plot(data: dict, path: Path) -> bool:
     ax.plot(ai, bw * ai, "k-", lw=1, label=f"memory roof: triad {bw:.0f} GB/s")
     peak = 2 * 32 * 2.6  # 2 cores x one 512-bit FMA (32 flop) per cycle x 2.6 GHz base clock (boost is higher)
     ax.axhline(peak, color="gray", ls="--", lw=1, label=f"fp32 FMA at 2.6 GHz base ≈ {peak:.0f} GFLOP/s")
-    styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
+    styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "pbs2pc_te": ("C8", "o"), "pbs2pc_int8": ("C9", "D"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
               "ort_nbits4_acc0": ("C4", "^"), "ort_nbits4_acc4": ("C5", "v"), "ort_nbits2_acc0": ("C6", "^"),
               "ort_nbits2_acc4": ("C7", "v")}
     for fmt in dict.fromkeys(r["format"] for r in res):

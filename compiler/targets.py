@@ -37,6 +37,9 @@ class TargetPreset:
     #: Only presets with ``int8_activations`` accept it.
     activations: str = "fp32"
     int8_activations: bool = False
+    #: One-row calls (the ``decode`` entry) run the hand-written AVX-512 lookup-table GEMV
+    #: (pbs2pc.passes.kernels.sparse_binary_gemv) where it covers the layer, instead of the TE kernel.
+    lut_gemv: bool = False
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
@@ -83,6 +86,7 @@ X86 = TargetPreset(
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
     int8_activations=True,  # vpshufb lookup-table GEMV: pbs2pc.passes.kernels.sparse_binary_gemv_int8
+    lut_gemv=True,  # vpermps lookup-table fp32 GEMV: 1.7x the TE kernel at 11008x4096 M = 1 (docs/performance.md)
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

@@ -27,6 +27,7 @@ After::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
+from pbs2pc.passes.kernels import sparse_binary_gemv as lut_gemv
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as int8_gemv
 from pbs2pc.passes.kernels.sparse_binary_linear import INFO_ATTR, pbs2p_info, sparse_binary_linear
 
@@ -52,9 +53,10 @@ def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, int8_gemv: bool = False):
+    def __init__(self, mod, lut_gemv: bool = False, int8_gemv: bool = False):
         super().__init__(mod)
         self.mod = mod
+        self.lut_gemv = lut_gemv
         self.int8_gemv = int8_gemv
 
     def visit_call_(self, call):
@@ -85,7 +87,7 @@ class _Lowerer(relax.PyExprMutator):
         if planes[1] is not None and str(planes[0].ty.dtype) != str(planes[1].ty.dtype):
             planes = [roles["sign"], roles["mask"]]  # mixed widths: give the kernel the uint8 views
         scales = [self._target_input(roles[r]) if r in roles else None for r in ("alpha", "mu")]
-        gemv = self._int8_gemv(x2, lead, k, out_features, g, planes, scales, roles.get("bias"))
+        gemv = self._gemv(x2, lead, k, out_features, g, planes, scales, roles.get("bias"))
         y = gemv if gemv is not None else bb.emit(
             bb.call_te(
                 _kernel, x2, planes[0], planes[1], scales[0], scales[1], roles.get("bias"),
@@ -98,8 +100,10 @@ class _Lowerer(relax.PyExprMutator):
             y = bb.emit(op.astype(y, x_ty.dtype))
         return op.reshape(y, lead + [out_features]) if len(lead) != 1 else y
 
-    def _int8_gemv(self, x2, lead, k, out_features, g, planes, scales, bias):
-        """``call_tir`` of the int8-activation GEMV when enabled and the call has one row, else None."""
+    def _gemv(self, x2, lead, k, out_features, g, planes, scales, bias):
+        """``call_tir`` of a hand-written GEMV (int8 or fp32 lookup tables) for a one-row call, else None."""
+        if not (self.lut_gemv or self.int8_gemv):
+            return None
         try:
             rows = [int(d) for d in lead]
             n, k = int(out_features), int(k)
@@ -107,14 +111,21 @@ class _Lowerer(relax.PyExprMutator):
             return None
         sign_ty = planes[0].ty
         interleave = int(sign_ty.shape[2]) if sign_ty.ndim == 3 else 0
-        if (not self.int8_gemv or rows.count(1) != len(rows)
+        if (rows.count(1) != len(rows)
                 or any(t.ty.ndim != 3 for t in planes + scales if t is not None)
-                or (bias is not None and str(bias.ty.dtype) != "float32")
-                or not int8_gemv.supported(n, k, g, interleave, str(sign_ty.dtype))):
+                or any(str(t.ty.dtype) != "float16" for t in scales if t is not None)
+                or (bias is not None and str(bias.ty.dtype) != "float32")):
             return None
         has_mask, has_mu = planes[1] is not None, scales[1] is not None
-        func = int8_gemv.gemv_int8(n, k, g, has_mask, has_mu, bias is not None)
-        gv = self.builder_.add_func(func, f"sparse_binary_gemv_int8_g{g}_")
+        if self.int8_gemv and int8_gemv.supported(n, k, g, interleave, str(sign_ty.dtype)):
+            func = int8_gemv.gemv_int8(n, k, g, has_mask, has_mu, bias is not None)
+            name = f"sparse_binary_gemv_int8_g{g}_"
+        elif self.lut_gemv and lut_gemv.supported(n, k, g, interleave, str(sign_ty.dtype)):
+            func = lut_gemv.gemv_fp32(n, k, g, has_mask, has_mu, bias is not None)
+            name = f"sparse_binary_gemv_g{g}_"
+        else:
+            return None
+        gv = self.builder_.add_func(func, name)
         args = [x2] + [a for a in (planes[0], planes[1], scales[0], scales[1], bias) if a is not None]
         return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([1, n], "float32")))
 
@@ -177,16 +188,18 @@ class _Lowerer(relax.PyExprMutator):
 class LowerSparseBinaryLinear:
     """Lower every pbs2p reference function call to a packed-bit kernel (see the module docstring).
 
-    ``int8_gemv=True`` (``pbs2pc compile --activations int8``) lowers calls with a single row (the
-    ``decode`` entry) to the int8-activation lookup-table GEMV (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`)
-    where it covers the layer's layout; every other call keeps the fp32 kernel.
+    Calls with a single row (the ``decode`` entry) go to a hand-written GEMV where it covers the layer's
+    layout: ``int8_gemv=True`` (``pbs2pc compile --activations int8``) the int8-activation one
+    (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`), else ``lut_gemv=True`` (the x86 preset) the fp32
+    one (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv`). Every other call keeps the TE kernel.
     """
 
-    def __init__(self, int8_gemv: bool = False):
+    def __init__(self, lut_gemv: bool = False, int8_gemv: bool = False):
+        self.lut_gemv = lut_gemv
         self.int8_gemv = int8_gemv
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.int8_gemv)
+        lowerer = _Lowerer(mod, self.lut_gemv, self.int8_gemv)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

@@ -27,19 +27,20 @@ bytes row-interleaved ``[N/16, K/8, 16]`` (byte ``[t, c, j]`` holds bits ``8c ..
 128-bit lane per column byte: exactly the shape of ``vpshufb``, whose 16-byte table is per lane. Per load
 and plane: the low and high nibbles as indices (``vpand``, ``vpsrlw``), two ``vpshufb`` each (low and high
 table bytes), ``vpunpck{l,h}bw`` back to int16 and ``vpaddw`` into accumulators that hold rows 0-7 and
-8-15 of each lane (at most 8 lookups of |T| <= 508 per word and group: no overflow). At the end of a group
+8-15 of each lane (G/16 lookups of |T| <= 508 per word and group: no overflow for G <= 1024). At the end of a group
 the four lanes are summed, widened to int32 and scaled in fp32. ``R`` tiles of 16 rows per parallel task
 share the table loads.
 """
 
 from __future__ import annotations
 
-from pbs2pc.compiler.tvm_compat import T, tirx
+from pbs2pc.compiler.tvm_compat import T
+from pbs2pc.passes.kernels.sparse_binary_gemv import LANES, tiles_per_task, without_absent
 
-#: Rows per vector (int32 lanes of a zmm register) and the row interleave the kernel reads.
-LANES = 16
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
+#: The int16 sums of a group stay exact up to G / 16 lookups of |T| <= 508 per word: G <= 1024.
+MAX_GROUP = 1024
 #: 16-row tiles per parallel task (4 int16 accumulators each, sharing the table loads). At 11008x4096 with the
 #: planes in L3, 4 tiles ran in 295 us, 2 in 303 us, 1 in 322 us; streaming from memory 2 and 4 tiles were
 #: level (541 / 560 us) and 1 slower (646 us), 2 threads.
@@ -49,19 +50,14 @@ TILES_PER_TASK = 2
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
     """Whether the kernel covers this layer (else the fp32 kernel runs it)."""
     return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
-            and group_size % COLUMNS_PER_LOAD == 0 and in_features % group_size == 0)
-
-
-def _tiles_per_task(out_features: int) -> int:
-    tiles = out_features // LANES
-    return next(r for r in (TILES_PER_TASK, 2, 1) if tiles % r == 0)
+            and group_size % COLUMNS_PER_LOAD == 0 and group_size <= MAX_GROUP and in_features % group_size == 0)
 
 
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
               has_bias: bool):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
     N, K, G = out_features, in_features, group_size
-    R = _tiles_per_task(N)
+    R = tiles_per_task(N, TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
@@ -201,10 +197,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     else:
                         y[0, (task * R + r) * LANES + l] = acc[r, l]
 
-    # Drop the parameters this layer does not have (the body never reads them).
-    keep = [True, True, has_mask, True, has_mu, has_bias, True]
-    params = [p for p, k in zip(kernel.params, keep) if k]
-    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
+    return without_absent(kernel, has_mask, has_mu, has_bias)
 
 
 def reference(x, sign, mask, alpha, mu, bias, group_size: int):

@@ -1,9 +1,10 @@
-"""The int8-activation GEMV (vpshufb lookup tables): numerics against its numpy oracle and the fp32 op, assembly,
-and its wiring.
+"""The hand-written x86 GEMVs (M = 1): numerics against numpy oracles, assembly, and their wiring.
 
-The oracle (``sparse_binary_gemv_int8.reference``) does the same per-group quantisation of ``x`` and then
-exact integer dot products, so the kernel must match it to float32 rounding; against the fp32 op (the
-float64 dense reference of the unquantised product) it may differ by the 8-bit rounding of ``x`` only.
+* fp32 (``sparse_binary_gemv``, vpermps lookup tables, the x86 default for one-row calls): against the
+  float64 dense product to float32 rounding.
+* int8 activations (``sparse_binary_gemv_int8``, vpshufb tables, ``--activations int8``): its oracle does the
+  same per-group quantisation of ``x`` and then exact integer dot products, so the kernel must match it to
+  float32 rounding; against the float64 dense product it may differ by the 8-bit rounding of ``x`` only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import Pbs2pcError, UnsupportedError  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
+from pbs2pc.passes.kernels import sparse_binary_gemv as k32  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as k8  # noqa: E402
 from testutil import X86, rel_err  # noqa: E402
 
@@ -37,8 +39,8 @@ def _layer(n, k, g, has_mask, has_mu, has_bias, seed=0):
     return x, sign, mask, alpha, mu, bias
 
 
-def _build(n, k, g, has_mask, has_mu, has_bias):
-    func = k8.gemv_int8(n, k, g, has_mask, has_mu, has_bias).with_attr("global_symbol", "gemv")
+def _build(n, k, g, has_mask, has_mu, has_bias, kernel=k8.gemv_int8):
+    func = kernel(n, k, g, has_mask, has_mu, has_bias).with_attr("global_symbol", "gemv")
     return tvm.compile(tvm.IRModule({"gemv": func}), target=TARGET)
 
 
@@ -53,23 +55,31 @@ def _run(lib, x, sign, mask, alpha, mu, bias):
 
 
 def _dense(x, sign, mask, alpha, mu, bias, g):
-    s = np.unpackbits(sign, axis=1, bitorder="little").astype(np.float64)
-    m = np.ones_like(s) if mask is None else np.unpackbits(mask, axis=1, bitorder="little")
-    a = np.repeat(alpha.astype(np.float64), g, axis=1)
-    u = 0 if mu is None else np.repeat(mu.astype(np.float64), g, axis=1)
-    y = (m * (a * (2 * s - 1) + u)) @ x[0].astype(np.float64)
-    return y if bias is None else y + bias
+    return k32.reference(x[0], sign, mask, alpha, mu, bias, g)
 
 
-@pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", [
+SHAPES = [
     (1536, 576, 64, True, True, False),  # SmolLM2 gate/up, 6:8 with mu
     (576, 1536, 64, True, True, True),  # down, with a bias
     (48, 256, 128, True, False, False),  # no mu; 3 tiles of 16 rows (odd tile count: one tile per task)
     (64, 128, 64, False, True, False),  # dense binary (n = m): no mask plane
-    (16, 64, 32, False, False, True),  # smallest: one tile, the smallest group (32: one 64-byte plane load)
-    (96, 384, 128, True, True, True),  # 6 tiles: two tasks of 2 tiles (the 4-tile task does not divide)
+    (16, 64, 32, False, False, True),  # smallest for int8: one tile, a group of one 64-byte plane load
+    (96, 384, 128, True, True, True),  # 6 tiles: tasks of 2 tiles
+]
+
+
+@pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
+    (16, 48, 16, True, True, True),  # fp32 only: the smallest group (one plane byte per row), K = 3 groups
+    (32, 24, 8, False, True, False),  # fp32 only: a group of 8
 ])
-def test_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
+def test_fp32_matches_dense_product(n, k, g, has_mask, has_mu, has_bias):
+    layer = _layer(n, k, g, has_mask, has_mu, has_bias)
+    got = _run(_build(n, k, g, has_mask, has_mu, has_bias, kernel=k32.gemv_fp32), *layer)
+    assert rel_err(got, _dense(*layer, g)) < 2e-6  # float32 sums of float32 subset sums
+
+
+@pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES)
+def test_int8_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
     layer = _layer(n, k, g, has_mask, has_mu, has_bias)
     got = _run(_build(n, k, g, has_mask, has_mu, has_bias), *layer)
     assert rel_err(got, k8.reference(layer[0][0], *layer[1:], group_size=g)) < 1e-5
@@ -86,7 +96,14 @@ def test_zero_group_quantises_to_zero():
     assert rel_err(got, k8.reference(x[0], sign, mask, alpha, mu, bias, 64)) < 1e-5
 
 
-def test_assembly_looks_up_tables_with_vpshufb():
+def test_fp32_assembly_looks_up_tables_with_vpermps():
+    asm = _build(64, 256, 64, True, True, False, kernel=k32.gemv_fp32).mod.inspect_source("asm")
+    assert len(re.findall(r"vperm(?:ps|d)\s+%zmm\d+, %zmm\d+, %zmm", asm)) >= 8, "the lookups are not vpermps"
+    assert re.search(r"vpermb\s+.*%zmm", asm), "row bytes are not spread over int32 lanes with vpermb"
+    assert not re.search(r"vpgather|vgather|vpmovzxbd", asm), "the GEMV gathers or widens bytes one by one"
+
+
+def test_int8_assembly_looks_up_tables_with_vpshufb():
     asm = _build(64, 256, 64, True, True, False).mod.inspect_source("asm")
     assert len(re.findall(r"vpshufb\s+%zmm\d+, %zmm", asm)) >= 8, "the lookups are not 512-bit vpshufb"
     assert re.search(r"vpunpcklbw\s+.*%zmm", asm) and re.search(r"vpunpckhbw\s+.*%zmm", asm), \
@@ -96,15 +113,21 @@ def test_assembly_looks_up_tables_with_vpshufb():
 
 
 def test_supported_shapes():
+    assert k32.supported(1536, 576, 64, 16, "uint8") and k32.supported(16, 48, 16, 16, "uint8")
+    assert not k32.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the TE kernel runs them
+    assert not k32.supported(1536, 576, 64, 16, "uint32")
+    assert not k32.supported(40, 576, 64, 16, "uint8")  # N not a multiple of 16
+    assert not k32.supported(16, 576, 36, 16, "uint8")  # a group that is not whole plane bytes
     assert k8.supported(1536, 576, 64, 16, "uint8")
     assert not k8.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the fp32 kernel runs them
     assert not k8.supported(1536, 576, 64, 16, "uint32")
     assert not k8.supported(40, 576, 64, 16, "uint8")  # N not a multiple of 16
     assert not k8.supported(64, 576, 16, 16, "uint8")  # a group narrower than one 64-byte plane load (32)
     assert not k8.supported(64, 576, 8, 16, "uint8")
+    assert not k8.supported(64, 4096, 2048, 16, "uint8")  # int16 group sums could overflow
 
 
-def test_presets_accept_int8_only_with_vnni():
+def test_presets_accept_int8_only_where_they_have_its_kernel():
     from pbs2pc.compiler.targets import get_preset
 
     assert get_preset("x86").with_activations("int8").activations == "int8"
@@ -114,6 +137,29 @@ def test_presets_accept_int8_only_with_vnni():
         get_preset("x86").with_activations("int4")
 
 
+def _calls(dumped_ir, function, kernel):
+    """Calls of ``kernel`` (a PrimFunc name prefix) in one Relax function of a dumped module."""
+    start = dumped_ir.index(f"    def {function}(")
+    end = dumped_ir.find("\n    @", start)
+    return dumped_ir[start:end if end > 0 else None].count(f"cls.{kernel}")
+
+
+def test_compiled_model_uses_fp32_gemvs_in_decode_only(tiny_onnx, tiny_library, tmp_path):
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.runtime import load
+
+    compile_model(tiny_onnx, tmp_path / "fp32.so", X86, dump_ir=tmp_path / "ir")
+    lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
+    assert _calls(lowered, "decode", "sparse_binary_gemv_g") == 14  # 7 linear layers x 2 decoder layers
+    assert _calls(lowered, "main", "sparse_binary_gemv") == _calls(lowered, "prefill", "sparse_binary_gemv") == 0
+
+    # The decode step (lookup-table GEMVs) against the prompt path (the TE kernel) on the same tokens.
+    ids = [5, 9, 100, 7]
+    stepped, whole = load(tiny_library), load(tiny_library)
+    stepped.prefill(ids[:3], 64)
+    assert rel_err(stepped.step(ids[3]), whole.prefill(ids, 64)) < 1e-5
+
+
 def test_compiled_model_uses_int8_gemvs_in_decode_only(tiny_onnx, tiny_library, tmp_path):
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.runtime import load
@@ -121,14 +167,8 @@ def test_compiled_model_uses_int8_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     manifest = compile_model(tiny_onnx, tmp_path / "int8.so", X86, dump_ir=tmp_path / "ir", activations="int8")
     assert manifest["activations"] == "int8"
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
-
-    def calls(function):  # int8 GEMV calls in one Relax function of the dumped module
-        start = lowered.index(f"    def {function}(")
-        end = lowered.find("\n    @", start)
-        return lowered[start:end if end > 0 else None].count("cls.sparse_binary_gemv_int8")
-
-    assert calls("decode") == 14  # 7 linear layers x 2 decoder layers
-    assert calls("main") == calls("prefill") == 0  # the prompt keeps fp32 activations
+    assert _calls(lowered, "decode", "sparse_binary_gemv_int8") == 14
+    assert _calls(lowered, "main", "sparse_binary_gemv_int8") == _calls(lowered, "prefill", "sparse_binary_gemv_int8") == 0
 
     ids = [5, 9, 100, 7]
     fp32, int8 = load(tiny_library), load(tmp_path / "int8.so")

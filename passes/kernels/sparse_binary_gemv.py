@@ -1,0 +1,159 @@
+"""The fp32 GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (F, VBMI): lookup tables.
+
+The x86 preset's one-row calls (the ``decode`` entry) run this hand-written kernel instead of the TE kernel
+(``sparse_binary_linear`` + the CPU schedule rule), which spends about four vector instructions per 16
+weights (a bit test per plane, a blend, an FMA). Here 16 rows x 4 columns cost one ``vpermps``.
+
+Arithmetic (exact fp32, no quantisation). With ``P = mask & sign`` and ``M = mask`` as 0/1 planes, a weight
+is ``mask * (alpha * (2 sign - 1) + mu) = 2 alpha P + (mu - alpha) M``, so per scale group ``g``
+
+    y[o] = sum_g 2 alpha[o, g] * XP[o, g] + (mu[o, g] - alpha[o, g]) * XM[o, g]
+
+with ``XP = sum_k x_k P[o, k]`` and ``XM = sum_k x_k M[o, k]``. For every 4 consecutive inputs the kernel
+first builds the 16 subset sums ``T_j[e] = sum_{i: bit i of e} x[4j + i]`` (one zmm register of fp32 per
+``j``; ``16 K`` bytes for the layer, in L2), so the 4 columns of a plane nibble contribute ``T_j[nibble]``.
+
+Layout. The kernel reads the x86 target layout as it is: sign and mask bytes row-interleaved
+``[N/16, K/8, 16]`` (byte ``[t, c, j]`` holds bits ``8c .. 8c+7`` of row ``16t + j``) and fp16 scales
+``[N/16, K/G, 16]``. Per 16 rows and column byte: one 16-byte load per plane, a ``vpermb`` that puts row
+``j``'s byte into int32 lane ``j``, ``vpermps`` with ``T_{2c}`` (``vpermps`` reads bits 0-3 of each lane:
+the low nibble) and, after a 32-bit shift by 4, with ``T_{2c+1}``, and two ``vaddps``. ``R`` tiles of 16
+rows per parallel task share the table loads; each (tile, plane, nibble) has its own accumulator.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import T, tirx
+
+#: Rows per vector (fp32 lanes of a zmm register) and the row interleave the kernel reads.
+LANES = 16
+#: 16-row tiles per parallel task. 11008x4096 streaming from memory, 2 threads: 2 tiles 646 us, 4 tiles
+#: within noise of 2.
+TILES_PER_TASK = 2
+
+
+def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
+    """Whether the kernel covers this layer (else the TE kernel runs it)."""
+    return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
+            and group_size % 8 == 0 and in_features % group_size == 0)
+
+
+def tiles_per_task(out_features: int, preferred: int) -> int:
+    """The largest of ``preferred``, 2, 1 that divides the layer's 16-row tiles."""
+    tiles = out_features // LANES
+    return next(r for r in (preferred, 2, 1) if tiles % r == 0)
+
+
+def without_absent(kernel, has_mask: bool, has_mu: bool, has_bias: bool):
+    """``kernel`` (parameters ``x, sign, mask, alpha, mu, bias, y``) without the inputs the layer lacks."""
+    keep = [True, True, has_mask, True, has_mu, has_bias, True]
+    params = [p for p, k in zip(kernel.params, keep) if k]
+    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
+
+
+def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
+              has_bias: bool):
+    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
+    N, K, G = out_features, in_features, group_size
+    R = tiles_per_task(N, TILES_PER_TASK)
+    NT, C, GB = N // LANES, K // 8, K // G
+    CG = G // 8  # plane bytes per row per group
+
+    def table_entry(x, j, e):
+        # T_j[e] = sum of x[4j + i] over the set bits i of e
+        terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[0, 4 * j + i] for i in range(4)]
+        return terms[0] + terms[1] + terms[2] + terms[3]
+
+    def lane_bytes(bits16):
+        # row j's byte in every byte of int32 lane j (vpermb); vpermps reads bits 0-3 of a lane only, so the
+        # copies above do not matter and the high nibble is one 32-bit shift away
+        return T.reinterpret("int32x16", T.Shuffle([bits16] * 4, [j // 4 for j in range(64)]))
+
+    def lookup(tab, col, nibble, bits16):
+        idx = lane_bytes(bits16)
+        if nibble == 1:
+            idx = T.shift_right(idx, T.broadcast(4, LANES))
+        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
+                                       tab.vload([2 * col + nibble, 0], "float32x16"), idx)
+
+    def plane(buf, tile, col):
+        return buf.vload([tile, col, 0], "uint8x16")
+
+    def p_bits(sign, mask, tile, col):
+        return T.bitwise_and(plane(sign, tile, col), plane(mask, tile, col)) if has_mask else plane(sign, tile, col)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
+               mask: T.Buffer((NT, C, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
+               mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"),
+               y: T.Buffer((1, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        tab = T.alloc_buffer((K // 4, LANES), "float32")
+        xm = T.alloc_buffer((GB,), "float32")  # XM of a layer without a mask plane: the group's sum of x
+        # 1. The tables (serial: K/4 vectors, a few microseconds).
+        for j in range(K // 4):
+            for e in T.vectorized(LANES):
+                tab[j, e] = table_entry(x, j, e)
+        if not has_mask:
+            for g in range(GB):
+                xm[g] = T.float32(0)
+                for k in range(G):
+                    xm[g] = xm[g] + x[0, g * G + k]
+        # 2. The GEMV: R tiles of 16 rows per task, partial sums per (tile, plane, nibble), scaled per group.
+        for task in T.parallel(NT // R):
+            acc = T.alloc_buffer((R, LANES), "float32", scope="local")
+            part = T.alloc_buffer((R, 2, 2, LANES), "float32", scope="local")  # [tile, P | M, nibble, row]
+            for r in T.unroll(R):
+                for l in T.vectorized(LANES):
+                    acc[r, l] = T.float32(0)
+            for g in range(GB):
+                for r in T.unroll(R):
+                    for p in T.unroll(2):
+                        for h in T.unroll(2):
+                            for l in T.vectorized(LANES):
+                                part[r, p, h, l] = T.float32(0)
+                for c in range(CG):
+                    for r in T.unroll(R):
+                        part[r, 0, 0, T.ramp(0, 1, LANES)] = part.vload([r, 0, 0, 0], "float32x16") + lookup(
+                            tab, g * CG + c, 0, p_bits(sign, mask, task * R + r, g * CG + c))
+                        part[r, 0, 1, T.ramp(0, 1, LANES)] = part.vload([r, 0, 1, 0], "float32x16") + lookup(
+                            tab, g * CG + c, 1, p_bits(sign, mask, task * R + r, g * CG + c))
+                        if has_mask:
+                            part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + lookup(
+                                tab, g * CG + c, 0, plane(mask, task * R + r, g * CG + c))
+                            part[r, 1, 1, T.ramp(0, 1, LANES)] = part.vload([r, 1, 1, 0], "float32x16") + lookup(
+                                tab, g * CG + c, 1, plane(mask, task * R + r, g * CG + c))
+                for r in T.unroll(R):
+                    for l in T.vectorized(LANES):
+                        if not has_mask:
+                            part[r, 1, 0, l] = xm[g]
+                        acc[r, l] = acc[r, l] + T.float32(2) * T.Cast("float32", alpha[task * R + r, g, l]) * (
+                            part[r, 0, 0, l] + part[r, 0, 1, l])
+                        if has_mu:
+                            acc[r, l] = acc[r, l] + (T.Cast("float32", mu[task * R + r, g, l])
+                                                     - T.Cast("float32", alpha[task * R + r, g, l])) * (
+                                part[r, 1, 0, l] + part[r, 1, 1, l])
+                        else:
+                            acc[r, l] = acc[r, l] - T.Cast("float32", alpha[task * R + r, g, l]) * (
+                                part[r, 1, 0, l] + part[r, 1, 1, l])
+            for r in T.unroll(R):
+                for l in T.vectorized(LANES):
+                    if has_bias:
+                        y[0, (task * R + r) * LANES + l] = acc[r, l] + bias[(task * R + r) * LANES + l]
+                    else:
+                        y[0, (task * R + r) * LANES + l] = acc[r, l]
+
+    return without_absent(kernel, has_mask, has_mu, has_bias)
+
+
+def reference(x, sign, mask, alpha, mu, bias, group_size: int):
+    """float64 numpy oracle of the layer on the interchange layout (``sign``/``mask`` uint8 ``[N, K/8]``,
+    scales ``[N, K/G]``, ``x`` ``[K]``): the dense product ``(mask * (alpha (2 sign - 1) + mu)) @ x + bias``."""
+    import numpy as np
+
+    s = np.unpackbits(sign, axis=1, bitorder="little").astype(np.float64)
+    m = np.ones_like(s) if mask is None else np.unpackbits(mask, axis=1, bitorder="little").astype(np.float64)
+    a = np.repeat(alpha.astype(np.float64), group_size, axis=1)
+    u = 0 if mu is None else np.repeat(mu.astype(np.float64), group_size, axis=1)
+    y = (m * (a * (2 * s - 1) + u)) @ np.asarray(x, np.float64)
+    return y if bias is None else y + bias
