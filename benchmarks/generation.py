@@ -8,8 +8,8 @@ In one process and one run, for each prompt length (real held-out English text, 
 * **pbs2pc**: SmolLM2 compressed at 6:8 (the simple compressor: speed does not depend on how the bits were
   chosen), exported, compiled for x86, run through ``pbs2pc.runtime`` with its in-place KV cache: the
   ``main`` function for the prompt, ``decode`` for each new token.
-* **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to the decode step's
-  linear layers; accuracy cost in ``benchmarks/int8_accuracy.py``).
+* **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to every sparse-binary
+  linear layer, prompt and decode; accuracy cost in ``benchmarks/int8_accuracy.py``).
 * **torch generate**: the original model in float32, ``model.generate(do_sample=False)`` with its default
   dynamic cache, 2 threads. Prefill = one call with ``max_new_tokens=1``; decode rate from the difference
   of two calls (``N`` and 1 new tokens, ``min_new_tokens`` set so both run to length).
@@ -78,7 +78,7 @@ def build(workdir: Path, rebuild: bool):
         del small
     lib8 = workdir / "pbs2p-int8" / "model.so"
     if rebuild or not lib8.exists():
-        print("compiling with int8 decode activations ...", flush=True)
+        print("compiling with int8 activations ...", flush=True)
         compile_model(workdir / "pbs2p" / "model.onnx", lib8, "x86", activations="int8")
     return model, tokenizer, dense_onnx, lib, lib8
 

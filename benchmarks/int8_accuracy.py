@@ -4,13 +4,13 @@
     python benchmarks/int8_accuracy.py --quick    # fewer windows
 
 1. **Where perplexity means something: the original SmolLM2-135M** (fp32, torch). Every decoder linear
-   layer's input is rounded exactly as the int8 GEMV rounds it (per group of 64 inputs, symmetric,
+   layer's input is rounded exactly as the int8 kernels round it (per group of 64 inputs, symmetric,
    ``round_half_even(x * 127 / max|x|)``) and the model is scored on the held-out corpus (the same
    non-overlapping 512-token windows as ``benchmarks/accuracy.py``). Binarised 135M models score
    perplexities in the thousands and up (docs/accuracy.md), so a small change there says little.
 2. **The compiled artifact itself**: SmolLM2 6:8 (simple compressor) compiled twice, with fp32 and with
-   int8 decode activations; each reads held-out windows token by token through ``decode`` (the entry that
-   uses the int8 kernel). Reported: perplexity of both, how often their greedy next token agrees, and the
+   int8 activations; each reads held-out windows token by token through ``decode`` (the int8 GEMV; the
+   prompt's int8 GEMM rounds the same way). Reported: perplexity of both, how often their greedy next token agrees, and the
    logits' relative difference.
 
 Writes ``benchmarks/results/int8_accuracy.json`` and prints a markdown table.
@@ -34,7 +34,7 @@ GROUP = 64  # SmolLM2's scale group: the int8 kernel quantises x per group of G 
 
 
 def fake_quant_int8(x, group: int = GROUP):
-    """The int8 GEMV's rounding of ``x`` (torch, last dim split into groups), returned dequantised."""
+    """The int8 kernels' rounding of ``x`` (torch, last dim split into groups), returned dequantised."""
     import torch
 
     shape = x.shape

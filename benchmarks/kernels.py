@@ -15,8 +15,8 @@ In one process and one run, for every weight shape N x K and rows M:
   byte planes run the fp32 lookup-table GEMV (``passes/kernels/sparse_binary_gemv.py``).
 * **pbs2pc_te** (M = 1 only, with byte planes): the TE kernel + CPU schedule rule instead of that GEMV (the
   x86 default before it), for the comparison.
-* **pbs2pc_int8** (M = 1 only): the same compiled with ``--activations int8`` (the vpshufb lookup-table
-  GEMV; its accuracy cost is measured by ``benchmarks/int8_accuracy.py``).
+* **pbs2pc_int8**: the same compiled with ``--activations int8`` (M = 1: the vpshufb lookup-table GEMV,
+  M > 1: the VNNI GEMM; the accuracy cost is measured by ``benchmarks/int8_accuracy.py``).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
@@ -325,8 +325,8 @@ def run_benchmark(args) -> dict:
             for fmt in formats:
                 if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
                     continue
-                if fmt in ("pbs2pc_int8", "pbs2pc_te") and rows > 1:
-                    continue  # GEMV (decode step) variants: int8 activations, the TE kernel instead of the LUT one
+                if fmt == "pbs2pc_te" and rows > 1:
+                    continue  # the TE kernel instead of the lookup-table GEMV: a one-row comparison
                 if fmt == "ort_nbits2_acc0" and rows > 1:
                     continue  # ORT's fp32-compute 2-bit path is ~100x slower than its int8 one (see M = 1)
                 wbytes = weight_bytes(fmt, n_out, k)
@@ -484,7 +484,7 @@ def main(argv=None) -> int:
                         help="with --report-only: measure STREAM again, keep the higher figures, recompute floors "
                              "(on a shared machine the first measurement can be depressed by other load)")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
-                        help="skip the int8-activation GEMV (pbs2pc_int8, M = 1 only)")
+                        help="skip the int8-activation kernels (pbs2pc_int8)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:

@@ -36,8 +36,9 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
 
     ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
     then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
-    ``activations="int8"`` quantises the inputs of the one-token (``decode``) linear layers to int8 (see
-    :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`); the default keeps fp32 everywhere.
+    ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
+    :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
+    fp32 everywhere.
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline

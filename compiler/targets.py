@@ -32,9 +32,9 @@ class TargetPreset:
     #: ``T`` rows a SIMD vector covers are contiguous); 0 keeps the row-major layout. Layers whose N is not a
     #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
     plane_interleave: int = 0
-    #: Activations of the one-token (``decode``) linear layers: ``"fp32"``, or ``"int8"`` (quantised per
-    #: scale group, products looked up in AVX-512BW ``vpshufb`` tables; ``pbs2pc compile --activations int8``).
-    #: Only presets with ``int8_activations`` accept it.
+    #: Activations of the sparse-binary linear layers: ``"fp32"``, or ``"int8"`` (quantised per scale group:
+    #: ``vpshufb`` lookup-table GEMV for one row, AVX-512 VNNI GEMM for the prompt; ``pbs2pc compile
+    #: --activations int8``). Only presets with ``int8_activations`` accept it.
     activations: str = "fp32"
     int8_activations: bool = False
     #: One-row calls (the ``decode`` entry) run the hand-written AVX-512 lookup-table GEMV
@@ -85,7 +85,7 @@ X86 = TargetPreset(
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
-    int8_activations=True,  # vpshufb lookup-table GEMV: pbs2pc.passes.kernels.sparse_binary_gemv_int8
+    int8_activations=True,  # passes/kernels/sparse_binary_gemv_int8.py (vpshufb), sparse_binary_gemm_int8.py (VNNI)
     lut_gemv=True,  # vpermps lookup-table fp32 GEMV: 1.7x the TE kernel at 11008x4096 M = 1 (docs/performance.md)
 )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import sparse_binary_gemv as lut_gemv
+from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as int8_gemm
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as int8_gemv
 from pbs2pc.passes.kernels.sparse_binary_linear import INFO_ATTR, pbs2p_info, sparse_binary_linear
 
@@ -53,11 +54,11 @@ def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, lut_gemv: bool = False, int8_gemv: bool = False):
+    def __init__(self, mod, lut_gemv: bool = False, int8: bool = False):
         super().__init__(mod)
         self.mod = mod
         self.lut_gemv = lut_gemv
-        self.int8_gemv = int8_gemv
+        self.int8 = int8
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -87,8 +88,8 @@ class _Lowerer(relax.PyExprMutator):
         if planes[1] is not None and str(planes[0].ty.dtype) != str(planes[1].ty.dtype):
             planes = [roles["sign"], roles["mask"]]  # mixed widths: give the kernel the uint8 views
         scales = [self._target_input(roles[r]) if r in roles else None for r in ("alpha", "mu")]
-        gemv = self._gemv(x2, lead, k, out_features, g, planes, scales, roles.get("bias"))
-        y = gemv if gemv is not None else bb.emit(
+        handwritten = self._handwritten(x2, lead, k, out_features, g, planes, scales, roles.get("bias"))
+        y = handwritten if handwritten is not None else bb.emit(
             bb.call_te(
                 _kernel, x2, planes[0], planes[1], scales[0], scales[1], roles.get("bias"),
                 n, m, g,
@@ -100,34 +101,39 @@ class _Lowerer(relax.PyExprMutator):
             y = bb.emit(op.astype(y, x_ty.dtype))
         return op.reshape(y, lead + [out_features]) if len(lead) != 1 else y
 
-    def _gemv(self, x2, lead, k, out_features, g, planes, scales, bias):
-        """``call_tir`` of a hand-written GEMV (int8 or fp32 lookup tables) for a one-row call, else None."""
-        if not (self.lut_gemv or self.int8_gemv):
+    def _handwritten(self, x2, lead, k, out_features, g, planes, scales, bias):
+        """``call_tir`` of a hand-written kernel where the preset has one for this call, else None: the int8
+        GEMV or GEMM (``int8``: one row / several rows), or the fp32 lookup-table GEMV (``lut_gemv``)."""
+        if not (self.lut_gemv or self.int8):
             return None
         try:
-            rows = [int(d) for d in lead]
             n, k = int(out_features), int(k)
-        except TypeError:  # a symbolic dimension: the prompt's GEMM, not a GEMV
+        except TypeError:
             return None
+        try:
+            one_row = all(int(d) == 1 for d in lead)
+        except TypeError:  # a symbolic dimension: the prompt
+            one_row = False
         sign_ty = planes[0].ty
         interleave = int(sign_ty.shape[2]) if sign_ty.ndim == 3 else 0
-        if (rows.count(1) != len(rows)
-                or any(t.ty.ndim != 3 for t in planes + scales if t is not None)
+        if (any(t.ty.ndim != 3 for t in planes + scales if t is not None)
                 or any(str(t.ty.dtype) != "float16" for t in scales if t is not None)
                 or (bias is not None and str(bias.ty.dtype) != "float32")):
             return None
-        has_mask, has_mu = planes[1] is not None, scales[1] is not None
-        if self.int8_gemv and int8_gemv.supported(n, k, g, interleave, str(sign_ty.dtype)):
-            func = int8_gemv.gemv_int8(n, k, g, has_mask, has_mu, bias is not None)
-            name = f"sparse_binary_gemv_int8_g{g}_"
-        elif self.lut_gemv and lut_gemv.supported(n, k, g, interleave, str(sign_ty.dtype)):
-            func = lut_gemv.gemv_fp32(n, k, g, has_mask, has_mu, bias is not None)
-            name = f"sparse_binary_gemv_g{g}_"
+        layout = (n, k, g, interleave, str(sign_ty.dtype))
+        has = (planes[1] is not None, scales[1] is not None, bias is not None)
+        if self.int8 and one_row and int8_gemv.supported(*layout):
+            func, name = int8_gemv.gemv_int8(n, k, g, *has), f"sparse_binary_gemv_int8_g{g}_"
+        elif self.int8 and int8_gemm.supported(*layout):  # any number of rows (one: a group the GEMV lacks)
+            func, name = int8_gemm.gemm_int8(n, k, g, *has), f"sparse_binary_gemm_int8_g{g}_"
+        elif one_row and self.lut_gemv and lut_gemv.supported(*layout):
+            func, name = lut_gemv.gemv_fp32(n, k, g, *has), f"sparse_binary_gemv_g{g}_"
         else:
             return None
         gv = self.builder_.add_func(func, name)
         args = [x2] + [a for a in (planes[0], planes[1], scales[0], scales[1], bias) if a is not None]
-        return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([1, n], "float32")))
+        rows = 1 if one_row else x2.ty.shape[0]
+        return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
 
     def _word_plane(self, plane):
         """The word tensor behind a uint8 ``R.memory.view`` of a plane (see PackPlanesAsWords), else ``plane``.
@@ -188,18 +194,19 @@ class _Lowerer(relax.PyExprMutator):
 class LowerSparseBinaryLinear:
     """Lower every pbs2p reference function call to a packed-bit kernel (see the module docstring).
 
-    Calls with a single row (the ``decode`` entry) go to a hand-written GEMV where it covers the layer's
-    layout: ``int8_gemv=True`` (``pbs2pc compile --activations int8``) the int8-activation one
-    (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8`), else ``lut_gemv=True`` (the x86 preset) the fp32
-    one (:mod:`pbs2pc.passes.kernels.sparse_binary_gemv`). Every other call keeps the TE kernel.
+    Hand-written kernels replace the TE kernel where they cover the layer's layout: with ``int8=True``
+    (``pbs2pc compile --activations int8``) every call quantises its input to int8, one-row calls (the
+    ``decode`` entry) through :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and the prompt's through
+    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm_int8`; otherwise ``lut_gemv=True`` (the x86 preset)
+    sends one-row calls to the fp32 :mod:`pbs2pc.passes.kernels.sparse_binary_gemv`.
     """
 
-    def __init__(self, lut_gemv: bool = False, int8_gemv: bool = False):
+    def __init__(self, lut_gemv: bool = False, int8: bool = False):
         self.lut_gemv = lut_gemv
-        self.int8_gemv = int8_gemv
+        self.int8 = int8
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.lut_gemv, self.int8_gemv)
+        lowerer = _Lowerer(mod, self.lut_gemv, self.int8)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

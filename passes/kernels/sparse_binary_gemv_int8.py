@@ -53,6 +53,38 @@ def supported(out_features: int, in_features: int, group_size: int, interleave: 
             and group_size % COLUMNS_PER_LOAD == 0 and group_size <= MAX_GROUP and in_features % group_size == 0)
 
 
+def quantiser(in_features: int, group_size: int, group_sums: bool):
+    """A TVMScript macro ``quantise(x, m, q, xs, qsum)``: row ``m`` of ``x`` [*, K] (fp32) to ``q`` [*, K] int8
+    per group of ``G`` (symmetric, ``xs`` [*, K/G] the scales ``max|x| / 127``, round half to even, 0 for a
+    group of zeros), and with ``group_sums`` each group's sum of ``q`` into ``qsum`` [*, K/G] (int32)."""
+    K, G = in_features, group_size
+    GB = K // G
+
+    @T.macro
+    def quantise(x, m, q, xs, qsum):
+        for g in range(GB):
+            peak = T.alloc_buffer((LANES,), "float32", scope="local")
+            amax = T.alloc_buffer((2,), "float32", scope="local")
+            for l in T.vectorized(LANES):
+                peak[l] = T.float32(0)
+            for k0 in range(G // LANES):
+                for l in T.vectorized(LANES):
+                    peak[l] = T.max(peak[l], T.fabs(x[m, g * G + k0 * LANES + l]))
+            amax[0] = T.float32(0)
+            for l in range(LANES):
+                amax[0] = T.max(amax[0], peak[l])
+            xs[m, g] = amax[0] / T.float32(127)
+            amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+            for k in T.vectorized(G):
+                q[m, g * G + k] = T.Cast("int8", T.round(x[m, g * G + k] * amax[1]))
+            if group_sums:
+                qsum[m, g] = 0
+                for k in range(G):
+                    qsum[m, g] = qsum[m, g] + T.Cast("int32", q[m, g * G + k])
+
+    return quantise
+
+
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
               has_bias: bool):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
@@ -65,10 +97,12 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     def u8(v):
         return T.broadcast(T.uint8(v), 64)
 
+    quantise = quantiser(K, G, group_sums=not has_mask)
+
     def table_entry(xq, col_byte, nibble, e):
         # T[e] for the 4 inputs of one nibble of a column byte, as int16 (|T| <= 4 * 127)
         first = 8 * col_byte + 4 * nibble
-        terms = [T.Cast("int16", T.bitwise_and(T.shift_right(e, i), 1)) * T.Cast("int16", xq[first + i])
+        terms = [T.Cast("int16", T.bitwise_and(T.shift_right(e, i), 1)) * T.Cast("int16", xq[0, first + i])
                  for i in range(4)]
         return terms[0] + terms[1] + terms[2] + terms[3]
 
@@ -108,30 +142,12 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"),
                y: T.Buffer((1, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xq = T.alloc_buffer((K,), "int8")
-        xs = T.alloc_buffer((GB,), "float32")
-        qsum = T.alloc_buffer((GB,), "int32")
+        xq = T.alloc_buffer((1, K), "int8")
+        xs = T.alloc_buffer((1, GB), "float32")
+        qsum = T.alloc_buffer((1, GB), "int32")  # IM of a layer without a mask plane: the group's sum of q
         tab = T.alloc_buffer((4, C, LANES), "uint8")
         # 1. Quantise x per group (serial: K elements, a few microseconds, not worth a parallel launch).
-        for g in range(GB):
-            peak = T.alloc_buffer((LANES,), "float32", scope="local")
-            amax = T.alloc_buffer((2,), "float32", scope="local")
-            for l in T.vectorized(LANES):
-                peak[l] = T.float32(0)
-            for k0 in range(G // LANES):
-                for l in T.vectorized(LANES):
-                    peak[l] = T.max(peak[l], T.fabs(x[0, g * G + k0 * LANES + l]))
-            amax[0] = T.float32(0)
-            for l in range(LANES):
-                amax[0] = T.max(amax[0], peak[l])
-            xs[g] = amax[0] / T.float32(127)
-            amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-            for k in T.vectorized(G):
-                xq[g * G + k] = T.Cast("int8", T.round(x[0, g * G + k] * amax[1]))
-            if not has_mask:  # no mask plane: IM is the group's sum of q
-                qsum[g] = 0
-                for k in range(G):
-                    qsum[g] = qsum[g] + T.Cast("int32", xq[g * G + k])
+        quantise(x, 0, xq, xs, qsum)
         # 2. The tables: tab[2h + b, c, e] = byte b (0 low, 1 high) of T[e] for nibble h of column byte c.
         for c in range(C):
             for h in range(2):
@@ -179,16 +195,16 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                         im[r, T.ramp(0, 1, LANES)] = row_sums(a16.vload([r, 1, 0, 0], "int16x32"),
                                                               a16.vload([r, 1, 1, 0], "int16x32"))
                     else:
-                        im[r, T.ramp(0, 1, LANES)] = T.broadcast(qsum[g], LANES)
+                        im[r, T.ramp(0, 1, LANES)] = T.broadcast(qsum[0, g], LANES)
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         if has_mu:
-                            acc[r, l] = acc[r, l] + xs[g] * (
+                            acc[r, l] = acc[r, l] + xs[0, g] * (
                                 T.float32(2) * T.Cast("float32", alpha[task * R + r, g, l]) * T.Cast("float32", ip[r, l])
                                 + (T.Cast("float32", mu[task * R + r, g, l]) - T.Cast("float32", alpha[task * R + r, g, l]))
                                 * T.Cast("float32", im[r, l]))
                         else:
-                            acc[r, l] = acc[r, l] + xs[g] * T.Cast("float32", alpha[task * R + r, g, l]) * (
+                            acc[r, l] = acc[r, l] + xs[0, g] * T.Cast("float32", alpha[task * R + r, g, l]) * (
                                 T.float32(2) * T.Cast("float32", ip[r, l]) - T.Cast("float32", im[r, l]))
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):

@@ -14,8 +14,8 @@ def add_parser(sub):
     p.add_argument("--target", default="x86", choices=list(PRESETS), help="target preset (default: x86)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
     p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
-                   help="fp32 (default), or int8: the one-token decode step quantises each linear layer's input "
-                        "to int8 per scale group and looks the products up in vpshufb tables (faster GEMVs; accuracy cost in "
+                   help="fp32 (default), or int8: every sparse-binary linear layer quantises its input to int8 per "
+                        "scale group (faster decode and prompt; accuracy cost in "
                         "docs/performance.md)")
     return p
 

@@ -1,10 +1,12 @@
-"""The hand-written x86 GEMVs (M = 1): numerics against numpy oracles, assembly, and their wiring.
+"""The hand-written x86 kernels: numerics against numpy oracles, assembly, and their wiring.
 
 * fp32 (``sparse_binary_gemv``, vpermps lookup tables, the x86 default for one-row calls): against the
   float64 dense product to float32 rounding.
 * int8 activations (``sparse_binary_gemv_int8``, vpshufb tables, ``--activations int8``): its oracle does the
   same per-group quantisation of ``x`` and then exact integer dot products, so the kernel must match it to
   float32 rounding; against the float64 dense product it may differ by the 8-bit rounding of ``x`` only.
+* int8 GEMM (``sparse_binary_gemm_int8``, vpdpbusd, the prompt with ``--activations int8``): the same oracle
+  row by row, for M = 1, 2, 3, 17 and 128.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import Pbs2pcError, UnsupportedError  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
+from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as g8  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemv as k32  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as k8  # noqa: E402
 from testutil import X86, rel_err  # noqa: E402
@@ -44,14 +47,15 @@ def _build(n, k, g, has_mask, has_mu, has_bias, kernel=k8.gemv_int8):
     return tvm.compile(tvm.IRModule({"gemv": func}), target=TARGET)
 
 
-def _run(lib, x, sign, mask, alpha, mu, bias):
+def _run(lib, x, sign, mask, alpha, mu, bias):  # x [M, K] -> y [M, N]
     args = [x, interleave_array(sign, 16)]
     args += [interleave_array(mask, 16)] if mask is not None else []
     args += [interleave_array(alpha, 16)] + ([interleave_array(mu, 16)] if mu is not None else [])
     args += [bias] if bias is not None else []
-    tensors = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros((1, sign.shape[0]), np.float32))]
+    out = np.zeros((x.shape[0], sign.shape[0]), np.float32)
+    tensors = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(out)]
     lib["gemv"](*tensors)
-    return tensors[-1].numpy()[0]
+    return tensors[-1].numpy()[0] if x.shape[0] == 1 else tensors[-1].numpy()
 
 
 def _dense(x, sign, mask, alpha, mu, bias, g):
@@ -88,6 +92,28 @@ def test_int8_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
     assert 1e-6 < err < 2e-2
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+@pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
+    (16, 48, 16, True, True, True),  # the smallest group (16): the GEMV lacks it, the GEMM has it
+])
+def test_int8_gemm_matches_oracle_row_by_row(rows, n, k, g, has_mask, has_mu, has_bias):
+    layer = list(_layer(n, k, g, has_mask, has_mu, has_bias))
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    x[:, :g] *= np.arange(1, rows + 1, dtype=np.float32)[:, None] * 10  # rows and groups with their own scales
+    layer[0] = x
+    got = _run(_build(n, k, g, has_mask, has_mu, has_bias, kernel=g8.gemm_int8), *layer).reshape(rows, n)
+    want = np.stack([k8.reference(row, *layer[1:], group_size=g) for row in x])
+    assert rel_err(got, want) < 1e-5
+
+
+def test_int8_gemm_prompt_sized():
+    layer = list(_layer(576, 1536, 64, True, True, True))
+    layer[0] = np.random.default_rng(1).standard_normal((128, 1536)).astype(np.float32)
+    got = _run(_build(576, 1536, 64, True, True, True, kernel=g8.gemm_int8), *layer)
+    want = np.stack([k8.reference(row, *layer[1:], group_size=64) for row in layer[0]])
+    assert rel_err(got, want) < 1e-5
+
+
 def test_zero_group_quantises_to_zero():
     x, sign, mask, alpha, mu, bias = _layer(32, 256, 64, True, True, False)
     x[0, 64:128] = 0  # a group of zeros: scale 0, no division by zero
@@ -112,6 +138,14 @@ def test_int8_assembly_looks_up_tables_with_vpshufb():
     assert not re.search(r"vpgather|vgather", asm), "the GEMV gathers"
 
 
+def test_int8_gemm_assembly_uses_vnni():
+    asm = _build(64, 256, 64, True, True, False, kernel=g8.gemm_int8).mod.inspect_source("asm")
+    assert len(re.findall(r"vpdpbusd\s+%zmm", asm)) >= 16, "the row blocks are not 512-bit vpdpbusd"
+    assert re.search(r"vptestmb\s+.*%k\d", asm), "plane bits are not tested into mask registers"
+    assert re.search(r"vpbroadcastd\s+.*%zmm", asm), "4 int8 inputs are not broadcast per row"
+    assert not re.search(r"vpgather|vgather", asm), "the GEMM gathers"
+
+
 def test_supported_shapes():
     assert k32.supported(1536, 576, 64, 16, "uint8") and k32.supported(16, 48, 16, 16, "uint8")
     assert not k32.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the TE kernel runs them
@@ -125,6 +159,9 @@ def test_supported_shapes():
     assert not k8.supported(64, 576, 16, 16, "uint8")  # a group narrower than one 64-byte plane load (32)
     assert not k8.supported(64, 576, 8, 16, "uint8")
     assert not k8.supported(64, 4096, 2048, 16, "uint8")  # int16 group sums could overflow
+    assert g8.supported(16, 48, 16, 16, "uint8") and g8.supported(64, 4096, 2048, 16, "uint8")
+    assert not g8.supported(64, 576, 8, 16, "uint8")  # a group narrower than one quantisation vector
+    assert not g8.supported(40, 576, 64, 16, "uint8")
 
 
 def test_presets_accept_int8_only_where_they_have_its_kernel():
@@ -160,7 +197,7 @@ def test_compiled_model_uses_fp32_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     assert rel_err(stepped.step(ids[3]), whole.prefill(ids, 64)) < 1e-5
 
 
-def test_compiled_model_uses_int8_gemvs_in_decode_only(tiny_onnx, tiny_library, tmp_path):
+def test_compiled_model_runs_every_linear_in_int8(tiny_onnx, tiny_library, tmp_path):
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.runtime import load
 
@@ -168,7 +205,8 @@ def test_compiled_model_uses_int8_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     assert manifest["activations"] == "int8"
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_int8") == 14
-    assert _calls(lowered, "main", "sparse_binary_gemv_int8") == _calls(lowered, "prefill", "sparse_binary_gemv_int8") == 0
+    assert _calls(lowered, "main", "sparse_binary_gemm_int8") == _calls(lowered, "prefill", "sparse_binary_gemm_int8") == 14
+    assert _calls(lowered, "decode", "sparse_binary_gemm_int8") == _calls(lowered, "main", "sparse_binary_linear") == 0
 
     ids = [5, 9, 100, 7]
     fp32, int8 = load(tiny_library), load(tmp_path / "int8.so")
@@ -176,6 +214,5 @@ def test_compiled_model_uses_int8_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     for name, model in (("fp32", fp32), ("int8", int8)):
         prompt = model.prefill(ids[:3], 64)
         steps[name] = (prompt, model.step(ids[3]))
-    np.testing.assert_array_equal(steps["fp32"][0], steps["int8"][0])  # the prompt stays fp32
-    err = rel_err(steps["int8"][1], steps["fp32"][1])
-    assert 1e-7 < err < 5e-2  # decode: int8 activations, close to fp32 but not identical
+    for i in range(2):  # the prompt (GEMM) and the decode step (GEMV): close to fp32 but not identical
+        assert 1e-7 < rel_err(steps["int8"][i], steps["fp32"][i]) < 5e-2
