@@ -1,9 +1,10 @@
-"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (BW, VBMI).
+"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (BW).
 
 Opt-in (``pbs2pc compile --activations int8``): the one-token ``decode`` entry's linear layers quantise
 their input to int8 and look the products up in tables (T-MAC style: ``vpshufb``, 64 lookups of 4 weights
-per instruction), where the fp32 GEMV (``sparse_binary_linear`` + the CPU schedule rule) spends about four
-vector instructions per 16 weights. The prompt (``main``/``prefill``, M > 1) keeps fp32 activations.
+per instruction). The prompt's calls (``main``/``prefill``, M rows) go to the int8 GEMM
+(``sparse_binary_gemm_int8``), which shares this module's quantisation; without ``--activations int8`` one-row
+calls run the fp32 lookup-table GEMV (``sparse_binary_gemv``).
 
 Arithmetic. Per group ``g`` of ``G`` inputs, the activation is quantised symmetrically:
 ``s_g = max|x_g| / 127``, ``q = round_half_even(x * (127 / max|x_g|))`` (0 where the group is all zeros).
