@@ -30,6 +30,15 @@ LANES = 16
 #: 16-row tiles per parallel task. 11008x4096 streaming from memory, 2 threads: 2 tiles 646 us, 4 tiles
 #: within noise of 2.
 TILES_PER_TASK = 2
+#: Layers with fewer weights run their tasks on one thread: a parallel launch costs more than it saves there
+#: (SmolLM2's k/v projection, 192x576: 2.8 us serial, 4.8 us parallel; 576x576 about level, 8.2-9.8 vs
+#: 8.1-8.4 us; 1536x576 15-16 us parallel, 20-21 us serial; fp32, 2 threads, 8 layers in turn).
+PARALLEL_MIN_WEIGHTS = 1 << 18
+
+
+def task_loop(out_features: int, in_features: int):
+    """``T.parallel``, or ``T.serial`` for a layer too small to be worth a parallel launch."""
+    return T.parallel if out_features * in_features >= PARALLEL_MIN_WEIGHTS else T.serial
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
@@ -58,6 +67,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     R = tiles_per_task(N, TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
+    tasks = task_loop(N, K)
 
     def table_entry(x, j, e):
         # T_j[e] = sum of x[4j + i] over the set bits i of e
@@ -100,7 +110,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                 for k in range(G):
                     xm[g] = xm[g] + x[0, g * G + k]
         # 2. The GEMV: R tiles of 16 rows per task, partial sums per (tile, plane, nibble), scaled per group.
-        for task in T.parallel(NT // R):
+        for task in tasks(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32", scope="local")
             part = T.alloc_buffer((R, 2, 2, LANES), "float32", scope="local")  # [tile, P | M, nibble, row]
             for r in T.unroll(R):

@@ -36,7 +36,7 @@ share the table loads.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import LANES, tiles_per_task, without_absent
+from pbs2pc.passes.kernels.sparse_binary_gemv import LANES, task_loop, tiles_per_task, without_absent
 
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
@@ -99,6 +99,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         return T.broadcast(T.uint8(v), 64)
 
     quantise = quantiser(K, G, group_sums=not has_mask)
+    tasks = task_loop(N, K)
 
     def table_entry(xq, col_byte, nibble, e):
         # T[e] for the 4 inputs of one nibble of a column byte, as int16 (|T| <= 4 * 127)
@@ -157,7 +158,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     tab[2 * h + 1, c, e] = T.Cast("uint8", T.bitwise_and(
                         T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
         # 3. The GEMV: R tiles of 16 rows per task; int16 sums per (tile, plane, row half), reduced per group.
-        for task in T.parallel(NT // R):
+        for task in tasks(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32", scope="local")
             a16 = T.alloc_buffer((R, 2, 2, 32), "int16", scope="local")  # [tile, P | M, rows 0-7 | 8-15, word]
             ip = T.alloc_buffer((R, LANES), "int32", scope="local")

@@ -146,6 +146,13 @@ def test_int8_gemm_assembly_uses_vnni():
     assert not re.search(r"vpgather|vgather", asm), "the GEMM gathers"
 
 
+def test_small_gemvs_run_on_one_thread():
+    # a parallel launch costs more than a 192x576 layer's work; larger layers split their tiles over threads
+    for kernel in (k32.gemv_fp32, k8.gemv_int8):
+        assert "T.parallel" not in kernel(192, 576, 64, True, True, False).script()
+        assert "T.parallel" in kernel(1536, 576, 64, True, True, False).script()
+
+
 def test_supported_shapes():
     assert k32.supported(1536, 576, 64, 16, "uint8") and k32.supported(16, 48, 16, 16, "uint8")
     assert not k32.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the TE kernel runs them
