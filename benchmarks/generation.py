@@ -36,26 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from machine import read_bandwidth, timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "generation.json"
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s of ``tensor.sum()`` over a ``gib`` GiB float32 array with 2 threads (best of ``repeats``)."""
-    import torch
-
-    a = torch.full((int(gib * 2**30) // 4,), 1.0)
-    a.sum()
-    best = min(_seconds(a.sum) for _ in range(repeats))
-    return round(a.numel() * 4 / best / 1e9, 1)
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def build(workdir: Path, rebuild: bool):
@@ -110,7 +94,7 @@ def torch_generate_rates(model, ids: list[int], new_tokens: int, repeats: int) -
 
     def run(n):
         with torch.inference_mode():
-            return _seconds(lambda: model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False))
+            return timed(lambda: model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False))
 
     run(2)
     one = statistics.median(run(1) for _ in range(repeats))
@@ -200,6 +184,8 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.quick:
         args.prompt_lengths, args.new_tokens, args.repeats = [32], 16, 1
+        if args.output == RESULTS:  # a smoke run does not replace the recorded run
+            args.output = RESULTS.with_name("generation_quick.json")
     data = run_benchmark(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(data, indent=1) + "\n")

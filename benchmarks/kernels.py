@@ -39,9 +39,7 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from machine import cpu_model, llc_bytes, stream, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "kernels.json"
@@ -73,81 +72,6 @@ _MASKS_6OF8 = np.array([b for b in range(256) if bin(b).count("1") == 6], np.uin
 
 
 # --------------------------------------------------------------------------------------------------------
-# machine facts and bandwidth
-
-
-def llc_bytes() -> int:
-    """Size of the last-level cache, from sysfs (what ``lscpu`` reports)."""
-    best = 0
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in base.glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KMG")) * scale)
-    return best or 32 * 1024**2
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def stream(gib: float, repeats: int) -> dict:
-    """STREAM-style copy (b = a), triad (a = b + s*c) and read (sum a) bandwidth, GB/s (1e9 bytes).
-
-    torch ops on 2 threads over float32 arrays of ``gib`` GiB each; bytes counted the STREAM way (copy 2,
-    triad 3, read 1 array per pass; write-allocate traffic not counted). Best of ``repeats``.
-    """
-    import torch
-
-    n = int(gib * 2**30) // 4
-    a, b, c = torch.full((n,), 1.0), torch.full((n,), 2.0), torch.full((n,), 0.5)
-    out = {}
-    for name, fn, arrays in (("copy", lambda: b.copy_(a), 2), ("triad", lambda: torch.add(b, c, alpha=3.0, out=a), 3),
-                             ("read", lambda: a.sum(), 1)):
-        fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        out[name] = round(arrays * 4 * n / best / 1e9, 2)
-    del a, b, c
-    out["array_gib"] = gib
-    out["read_rotating"] = rotating_read(repeats)
-    out["method"] = ("torch 2 threads (copy_, add(alpha)=triad, sum=read), float32; read_rotating: sum over "
-                     "random 16 MiB arrays in turn, 128 MiB in all")
-    return out
-
-
-def rotating_read(repeats: int, mib: int = 16, count: int = 8) -> float:
-    """GB/s of ``sum`` over ``count`` random ``mib``-MiB float32 arrays in turn (2 threads): a streaming read
-    of buffers the size of one layer's weights, as the benchmarked kernels see them (each array is evicted
-    from the 32 MiB L3 before its next use), next to the 2 GiB STREAM arrays the floors use."""
-    import torch
-
-    arrays = [torch.rand(mib * 2**20 // 4) for _ in range(count)]
-
-    def one_pass():
-        for a in arrays:
-            a.sum()
-
-    one_pass()
-    best = min(_timed(one_pass) for _ in range(repeats))
-    return round(count * mib * 2**20 / best / 1e9, 2)
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # --------------------------------------------------------------------------------------------------------
 # random layers
 
@@ -186,7 +110,6 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
     ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from pbs2pc.compiler import frontend
@@ -302,9 +225,9 @@ def bits_per_weight(fmt: str, k: int) -> float:
 def measure(run, copies: int, repeats: int, budget_s: float) -> float:
     """Median seconds per layer: ``repeats`` timed calls of ``run`` (each runs ``copies`` layers)."""
     run()  # warm-up: first-call allocations, page faults, thread pools
-    first = _timed(run)
+    first = timed(run)
     repeats = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
-    times = [_timed(run) for _ in range(repeats)]
+    times = [timed(run) for _ in range(repeats)]
     return float(np.median(times)) / copies
 
 
