@@ -59,6 +59,7 @@ class _Lowerer(relax.PyExprMutator):
         self.mod = mod
         self.lut_gemv = lut_gemv
         self.int8 = int8
+        self._kernels = {}  # (kernel, layout, optional inputs) -> GlobalVar of its PrimFunc
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -123,14 +124,17 @@ class _Lowerer(relax.PyExprMutator):
         layout = (n, k, g, interleave, str(sign_ty.dtype))
         has = (planes[1] is not None, scales[1] is not None, bias is not None)
         if self.int8 and one_row and int8_gemv.supported(*layout):
-            func, name = int8_gemv.gemv_int8(n, k, g, *has), f"sparse_binary_gemv_int8_g{g}_"
+            build, name = int8_gemv.gemv_int8, f"sparse_binary_gemv_int8_g{g}_"
         elif self.int8 and int8_gemm.supported(*layout):  # any number of rows (one: a group the GEMV lacks)
-            func, name = int8_gemm.gemm_int8(n, k, g, *has), f"sparse_binary_gemm_int8_g{g}_"
+            build, name = int8_gemm.gemm_int8, f"sparse_binary_gemm_int8_g{g}_"
         elif one_row and self.lut_gemv and lut_gemv.supported(*layout):
-            func, name = lut_gemv.gemv_fp32(n, k, g, *has), f"sparse_binary_gemv_g{g}_"
+            build, name = lut_gemv.gemv_fp32, f"sparse_binary_gemv_g{g}_"
         else:
             return None
-        gv = self.builder_.add_func(func, name)
+        key = (name, *layout, *has)
+        if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
+            self._kernels[key] = self.builder_.add_func(build(n, k, g, *has), name)
+        gv = self._kernels[key]
         args = [x2] + [a for a in (planes[0], planes[1], scales[0], scales[1], bias) if a is not None]
         rows = 1 if one_row else x2.ty.shape[0]
         return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
