@@ -25,7 +25,8 @@ once per group. Rows past the last whole block run one at a time.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import LANES, tiles_per_task, without_absent
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_bias, row_plane, spread_rows,
+                                                      tiles_per_task, without_absent)
 from pbs2pc.passes.kernels.sparse_binary_gemv_int8 import quantiser
 
 #: Input rows per register block and 16-row output tiles per task: 2 x MR x R int32 accumulators. At
@@ -48,19 +49,14 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     NT, C, GB = N // LANES, K // 8, K // G
     GQ = G // 4  # 4-input quads per group
     quantise = quantiser(K, G, group_sums=not has_mask)
-    spread = [j // 4 for j in range(64)]  # byte 4j + i of the zmm <- row j's byte
 
     def lane_bits(half):
         # bit (4 * half + i) for byte i of every int32 lane: the 4 inputs this half of the byte holds
         return T.shift_left(T.broadcast(T.uint8(1), 64), T.Cast("uint8x64", T.ramp(0, 1, 64) % 4 + 4 * half))
 
     def weight_bytes(bytes16, half):
-        wide = T.Shuffle([bytes16] * 4, spread)  # Shuffle cannot widen: index into four copies
-        return T.Select(T.bitwise_and(wide, lane_bits(half)) != T.broadcast(T.uint8(0), 64),
+        return T.Select(T.bitwise_and(spread_rows(bytes16), lane_bits(half)) != T.broadcast(T.uint8(0), 64),
                         T.broadcast(T.uint8(1), 64), T.broadcast(T.uint8(0), 64))
-
-    def plane(buf, tile, col):
-        return buf.vload([tile, col, 0], "uint8x16")
 
     def vnni(acc, weights01, q, row, k):
         # acc + the 4 int8 inputs q[row, k .. k+3] (broadcast) times the 0/1 weight bytes, per int32 lane
@@ -99,21 +95,14 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     for l in T.vectorized(LANES):
                         if not has_mask:
                             im[i, r, l] = qsum[m0 + i, g]
-                        if has_mu:
-                            acc[i, r, l] = acc[i, r, l] + xs[m0 + i, g] * (
-                                T.float32(2) * T.Cast("float32", alpha[task * R + r, g, l]) * T.Cast("float32", ip[i, r, l])
-                                + (T.Cast("float32", mu[task * R + r, g, l]) - T.Cast("float32", alpha[task * R + r, g, l]))
-                                * T.Cast("float32", im[i, r, l]))
-                        else:
-                            acc[i, r, l] = acc[i, r, l] + xs[m0 + i, g] * T.Cast("float32", alpha[task * R + r, g, l]) * (
-                                T.float32(2) * T.Cast("float32", ip[i, r, l]) - T.Cast("float32", im[i, r, l]))
+                        acc[i, r, l] = acc[i, r, l] + xs[m0 + i, g] * group_output(
+                            alpha, mu, has_mu, task * R + r, g, l, T.Cast("float32", ip[i, r, l]),
+                            T.Cast("float32", im[i, r, l]))
         for i in T.unroll(mr):
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
-                    if has_bias:
-                        y[m0 + i, (task * R + r) * LANES + l] = acc[i, r, l] + bias[(task * R + r) * LANES + l]
-                    else:
-                        y[m0 + i, (task * R + r) * LANES + l] = acc[i, r, l]
+                    y[m0 + i, (task * R + r) * LANES + l] = plus_bias(acc[i, r, l], bias, has_bias,
+                                                                      (task * R + r) * LANES + l)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(var_x: T.handle, sign: T.Buffer((NT, C, LANES), "uint8"),
@@ -137,10 +126,10 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     for h in T.unroll(2):
                         if has_mask:
                             wb[r, 0, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(
-                                T.bitwise_and(plane(sign, task * R + r, c), plane(mask, task * R + r, c)), h)
-                            wb[r, 1, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(plane(mask, task * R + r, c), h)
+                                T.bitwise_and(row_plane(sign, task * R + r, c), row_plane(mask, task * R + r, c)), h)
+                            wb[r, 1, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(row_plane(mask, task * R + r, c), h)
                         else:
-                            wb[r, 0, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(plane(sign, task * R + r, c), h)
+                            wb[r, 0, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(row_plane(sign, task * R + r, c), h)
             for mb in range(M // MR):
                 row_block(wb, task, mb * MR, MR, q, xs, qsum, alpha, mu, bias, y)
             for m in range(M // MR * MR, M):

@@ -53,6 +53,31 @@ def tiles_per_task(out_features: int, preferred: int) -> int:
     return next(r for r in (preferred, 2, 1) if tiles % r == 0)
 
 
+def spread_rows(bits16):
+    """The 16 rows' plane bytes (uint8x16, one per row) as uint8x64 with row j's byte in all four bytes of
+    int32 lane j (one ``vpermb``)."""
+    return T.Shuffle([bits16] * 4, [j // 4 for j in range(64)])  # Shuffle cannot widen: index into four copies
+
+
+def row_plane(buf, tile: int, col: int):
+    """Plane byte ``col`` of the 16 rows of ``tile`` (one 128-bit load of the ``[N/16, K/8, 16]`` layout)."""
+    return buf.vload([tile, col, 0], "uint8x16")
+
+
+def group_output(alpha, mu, has_mu: bool, tile, g, lane, p_sum, m_sum):
+    """One scale group's part of output ``lane`` of ``tile`` from its sums of inputs over the P and M planes:
+    ``2 alpha P_sum + (mu - alpha) M_sum`` (``alpha (2 P_sum - M_sum)`` without mu), fp32."""
+    a = T.Cast("float32", alpha[tile, g, lane])
+    if has_mu:
+        return T.float32(2) * a * p_sum + (T.Cast("float32", mu[tile, g, lane]) - a) * m_sum
+    return a * (T.float32(2) * p_sum - m_sum)
+
+
+def plus_bias(value, bias, has_bias: bool, index):
+    """``value + bias[index]``, or ``value`` for a layer without a bias."""
+    return value + bias[index] if has_bias else value
+
+
 def without_absent(kernel, has_mask: bool, has_mu: bool, has_bias: bool):
     """``kernel`` (parameters ``x, sign, mask, alpha, mu, bias, y``) without the inputs the layer lacks."""
     keep = [True, True, has_mask, True, has_mu, has_bias, True]
@@ -74,23 +99,18 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
         terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[0, 4 * j + i] for i in range(4)]
         return terms[0] + terms[1] + terms[2] + terms[3]
 
-    def lane_bytes(bits16):
-        # row j's byte in every byte of int32 lane j (vpermb); vpermps reads bits 0-3 of a lane only, so the
-        # copies above do not matter and the high nibble is one 32-bit shift away
-        return T.reinterpret("int32x16", T.Shuffle([bits16] * 4, [j // 4 for j in range(64)]))
-
     def lookup(tab, col, nibble, bits16):
-        idx = lane_bytes(bits16)
+        # row j's byte in every byte of int32 lane j; vpermps reads bits 0-3 of a lane only, so the copies
+        # above do not matter and the high nibble is one 32-bit shift away
+        idx = T.reinterpret("int32x16", spread_rows(bits16))
         if nibble == 1:
             idx = T.shift_right(idx, T.broadcast(4, LANES))
         return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
                                        tab.vload([2 * col + nibble, 0], "float32x16"), idx)
 
-    def plane(buf, tile, col):
-        return buf.vload([tile, col, 0], "uint8x16")
-
     def p_bits(sign, mask, tile, col):
-        return T.bitwise_and(plane(sign, tile, col), plane(mask, tile, col)) if has_mask else plane(sign, tile, col)
+        bits = row_plane(sign, tile, col)
+        return T.bitwise_and(bits, row_plane(mask, tile, col)) if has_mask else bits
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
@@ -130,28 +150,19 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                             tab, g * CG + c, 1, p_bits(sign, mask, task * R + r, g * CG + c))
                         if has_mask:
                             part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + lookup(
-                                tab, g * CG + c, 0, plane(mask, task * R + r, g * CG + c))
+                                tab, g * CG + c, 0, row_plane(mask, task * R + r, g * CG + c))
                             part[r, 1, 1, T.ramp(0, 1, LANES)] = part.vload([r, 1, 1, 0], "float32x16") + lookup(
-                                tab, g * CG + c, 1, plane(mask, task * R + r, g * CG + c))
+                                tab, g * CG + c, 1, row_plane(mask, task * R + r, g * CG + c))
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         if not has_mask:
                             part[r, 1, 0, l] = xm[g]
-                        acc[r, l] = acc[r, l] + T.float32(2) * T.Cast("float32", alpha[task * R + r, g, l]) * (
-                            part[r, 0, 0, l] + part[r, 0, 1, l])
-                        if has_mu:
-                            acc[r, l] = acc[r, l] + (T.Cast("float32", mu[task * R + r, g, l])
-                                                     - T.Cast("float32", alpha[task * R + r, g, l])) * (
-                                part[r, 1, 0, l] + part[r, 1, 1, l])
-                        else:
-                            acc[r, l] = acc[r, l] - T.Cast("float32", alpha[task * R + r, g, l]) * (
-                                part[r, 1, 0, l] + part[r, 1, 1, l])
+                        acc[r, l] = acc[r, l] + group_output(alpha, mu, has_mu, task * R + r, g, l,
+                                                             part[r, 0, 0, l] + part[r, 0, 1, l],
+                                                             part[r, 1, 0, l] + part[r, 1, 1, l])
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
-                    if has_bias:
-                        y[0, (task * R + r) * LANES + l] = acc[r, l] + bias[(task * R + r) * LANES + l]
-                    else:
-                        y[0, (task * R + r) * LANES + l] = acc[r, l]
+                    y[0, (task * R + r) * LANES + l] = plus_bias(acc[r, l], bias, has_bias, (task * R + r) * LANES + l)
 
     return without_absent(kernel, has_mask, has_mu, has_bias)
 

@@ -36,7 +36,8 @@ share the table loads.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import LANES, task_loop, tiles_per_task, without_absent
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_bias, task_loop, tiles_per_task,
+                                                      without_absent)
 
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
@@ -200,20 +201,12 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                         im[r, T.ramp(0, 1, LANES)] = T.broadcast(qsum[0, g], LANES)
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
-                        if has_mu:
-                            acc[r, l] = acc[r, l] + xs[0, g] * (
-                                T.float32(2) * T.Cast("float32", alpha[task * R + r, g, l]) * T.Cast("float32", ip[r, l])
-                                + (T.Cast("float32", mu[task * R + r, g, l]) - T.Cast("float32", alpha[task * R + r, g, l]))
-                                * T.Cast("float32", im[r, l]))
-                        else:
-                            acc[r, l] = acc[r, l] + xs[0, g] * T.Cast("float32", alpha[task * R + r, g, l]) * (
-                                T.float32(2) * T.Cast("float32", ip[r, l]) - T.Cast("float32", im[r, l]))
+                        acc[r, l] = acc[r, l] + xs[0, g] * group_output(
+                            alpha, mu, has_mu, task * R + r, g, l, T.Cast("float32", ip[r, l]),
+                            T.Cast("float32", im[r, l]))
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
-                    if has_bias:
-                        y[0, (task * R + r) * LANES + l] = acc[r, l] + bias[(task * R + r) * LANES + l]
-                    else:
-                        y[0, (task * R + r) * LANES + l] = acc[r, l]
+                    y[0, (task * R + r) * LANES + l] = plus_bias(acc[r, l], bias, has_bias, (task * R + r) * LANES + l)
 
     return without_absent(kernel, has_mask, has_mu, has_bias)
 
