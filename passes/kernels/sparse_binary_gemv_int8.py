@@ -1,7 +1,7 @@
-"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (BW).
+"""The int8-activation GEMV (M = 1) for the pbs2p sparse-binary linear op on x86 with AVX-512 (VBMI, VNNI).
 
 Opt-in (``pbs2pc compile --activations int8``): the one-token ``decode`` entry's linear layers quantise
-their input to int8 and look the products up in tables (T-MAC style: ``vpshufb``, 64 lookups of 4 weights
+their input to int8 and look the products up in tables (T-MAC style: ``vpermb``, 64 lookups of 4 weights
 per instruction). The prompt's calls (``main``/``prefill``, M rows) go to the int8 GEMM
 (``sparse_binary_gemm_int8``), which shares this module's quantisation; without ``--activations int8`` one-row
 calls run the fp32 lookup-table GEMV (``sparse_binary_gemv``).
@@ -18,19 +18,22 @@ error against the fp32 op is the rounding of ``x`` to 8 bits per group (see docs
 perplexity cost); :func:`reference` is the numpy oracle of exactly this arithmetic.
 
 Lookup tables. For every 4 consecutive inputs ``q[4j .. 4j+3]`` the kernel first builds the 16 sums
-``T_j[e] = sum_{i: bit i of e} q[4j + i]`` (|T| <= 508: int16, kept as a low-byte and a high-byte table of
-16 bytes each; K/2 bytes per table kind, in L1). A plane nibble (4 weights of one row) is then an index:
-``IP`` over those 4 columns is ``T_j[P nibble]``, exactly.
+``T_j[e] = sum_{i: bit i of e} q[4j + i]`` (|T| <= 508: int16, kept as a low-byte and a high-byte table).
+A plane nibble (4 weights of one row) is then an index: ``IP`` over those 4 columns is ``T_j[P nibble]``,
+exactly. The tables of 4 consecutive column bytes (32 inputs) fill one 64-byte ``vpermb`` table per nibble
+half and byte: entry ``16 c' + e`` is ``T[e]`` for column byte ``c'``.
 
 Layout. The kernel reads the x86 target layout as it is (no second copy of the weights): sign and mask
 bytes row-interleaved ``[N/16, K/8, 16]`` (byte ``[t, c, j]`` holds bits ``8c .. 8c+7`` of row
-``16t + j``) and fp16 scales ``[N/16, K/G, 16]``. One 64-byte load holds 16 rows x 4 column bytes, one
-128-bit lane per column byte: exactly the shape of ``vpshufb``, whose 16-byte table is per lane. Per load
-and plane: the low and high nibbles as indices (``vpand``, ``vpsrlw``), two ``vpshufb`` each (low and high
-table bytes), ``vpunpck{l,h}bw`` back to int16 and ``vpaddw`` into accumulators that hold rows 0-7 and
-8-15 of each lane (G/16 lookups of |T| <= 508 per word and group: no overflow for G <= 1024). At the end of a group
-the four lanes are summed, widened to int32 and scaled in fp32. ``R`` tiles of 16 rows per parallel task
-share the table loads.
+``16t + j``) and fp16 scales ``[N/16, K/G, 16]``. One 64-byte load holds 16 rows x 4 column bytes; one
+``vpermb`` turns it row-major (int32 lane ``j`` holds row ``j``'s 4 column bytes). Per load and plane: the
+low and high nibbles, each ORed with its column's table offset, are the indices; two ``vpermb`` each (low
+and high table bytes) and a ``vpdpbusd`` per result against a vector of ones sum the 4 column bytes of
+each row straight into its int32 lane (``sum lo + 256 sum hi`` is the exact sum; no widening shuffles).
+Once per group the sums are scaled in fp32. ``R`` tiles of 16 rows per parallel task share the table
+loads. The previous form (``vpshufb`` per 128-bit lane, ``vpunpck{l,h}bw`` widening, int16 ``vpaddw``)
+ran 11008x4096 in 356-390 us with the planes in L3, this one in 298-312 us (2 threads, alternating in one
+process; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_
 
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
-#: The int16 sums of a group stay exact up to G / 16 lookups of |T| <= 508 per word: G <= 1024.
-MAX_GROUP = 1024
 #: 16-row tiles per parallel task (4 int16 accumulators each, sharing the table loads). At 11008x4096 with the
 #: planes in L3, 4 tiles ran in 295 us, 2 in 303 us, 1 in 322 us; streaming from memory 2 and 4 tiles were
 #: level (541 / 560 us) and 1 slower (646 us), 2 threads.
@@ -52,7 +53,7 @@ TILES_PER_TASK = 2
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
     """Whether the kernel covers this layer (else the fp32 kernel runs it)."""
     return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
-            and group_size % COLUMNS_PER_LOAD == 0 and group_size <= MAX_GROUP and in_features % group_size == 0)
+            and group_size % COLUMNS_PER_LOAD == 0 and in_features % group_size == 0)
 
 
 def quantiser(in_features: int, group_size: int, group_sums: bool):
@@ -87,6 +88,17 @@ def quantiser(in_features: int, group_size: int, group_sums: bool):
     return quantise
 
 
+def _vpermb(table, idx):
+    return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.permvar.qi.512", T.reinterpret("int8x64", table),
+                                   T.reinterpret("int8x64", idx))
+
+
+def _vpdpbusd(acc, unsigned, signed):
+    # acc (int32x16) + the sums of the 4 byte products unsigned x signed in each int32 lane
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, T.reinterpret("int8x64", unsigned),
+                                   T.reinterpret("int8x64", signed))
+
+
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
               has_bias: bool):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
@@ -95,12 +107,13 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
-
-    def u8(v):
-        return T.broadcast(T.uint8(v), 64)
+    planes = 2 if has_mask else 1  # P (and M)
 
     quantise = quantiser(K, G, group_sums=not has_mask)
     tasks = task_loop(N, K)
+    ones_signed, ones_unsigned = T.broadcast(T.int8(1), 64), T.broadcast(T.uint8(1), 64)
+    # the table offset of each byte's column in the row-major load: 16 x (byte index mod 4)
+    column_offset = T.Cast("uint8x64", T.shift_left(T.bitwise_and(T.ramp(0, 1, 64), 3), 4))
 
     def table_entry(xq, col_byte, nibble, e):
         # T[e] for the 4 inputs of one nibble of a column byte, as int16 (|T| <= 4 * 127)
@@ -109,35 +122,24 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                  for i in range(4)]
         return terms[0] + terms[1] + terms[2] + terms[3]
 
-    def pshufb(table, idx):
-        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.pshuf.b.512",
-                                       T.reinterpret("int8x64", table), T.reinterpret("int8x64", idx))
+    def row_major(bytes64):
+        # [column byte c', row j] -> [row j, column byte c']: row j's 4 column bytes in int32 lane j
+        return T.Shuffle([bytes64], [16 * (b % 4) + b // 4 for b in range(64)])
 
-    # vpunpcklbw / vpunpckhbw of (low bytes, high bytes): the int16 values of rows 0-7 / 8-15 of each lane
-    interleave = [[i for l in range(4) for j in range(8) for i in (16 * l + 8 * w + j, 64 + 16 * l + 8 * w + j)]
-                  for w in range(2)]
+    def indices(bits, half):
+        # nibble ``half`` (0 low, 1 high: a 16-bit shift, so LLVM cannot move it before the shuffle) of every
+        # byte, ORed with its column's table offset
+        words = T.shift_right(T.reinterpret("uint16x32", bits), T.broadcast(T.Cast("uint16", 4 * half), 32))
+        return T.bitwise_or(T.bitwise_and(T.reinterpret("uint8x64", words), T.broadcast(T.uint8(15), 64)),
+                            column_offset)
 
-    def lookups(tab, col, bits, w):
-        # the table values of the low and high nibbles of ``bits`` (16 rows x 4 column bytes), summed, as the
-        # int16 words of rows 0-7 (w = 0) or 8-15 (w = 1) of each lane
-        lo_nibbles = T.bitwise_and(bits, u8(15))
-        hi_nibbles = T.bitwise_and(T.shift_right(bits, u8(4)), u8(15))
-        words = [T.reinterpret("int16x32", T.Shuffle(
-            [pshufb(tab.vload([2 * h, col, 0], "uint8x64"), idx),
-             pshufb(tab.vload([2 * h + 1, col, 0], "uint8x64"), idx)], interleave[w]))
-            for h, idx in ((0, lo_nibbles), (1, hi_nibbles))]
-        return words[0] + words[1]
-
-    def plane(buf, tile, col):
-        return buf.vload([tile, col, 0], "uint8x64")
-
-    lane = [list(range(8 * l, 8 * l + 8)) for l in range(4)]  # the int16 words of each 128-bit lane
-
-    def row_sums(a, b):
-        # a: rows 0-7 of each of the 4 lanes, b: rows 8-15 -> the 16 rows' sums over the lanes, int32
-        s1 = (T.Shuffle([a, b], lane[0] + lane[1] + [32 + i for i in lane[0] + lane[1]])
-              + T.Shuffle([a, b], lane[2] + lane[3] + [32 + i for i in lane[2] + lane[3]]))
-        return T.Cast("int32x16", T.Shuffle([s1], lane[0] + lane[2]) + T.Shuffle([s1], lane[1] + lane[3]))
+    def plane_bits(sign, mask, p, tile, col):
+        # P = mask & sign (p = 0) or M = mask (p = 1) of 16 rows x 4 column bytes, row-major
+        s = sign.vload([tile, col, 0], "uint8x64")
+        if not has_mask:
+            return row_major(s)
+        m = mask.vload([tile, col, 0], "uint8x64")
+        return row_major(T.Select(p == 0, T.bitwise_and(s, m), m))
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
@@ -148,62 +150,52 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         xq = T.alloc_buffer((1, K), "int8")
         xs = T.alloc_buffer((1, GB), "float32")
         qsum = T.alloc_buffer((1, GB), "int32")  # IM of a layer without a mask plane: the group's sum of q
-        tab = T.alloc_buffer((4, C, LANES), "uint8")
+        tab = T.alloc_buffer((C // 4, 2, 2, 64), "uint8")  # [4 column bytes, nibble half, lo | hi byte, 16 c' + e]
         # 1. Quantise x per group (serial: K elements, a few microseconds, not worth a parallel launch).
         quantise(x, 0, xq, xs, qsum)
-        # 2. The tables: tab[2h + b, c, e] = byte b (0 low, 1 high) of T[e] for nibble h of column byte c.
+        # 2. The tables: byte b of T[e] for nibble h of column byte c at tab[c // 4, h, b, 16 (c % 4) + e].
         for c in range(C):
             for h in range(2):
                 for e in T.vectorized(LANES):
-                    tab[2 * h, c, e] = T.Cast("uint8", T.bitwise_and(table_entry(xq, c, h, e), T.int16(255)))
-                    tab[2 * h + 1, c, e] = T.Cast("uint8", T.bitwise_and(
-                        T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
-        # 3. The GEMV: R tiles of 16 rows per task; int16 sums per (tile, plane, row half), reduced per group.
+                    tab[c // 4, h, 0, 16 * (c % 4) + e] = T.Cast(
+                        "uint8", T.bitwise_and(table_entry(xq, c, h, e), T.int16(255)))
+                    tab[c // 4, h, 1, 16 * (c % 4) + e] = T.Cast(
+                        "uint8", T.bitwise_and(T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
+        # 3. The GEMV: R tiles of 16 rows per task; int32 sums of the low and high table bytes per (tile,
+        #    plane, row), scaled per group.
         for task in tasks(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32", scope="local")
-            a16 = T.alloc_buffer((R, 2, 2, 32), "int16", scope="local")  # [tile, P | M, rows 0-7 | 8-15, word]
-            ip = T.alloc_buffer((R, LANES), "int32", scope="local")
-            im = T.alloc_buffer((R, LANES), "int32", scope="local")
+            sums = T.alloc_buffer((R, 2, 2, LANES), "int32", scope="local")  # [tile, P | M, lo | hi byte, row]
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
                     acc[r, l] = T.float32(0)
             for g in range(GB):
                 for r in T.unroll(R):
-                    for p in T.unroll(2):
-                        for w in T.unroll(2):
-                            for l in T.vectorized(32):
-                                a16[r, p, w, l] = T.int16(0)
+                    for p in T.unroll(planes):
+                        for b in T.unroll(2):
+                            for l in T.vectorized(LANES):
+                                sums[r, p, b, l] = 0
                 for cb in range(CB):
                     for r in T.unroll(R):
-                        if has_mask:
-                            a16[r, 0, 0, T.ramp(0, 1, 32)] = a16.vload([r, 0, 0, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, T.bitwise_and(plane(sign, task * R + r, g * CG + cb * 4),
-                                                                    plane(mask, task * R + r, g * CG + cb * 4)), 0)
-                            a16[r, 0, 1, T.ramp(0, 1, 32)] = a16.vload([r, 0, 1, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, T.bitwise_and(plane(sign, task * R + r, g * CG + cb * 4),
-                                                                    plane(mask, task * R + r, g * CG + cb * 4)), 1)
-                            a16[r, 1, 0, T.ramp(0, 1, 32)] = a16.vload([r, 1, 0, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, plane(mask, task * R + r, g * CG + cb * 4), 0)
-                            a16[r, 1, 1, T.ramp(0, 1, 32)] = a16.vload([r, 1, 1, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, plane(mask, task * R + r, g * CG + cb * 4), 1)
-                        else:
-                            a16[r, 0, 0, T.ramp(0, 1, 32)] = a16.vload([r, 0, 0, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, plane(sign, task * R + r, g * CG + cb * 4), 0)
-                            a16[r, 0, 1, T.ramp(0, 1, 32)] = a16.vload([r, 0, 1, 0], "int16x32") + lookups(
-                                tab, g * CG + cb * 4, plane(sign, task * R + r, g * CG + cb * 4), 1)
-                for r in T.unroll(R):
-                    ip[r, T.ramp(0, 1, LANES)] = row_sums(a16.vload([r, 0, 0, 0], "int16x32"),
-                                                          a16.vload([r, 0, 1, 0], "int16x32"))
-                    if has_mask:
-                        im[r, T.ramp(0, 1, LANES)] = row_sums(a16.vload([r, 1, 0, 0], "int16x32"),
-                                                              a16.vload([r, 1, 1, 0], "int16x32"))
-                    else:
-                        im[r, T.ramp(0, 1, LANES)] = T.broadcast(qsum[0, g], LANES)
+                        for p in T.unroll(planes):
+                            for h in T.unroll(2):
+                                # low table bytes are unsigned (times signed ones), high bytes signed
+                                sums[r, p, 0, T.ramp(0, 1, LANES)] = _vpdpbusd(
+                                    sums.vload([r, p, 0, 0], "int32x16"),
+                                    _vpermb(tab.vload([g * CB + cb, h, 0, 0], "uint8x64"),
+                                            indices(plane_bits(sign, mask, p, task * R + r, g * CG + 4 * cb), h)),
+                                    ones_signed)
+                                sums[r, p, 1, T.ramp(0, 1, LANES)] = _vpdpbusd(
+                                    sums.vload([r, p, 1, 0], "int32x16"), ones_unsigned,
+                                    _vpermb(tab.vload([g * CB + cb, h, 1, 0], "uint8x64"),
+                                            indices(plane_bits(sign, mask, p, task * R + r, g * CG + 4 * cb), h)))
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         acc[r, l] = acc[r, l] + xs[0, g] * group_output(
-                            alpha, mu, has_mu, task * R + r, g, l, T.Cast("float32", ip[r, l]),
-                            T.Cast("float32", im[r, l]))
+                            alpha, mu, has_mu, task * R + r, g, l,
+                            T.Cast("float32", sums[r, 0, 0, l] + sums[r, 0, 1, l] * 256),
+                            T.Cast("float32", sums[r, 1, 0, l] + sums[r, 1, 1, l] * 256) if has_mask
+                            else T.Cast("float32", qsum[0, g]))
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
                     y[0, (task * R + r) * LANES + l] = plus_bias(acc[r, l], bias, has_bias, (task * R + r) * LANES + l)

@@ -129,12 +129,11 @@ def test_fp32_assembly_looks_up_tables_with_vpermps():
     assert not re.search(r"vpgather|vgather|vpmovzxbd", asm), "the GEMV gathers or widens bytes one by one"
 
 
-def test_int8_assembly_looks_up_tables_with_vpshufb():
+def test_int8_assembly_looks_up_tables_with_vpermb_and_sums_with_vnni():
     asm = _build(64, 256, 64, True, True, False).mod.inspect_source("asm")
-    assert len(re.findall(r"vpshufb\s+%zmm\d+, %zmm", asm)) >= 8, "the lookups are not 512-bit vpshufb"
-    assert re.search(r"vpunpcklbw\s+.*%zmm", asm) and re.search(r"vpunpckhbw\s+.*%zmm", asm), \
-        "table bytes are not widened to int16 with unpacks"
-    assert re.search(r"vpaddw\s+.*%zmm", asm), "no int16 accumulation"
+    assert len(re.findall(r"vpermb\s+%zmm\d+, %zmm\d+, %zmm", asm)) >= 8, "the lookups are not 512-bit vpermb"
+    assert len(re.findall(r"vpdpbusd\s+%zmm", asm)) >= 8, "table bytes are not summed per row with vpdpbusd"
+    assert not re.search(r"(vpunpck[lh]bw|vpaddw)\s+.*%zmm", asm), "table bytes are still widened through int16"
     assert not re.search(r"vpgather|vgather", asm), "the GEMV gathers"
 
 
@@ -165,7 +164,7 @@ def test_supported_shapes():
     assert not k8.supported(40, 576, 64, 16, "uint8")  # N not a multiple of 16
     assert not k8.supported(64, 576, 16, 16, "uint8")  # a group narrower than one 64-byte plane load (32)
     assert not k8.supported(64, 576, 8, 16, "uint8")
-    assert not k8.supported(64, 4096, 2048, 16, "uint8")  # int16 group sums could overflow
+    assert k8.supported(64, 4096, 2048, 16, "uint8")  # int32 sums: any group size
     assert g8.supported(16, 48, 16, 16, "uint8") and g8.supported(64, 4096, 2048, 16, "uint8")
     assert not g8.supported(64, 576, 8, 16, "uint8")  # a group narrower than one quantisation vector
     assert not g8.supported(40, 576, 64, 16, "uint8")
