@@ -21,13 +21,16 @@ In one process and one run, for every weight shape N x K and rows M:
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
   block size = G, fp32 scales, no zero points; ``accuracy_level`` 0 (fp32 compute) and 4 (int8
-  activations, the VNNI path).
+  activations, the VNNI path). 4 bits also at block size 32 (``ort_nbits4_b32``: 5.0 bits per weight),
+  the configuration ORT's own quantiser writes by default (``python -m
+  onnxruntime.quantization.matmul_nbits_quantizer``: ``--block_size 32``, symmetric).
 
 Every row uses random, non-zero data. Weights rotate over enough copies that the bytes touched between two
 uses of a copy exceed twice the last-level cache (``lscpu``); where that would need more than
 ``--max-copies`` copies the row is labelled ``cache-resident``. For pbs2pc and onnxruntime the copies are
 nodes of one graph (one call runs them all), for torch a Python loop; times are per layer, the median of
-``--repeats`` repeats. The memory floor is (bytes of the weights in that format + activations read and
+about ``--repeats`` repeats taken in three rounds over the contenders of a row (see ``measure_in_rounds``),
+so that the minute-to-minute swings of this shared machine's memory bandwidth reach every contender. The memory floor is (bytes of the weights in that format + activations read and
 written) / the STREAM triad bandwidth measured at the start (torch ops, 2 threads; see ``stream``).
 """
 
@@ -53,6 +56,15 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "kernels.json"
 DOCS = ROOT.parent / "docs"
 THREADS = 2
+#: The block size onnxruntime's MatMulNBits quantiser writes unless told otherwise (its ``--block_size``
+#: default); measured at 4 bits next to block = G.
+NBITS_DEFAULT_BLOCK = 32
+#: Rounds over the contenders of a row, and seconds of untimed calls at the start of each block: longer than
+#: the previous contender's worker threads keep spinning after their last parallel region. onnxruntime's spin
+#: for more than 50 ms: MatMulNBits-4 acc 4 at 4096x4096 took 944 us after a 50 ms settle behind another
+#: session, 247 us after 300 ms (217-265 us alone).
+ROUNDS = 3
+SETTLE_S = 0.3
 
 #: (N, K, label): N outputs x K inputs; LLaMA-7B/-2 shapes, Mistral-7B's 14336 and SmolLM2-135M's layers.
 SHAPES = [
@@ -177,12 +189,13 @@ def _ort_session(model):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_runner(n_out, k, rows, copies, rng, bits=None, accuracy_level=0):
-    """onnxruntime: ``copies`` MatMul (fp32, ``bits=None``) or MatMulNBits nodes on one input."""
+def ort_runner(n_out, k, rows, copies, rng, bits=None, accuracy_level=0, block=None):
+    """onnxruntime: ``copies`` MatMul (fp32, ``bits=None``) or MatMulNBits nodes (block size ``block``,
+    default the layer's G) on one input."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits, outputs = [], [], []
-    g = group_size(k)
+    g = block or group_size(k)
     for c in range(copies):
         if bits is None:
             inits.append(numpy_helper.from_array(rng.standard_normal((k, n_out), dtype=np.float32), f"W{c}"))
@@ -214,21 +227,46 @@ def weight_bytes(fmt: str, n_out: int, k: int) -> float:
         return n_out * k * (2 + 32 / g) / 8  # sign + mask bits, fp16 alpha + mu per group
     if fmt == "torch_fp32" or fmt == "ort_fp32":
         return n_out * k * 4.0
-    bits = int(fmt.split("_")[1][5:])  # ort_nbits4_acc0 -> 4
-    return n_out * k * (bits + 32 / g) / 8  # packed ints + one fp32 scale per block
+    bits, block = nbits_format(fmt)
+    return n_out * k * (bits + 32 / (block or g)) / 8  # packed ints + one fp32 scale per block
+
+
+def nbits_format(fmt: str) -> tuple[int, int | None]:
+    """``(bits, block size or None for G)`` of an ``ort_nbits*`` format: ort_nbits4_b32_acc4 -> (4, 32)."""
+    parts = fmt.split("_")
+    block = next((int(p[1:]) for p in parts if p.startswith("b") and p[1:].isdigit()), None)
+    return int(parts[1][5:]), block
 
 
 def bits_per_weight(fmt: str, k: int) -> float:
     return 8 * weight_bytes(fmt, 1, k) / k
 
 
-def measure(run, copies: int, repeats: int, budget_s: float) -> float:
-    """Median seconds per layer: ``repeats`` timed calls of ``run`` (each runs ``copies`` layers)."""
-    run()  # warm-up: first-call allocations, page faults, thread pools
-    first = timed(run)
-    repeats = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
-    times = [timed(run) for _ in range(repeats)]
-    return float(np.median(times)) / copies
+def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -> dict:
+    """Median seconds per layer of every contender of one row, measured in ``ROUNDS`` rounds: in each round
+    every contender runs a block of its repeats, so each is sampled at several moments spread over the row
+    and a minute of slower memory on this shared machine moves all of them, not only the one that ran then.
+
+    Each block starts with untimed calls for at least ``SETTLE_S``: the previous runtime's worker threads
+    stop spinning meanwhile, and a cache-resident contender's weights come back into the cache. Blocks, not
+    single calls, alternate: alternating single calls between onnxruntime sessions made their spinning
+    workers take the cores from each other (MatMulNBits-4 at 4096x4096 ran 4x slower that way)."""
+    def settle(run):
+        start = time.perf_counter()
+        while time.perf_counter() - start < SETTLE_S:
+            run()
+
+    first = {}
+    for name, run in runs.items():
+        settle(run)  # warm-up: first-call allocations, page faults, thread pools
+        first[name] = timed(run)
+    times = {name: [t] for name, t in first.items()}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            per_block = max(1, min(repeats, int(budget_s / max(first[name], 1e-6))) // ROUNDS)
+            settle(run)
+            times[name] += [timed(run) for _ in range(per_block)]
+    return {name: float(np.median(t)) / copies[name] for name, t in times.items()}
 
 
 def ort_supports(bits: int) -> bool:
@@ -258,6 +296,7 @@ def run_benchmark(args) -> dict:
     formats = [f"pbs2pc_u{bits}" for bits in args.layouts] + (["pbs2pc_te"] if 8 in args.layouts else [])
     formats += ["pbs2pc_int8"] if args.int8 else []
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
+    formats += [f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc{lvl}" for lvl in (0, 4)] if 4 in nbits else []
     shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
     if args.shapes:
         shapes = [s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shapes.split(",")]
@@ -265,15 +304,15 @@ def run_benchmark(args) -> dict:
     results = []
     for n_out, k, label in shapes:
         for rows in rows_list:
+            runs, info = {}, {}
             for fmt in formats:
                 if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
                     continue
                 if fmt == "pbs2pc_te" and rows > 1:
                     continue  # the TE kernel instead of the lookup-table GEMV: a one-row comparison
-                if fmt == "ort_nbits2_acc0" and rows > 1:
-                    continue  # ORT's fp32-compute 2-bit path is ~100x slower than its int8 one (see M = 1)
+                if fmt in ("ort_nbits2_acc0", f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0") and rows > 1:
+                    continue  # ORT's fp32-compute paths: 2-bit ~100x slower than int8; block 32 at M = 1 only
                 wbytes = weight_bytes(fmt, n_out, k)
-                act = 4.0 * rows * (k + n_out)
                 copies, resident = copies_for(wbytes, llc, args.max_copies)
                 t_build = time.perf_counter()
                 extra = {}
@@ -288,23 +327,27 @@ def run_benchmark(args) -> dict:
                 elif fmt == "ort_fp32":
                     run, extra = ort_runner(n_out, k, rows, copies, rng)
                 else:
-                    b, lvl = int(fmt.split("_")[1][5:]), int(fmt.split("acc")[1])
-                    run, extra = ort_runner(n_out, k, rows, copies, rng, bits=b, accuracy_level=lvl)
-                build_s = time.perf_counter() - t_build
-                seconds = measure(run, copies, args.repeats, args.budget)
-                del run
+                    (b, block), lvl = nbits_format(fmt), int(fmt.split("acc")[1])
+                    run, extra = ort_runner(n_out, k, rows, copies, rng, bits=b, accuracy_level=lvl, block=block)
+                runs[fmt] = run
+                info[fmt] = (wbytes, copies, resident, time.perf_counter() - t_build, extra)
+            seconds = measure_in_rounds(runs, {f: info[f][1] for f in runs}, args.repeats, args.budget)
+            del runs
+            act = 4.0 * rows * (k + n_out)
+            for fmt, (wbytes, copies, resident, build_s, extra) in info.items():
                 floor = (wbytes + act) / (bw["triad"] * 1e9)
                 row = {
-                    "N": n_out, "K": k, "label": label, "M": rows, "format": fmt, "G": group_size(k),
-                    "bits_per_weight": round(bits_per_weight(fmt, k), 4), "us": round(seconds * 1e6, 2),
-                    "floor_us": round(floor * 1e6, 2), "of_floor": round(floor / seconds, 3),
-                    "GBps": round((wbytes + act) / seconds / 1e9, 2),
-                    "GFLOPs": round(2 * rows * n_out * k / seconds / 1e9, 2),
+                    "N": n_out, "K": k, "label": label, "M": rows, "format": fmt,
+                    "G": (nbits_format(fmt)[1] if fmt.startswith("ort_nbits") else None) or group_size(k),
+                    "bits_per_weight": round(bits_per_weight(fmt, k), 4), "us": round(seconds[fmt] * 1e6, 2),
+                    "floor_us": round(floor * 1e6, 2), "of_floor": round(floor / seconds[fmt], 3),
+                    "GBps": round((wbytes + act) / seconds[fmt] / 1e9, 2),
+                    "GFLOPs": round(2 * rows * n_out * k / seconds[fmt] / 1e9, 2),
                     "copies": copies, "working_set_MB": round(copies * wbytes / 1e6, 1),
                     "cache_resident": resident, "setup_s": round(build_s, 1), **extra,
                 }
                 results.append(row)
-                print(f"{n_out:>6}x{k:<6} M={rows:<4} {fmt:<17} {row['us']:>10.1f} us  floor {row['floor_us']:>9.1f} us "
+                print(f"{n_out:>6}x{k:<6} M={rows:<4} {fmt:<19} {row['us']:>10.1f} us  floor {row['floor_us']:>9.1f} us "
                       f"({100 * row['of_floor']:5.1f}%)  copies {copies}{' cache-resident' if resident else ''}",
                       flush=True)
     return {
@@ -338,10 +381,12 @@ def table(data: dict) -> str:
     default = f"pbs2pc_u{get_preset('x86').plane_word_bits}"
     res = data["results"]
     fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
-    head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4"]
+    b32 = f"_b{NBITS_DEFAULT_BLOCK}_"
+    head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4",
+                                                        "× best NBits-4 b32"]
     int8 = "pbs2pc_int8" in fmts
     if int8:
-        head += ["int8 % floor", "int8 × torch", "int8 × best NBits-4"]
+        head += ["int8 % floor", "int8 × torch", "int8 × best NBits-4", "int8 × best NBits-4 b32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["N"], r["K"], r["M"]) for r in res))
     for n_out, k, rows in keys:
@@ -356,15 +401,18 @@ def table(data: dict) -> str:
         def ratio(f):
             return f"{cell[f]['us'] / ours['us']:.2f}×" if ours and f in cell else "—"
 
-        nb4 = [f for f in cell if f.startswith("ort_nbits4")]
-        best4 = min(nb4, key=lambda f: cell[f]["us"]) if nb4 else None
+        def fastest(names):
+            return min(names, key=lambda f: cell[f]["us"]) if names else None
+
+        best4 = fastest([f for f in cell if f.startswith("ort_nbits4") and b32 not in f])  # block = G
+        best4_b32 = fastest([f for f in cell if f.startswith("ort_nbits4") and b32 in f])
         cols = [f"{n_out}×{k}", str(rows)] + [fmt_us(f) for f in fmts] + [
-            f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("torch_fp32"), ratio("ort_fp32"),
-            ratio(best4) if best4 else "—"]
+            f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("torch_fp32"), ratio("ort_fp32")] + [
+            ratio(f) if f else "—" for f in (best4, best4_b32)]
         if int8:
             q = cell.get("pbs2pc_int8")
             cols += [f"{100 * q['of_floor']:.0f}%" if q else "—"] + [
-                f"{cell[f]['us'] / q['us']:.2f}×" if q and f else "—" for f in ("torch_fp32", best4)]
+                f"{cell[f]['us'] / q['us']:.2f}×" if q and f else "—" for f in ("torch_fp32", best4, best4_b32)]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -388,7 +436,8 @@ def plot(data: dict, path: Path) -> bool:
     ax.axhline(peak, color="gray", ls="--", lw=1, label=f"fp32 FMA at 2.6 GHz base ≈ {peak:.0f} GFLOP/s")
     styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "pbs2pc_te": ("C8", "o"), "pbs2pc_int8": ("C9", "D"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
               "ort_nbits4_acc0": ("C4", "^"), "ort_nbits4_acc4": ("C5", "v"), "ort_nbits2_acc0": ("C6", "^"),
-              "ort_nbits2_acc4": ("C7", "v")}
+              "ort_nbits2_acc4": ("C7", "v"), f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0": ("C4", "<"),
+              f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc4": ("C5", ">")}
     for fmt in dict.fromkeys(r["format"] for r in res):
         pts = [r for r in res if r["format"] == fmt]
         x = [2 * r["M"] * r["N"] * r["K"] / ((r["GBps"] * 1e9) * r["us"] * 1e-6) for r in pts]
@@ -420,7 +469,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alt-layout-rows", type=int, nargs="+", default=[1, 16, 128],
                         help="M values at which layouts other than uint32 are measured")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per row (median)")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row at most")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per contender and row at most")
     parser.add_argument("--max-copies", type=int, default=64, help="weight copies rotated at most")
     parser.add_argument("--stream-gib", type=float, default=2.0, help="GiB per STREAM array")
     parser.add_argument("--remeasure-bandwidth", action="store_true",
