@@ -120,20 +120,26 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
 
     The weights are parameters of ``main`` that the runtime loads from the weights file, so a layout
     change must rewrite both the Relax signature and the arrays the same way. The Relax passes do the
-    first (PackPlanesAsWords re-types the planes as words, then InterleaveRows stores planes and scales
-    as ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
-    (``{param name: {"dtype": new dtype, "interleave": T}}``); this function applies that record to the
-    numpy arrays and drops the attribute: first the dtype (a zero-copy ``view``: uint8 planes
-    reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
-    :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order).
-    Returns ``(mod, params)`` with ``params`` in ``main``'s order.
+    first (EncodeMaskCodes stores n:m masks as pattern codes and their sign planes as ``sign & mask``,
+    PackPlanesAsWords re-types the planes as words, InterleaveRows stores planes and scales as
+    ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
+    (``{param name: {"and_mask": mask name, "mask_codes": 1, "n": n, "m": m, "dtype": new dtype,
+    "interleave": T}}``, the keys that apply); this function applies that record to the numpy arrays and
+    drops the attribute: first ``and_mask`` (the sign plane ANDed with the interchange mask) and
+    ``mask_codes`` (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy
+    ``view``: uint8 planes reinterpreted as little-endian words hold the same bytes), then the interleave (a
+    permutation of rows, :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another
+    order). Returns ``(mod, params)`` with ``params`` in ``main``'s order.
     """
     import numpy as np
 
-    from pbs2pc.passes import InterleaveRows, PackPlanesAsWords
+    from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords
     from pbs2pc.passes.interleave_rows import interleave_array
+    from pbs2pc.passes.kernels import mask_codes
     from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record
 
+    if preset.mask_codes and preset.plane_word_bits == 8 and preset.plane_interleave == mask_codes.ROWS:
+        mod = EncodeMaskCodes()(mod)
     mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
     mod = InterleaveRows(preset.plane_interleave)(mod)
     main = mod["main"]
@@ -145,7 +151,11 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
     for name, array in params.items():
         entry = record.get(name)
         if entry is not None:
-            if np.dtype(entry["dtype"]) != array.dtype:
+            if "and_mask" in entry:
+                array = np.bitwise_and(array, params[entry["and_mask"]])
+            if entry.get("mask_codes"):
+                array = mask_codes.encode(array, entry["n"], entry["m"])
+            if "dtype" in entry and np.dtype(entry["dtype"]) != array.dtype:
                 if sys.byteorder != "little":  # a word view holds the same bits only on little-endian hosts
                     raise Pbs2pcError("compiling with word-packed bit planes needs a little-endian host; "
                                       "use plane_word_bits=8.")

@@ -40,6 +40,11 @@ class TargetPreset:
     #: One-row calls (the ``decode`` entry) run the hand-written AVX-512 lookup-table GEMV
     #: (pbs2pc.passes.kernels.sparse_binary_gemv) where it covers the layer, instead of the TE kernel.
     lut_gemv: bool = False
+    #: n:m masks whose bytes have at most 32 patterns (6:8, 7:8, ...) are stored as 5-bit pattern codes and
+    #: their sign planes as ``sign & mask`` (pbs2pc.passes.kernels.mask_codes, applied by the params
+    #: transform): 1.878 instead of 2.25 bits per weight at 6:8, G = 128. Applies with 16-row interleaved byte
+    #: planes (plane_word_bits=8, plane_interleave=16), the layout the codes' kernels read; ignored otherwise.
+    mask_codes: bool = False
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
@@ -85,8 +90,9 @@ X86 = TargetPreset(
     description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
-    int8_activations=True,  # passes/kernels/sparse_binary_gemv_int8.py (vpshufb), sparse_binary_gemm_int8.py (VNNI)
+    int8_activations=True,  # passes/kernels/sparse_binary_gemv_int8.py (vpermb + vpdpbusd), sparse_binary_gemm_int8.py (VNNI)
     lut_gemv=True,  # vpermps lookup-table fp32 GEMV: 1.7x the TE kernel at 11008x4096 M = 1 (docs/performance.md)
+    mask_codes=True,  # 17 % fewer weight bytes at 6:8; the GEMVs look IM up by code (docs/performance.md)
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).

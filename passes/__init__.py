@@ -3,9 +3,10 @@
 This module only exports pass constructors.
 """
 
+from pbs2pc.passes.encode_mask_codes import EncodeMaskCodes
 from pbs2pc.passes.interleave_rows import InterleaveRows
 from pbs2pc.passes.kv_cache import UseKVCache
 from pbs2pc.passes.lower_sparse_binary_linear import LowerSparseBinaryLinear
 from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
 
-__all__ = ["InterleaveRows", "LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]
+__all__ = ["EncodeMaskCodes", "InterleaveRows", "LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]

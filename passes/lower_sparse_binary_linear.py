@@ -27,6 +27,7 @@ After::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
+from pbs2pc.passes.kernels import mask_codes
 from pbs2pc.passes.kernels import sparse_binary_gemv as lut_gemv
 from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as int8_gemm
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as int8_gemv
@@ -44,6 +45,7 @@ ROLES = ("x", "sign", "mask", "alpha", "mu", "bias")
 _VIEW = tvm.ir.Op.get("relax.memory.view")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 #: TVM's OpPatternKind.kOpaque: keeps FuseOps from merging the kernel (its schedule rule needs it whole).
 _OPAQUE = 8
 
@@ -123,21 +125,39 @@ class _Lowerer(relax.PyExprMutator):
             return None
         layout = (n, k, g, interleave, str(sign_ty.dtype))
         has = (planes[1] is not None, scales[1] is not None, bias is not None)
+        coded = self._mask_codes(planes[1]) if one_row and planes[1] is not None else None
+        codes, scheme = coded if coded else (None, None)
         if self.int8 and one_row and int8_gemv.supported(*layout):
             build, name = int8_gemv.gemv_int8, f"sparse_binary_gemv_int8_g{g}_"
         elif self.int8 and int8_gemm.supported(*layout):  # any number of rows (one: a group the GEMV lacks)
-            build, name = int8_gemm.gemm_int8, f"sparse_binary_gemm_int8_g{g}_"
-        elif one_row and self.lut_gemv and lut_gemv.supported(*layout):
+            build, name, scheme = int8_gemm.gemm_int8, f"sparse_binary_gemm_int8_g{g}_", None
+        elif one_row and self.lut_gemv and lut_gemv.supported(*layout, coded=scheme is not None):
             build, name = lut_gemv.gemv_fp32, f"sparse_binary_gemv_g{g}_"
         else:
             return None
-        key = (name, *layout, *has)
+        key = (name, *layout, *has, scheme)
         if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
-            self._kernels[key] = self.builder_.add_func(build(n, k, g, *has), name)
+            kwargs = {"codes": scheme} if scheme else {}
+            self._kernels[key] = self.builder_.add_func(build(n, k, g, *has, **kwargs), name)
         gv = self._kernels[key]
-        args = [x2] + [a for a in (planes[0], planes[1], scales[0], scales[1], bias) if a is not None]
+        mask = codes if scheme else planes[1]  # a one-row GEMV reads the codes, not their expansion
+        args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias) if a is not None]
         rows = 1 if one_row else x2.ty.shape[0]
         return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+
+    def _mask_codes(self, planes):
+        """``(codes, (n, m))`` when the mask planes are ``call_tir`` of a pattern-code expansion (see
+        EncodeMaskCodes), else None."""
+        bound = self.lookup_binding(planes) if isinstance(planes, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op.same_as(_CALL_TIR)
+                and isinstance(bound.args[0], relax.GlobalVar)):
+            return None
+        func = self.mod[bound.args[0]] if bound.args[0] in self.mod.get_global_vars() else None
+        attrs = getattr(func, "attrs", None)
+        if attrs is None or mask_codes.EXPAND_ATTR not in attrs:
+            return None
+        scheme = attrs[mask_codes.EXPAND_ATTR]
+        return bound.args[1].fields[0], (int(scheme["n"]), int(scheme["m"]))
 
     def _word_plane(self, plane):
         """The word tensor behind a uint8 ``R.memory.view`` of a plane (see PackPlanesAsWords), else ``plane``.

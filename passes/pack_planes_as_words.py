@@ -43,7 +43,8 @@ WORD_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
 
 
 def read_record(func) -> dict:
-    """``main``'s params-transform record as plain Python: ``{name: {"dtype": str, ["interleave": int]}}``."""
+    """``main``'s params-transform record as plain Python: ``{name: {"dtype": str, ["interleave": int], ...}}``
+    (string values stay strings, the others become ints)."""
     if func.attrs is None or TRANSFORM_ATTR not in func.attrs:
         return {}
     out = {}
@@ -51,7 +52,7 @@ def read_record(func) -> dict:
         if isinstance(entry, str):  # the first form of the record: just the new dtype
             out[str(name)] = {"dtype": entry}
         else:
-            out[str(name)] = {str(k): (str(v) if k == "dtype" else int(v)) for k, v in dict(entry).items()}
+            out[str(name)] = {str(k): (str(v) if isinstance(v, str) else int(v)) for k, v in dict(entry).items()}
     return out
 
 

@@ -41,10 +41,12 @@ def task_loop(out_features: int, in_features: int):
     return T.parallel if out_features * in_features >= PARALLEL_MIN_WEIGHTS else T.serial
 
 
-def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
-    """Whether the kernel covers this layer (else the TE kernel runs it)."""
+def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str,
+              coded: bool = False) -> bool:
+    """Whether the kernel covers this layer (else the TE kernel runs it); ``coded``: with its mask as pattern
+    codes, which come in chunks of 32 columns."""
     return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
-            and group_size % 8 == 0 and in_features % group_size == 0)
+            and group_size % (32 if coded else 8) == 0 and in_features % group_size == 0)
 
 
 def tiles_per_task(out_features: int, preferred: int) -> int:
@@ -86,13 +88,25 @@ def without_absent(kernel, has_mask: bool, has_mu: bool, has_bias: bool):
 
 
 def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
-              has_bias: bool):
-    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
+              has_bias: bool, codes: tuple[int, int] | None = None):
+    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
+
+    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.mask_codes`) and the
+    sign plane as ``P = sign & mask``; ``XM`` is then one ``vpermi2ps`` per 16 rows and column byte, from a
+    32-entry table per column byte (``XM`` of each pattern), indexed by the codes, instead of two
+    ``vpermps`` of mask nibbles.
+    """
+    from pbs2pc.passes.kernels import mask_codes
+
     N, K, G = out_features, in_features, group_size
     R = tiles_per_task(N, TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     tasks = task_loop(N, K)
+    coded = codes is not None  # a Python bool: TVMScript conditions must be one
+    NC = mask_codes.MAX_PATTERNS
+    mask_shape = (NT, mask_codes.code_width(K)) if coded else (NT, C, LANES)
+    plane_mask = has_mask and not coded  # the mask is a plane of bits
 
     def table_entry(x, j, e):
         # T_j[e] = sum of x[4j + i] over the set bits i of e
@@ -110,11 +124,20 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
 
     def p_bits(sign, mask, tile, col):
         bits = row_plane(sign, tile, col)
-        return T.bitwise_and(bits, row_plane(mask, tile, col)) if has_mask else bits
+        return T.bitwise_and(bits, row_plane(mask, tile, col)) if plane_mask else bits
+
+    def code_lookup(tm, mask, tile, chunk, c4):
+        # XM of the 16 rows for column byte 4 chunk + c4: their codes (byte c4 of each row's int32 lane of the
+        # extracted chunk) index the 32 fp32 entries of that column byte's table (vpermi2ps reads 5 bits)
+        idx = T.shift_right(T.reinterpret("int32x16", mask_codes.extract(mask, tile, chunk)),
+                            T.broadcast(8 * c4, LANES))
+        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
+                                       tm.vload([4 * chunk + c4, 0], "float32x16"), idx,
+                                       tm.vload([4 * chunk + c4, LANES], "float32x16"))
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
-               mask: T.Buffer((NT, C, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
+               mask: T.Buffer(mask_shape, "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
                mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"),
                y: T.Buffer((1, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -129,6 +152,19 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                 xm[g] = T.float32(0)
                 for k in range(G):
                     xm[g] = xm[g] + x[0, g * G + k]
+        # With codes: tm[c, e] = XM of pattern e over column byte c.
+        tm = T.alloc_buffer((C, NC) if coded else (1, 1), "float32")
+        kept = T.alloc_buffer((8, NC), "float32")  # bit i of pattern e
+        if coded:
+            for i in range(8):
+                for e in T.vectorized(NC):
+                    kept[i, e] = T.Cast("float32", T.bitwise_and(T.shift_right(mask_codes.pattern_of(e, *codes), i), 1))
+            for c in range(C):
+                for e in T.vectorized(NC):
+                    tm[c, e] = T.float32(0)
+                for i in T.unroll(8):
+                    for e in T.vectorized(NC):
+                        tm[c, e] = tm[c, e] + kept[i, e] * x[0, 8 * c + i]
         # 2. The GEMV: R tiles of 16 rows per task, partial sums per (tile, plane, nibble), scaled per group.
         for task in tasks(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32", scope="local")
@@ -142,17 +178,23 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                         for h in T.unroll(2):
                             for l in T.vectorized(LANES):
                                 part[r, p, h, l] = T.float32(0)
-                for c in range(CG):
-                    for r in T.unroll(R):
-                        part[r, 0, 0, T.ramp(0, 1, LANES)] = part.vload([r, 0, 0, 0], "float32x16") + lookup(
-                            tab, g * CG + c, 0, p_bits(sign, mask, task * R + r, g * CG + c))
-                        part[r, 0, 1, T.ramp(0, 1, LANES)] = part.vload([r, 0, 1, 0], "float32x16") + lookup(
-                            tab, g * CG + c, 1, p_bits(sign, mask, task * R + r, g * CG + c))
-                        if has_mask:
-                            part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + lookup(
-                                tab, g * CG + c, 0, row_plane(mask, task * R + r, g * CG + c))
-                            part[r, 1, 1, T.ramp(0, 1, LANES)] = part.vload([r, 1, 1, 0], "float32x16") + lookup(
-                                tab, g * CG + c, 1, row_plane(mask, task * R + r, g * CG + c))
+                for cb in range(CG // 4 if coded else CG):
+                    for c4 in T.unroll(4 if coded else 1):
+                        for r in T.unroll(R):
+                            part[r, 0, 0, T.ramp(0, 1, LANES)] = part.vload([r, 0, 0, 0], "float32x16") + lookup(
+                                tab, g * CG + cb * (4 if coded else 1) + c4, 0,
+                                p_bits(sign, mask, task * R + r, g * CG + cb * (4 if coded else 1) + c4))
+                            part[r, 0, 1, T.ramp(0, 1, LANES)] = part.vload([r, 0, 1, 0], "float32x16") + lookup(
+                                tab, g * CG + cb * (4 if coded else 1) + c4, 1,
+                                p_bits(sign, mask, task * R + r, g * CG + cb * (4 if coded else 1) + c4))
+                            if plane_mask:
+                                part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + lookup(
+                                    tab, g * CG + cb + c4, 0, row_plane(mask, task * R + r, g * CG + cb + c4))
+                                part[r, 1, 1, T.ramp(0, 1, LANES)] = part.vload([r, 1, 1, 0], "float32x16") + lookup(
+                                    tab, g * CG + cb + c4, 1, row_plane(mask, task * R + r, g * CG + cb + c4))
+                            if coded:
+                                part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + \
+                                    code_lookup(tm, mask, task * R + r, g * (CG // 4) + cb, c4)
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         if not has_mask:

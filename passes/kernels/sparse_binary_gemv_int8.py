@@ -39,6 +39,7 @@ process; docs/performance.md).
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
+from pbs2pc.passes.kernels import mask_codes
 from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_bias, task_loop, tiles_per_task,
                                                       without_absent)
 
@@ -100,14 +101,23 @@ def _vpdpbusd(acc, unsigned, signed):
 
 
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
-              has_bias: bool):
-    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape."""
+              has_bias: bool, codes: tuple[int, int] | None = None):
+    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
+
+    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.mask_codes`, ``[N/16,
+    W]``) and the sign plane as ``P = sign & mask``; ``IM`` is then looked up per code: a 32-entry table per
+    column byte (``IM`` of each pattern), 4 column bytes' tables in a 128-byte ``vpermi2b`` table per
+    result byte, and the same ``vpdpbusd`` sums.
+    """
     N, K, G = out_features, in_features, group_size
     R = tiles_per_task(N, TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
-    planes = 2 if has_mask else 1  # P (and M)
+    planes = 2 if has_mask and codes is None else 1  # P (and M) looked up by plane nibbles
+    mask_shape = (NT, mask_codes.code_width(K)) if codes is not None else (NT, C, LANES)
+    NC = mask_codes.MAX_PATTERNS
+    coded = codes is not None  # a Python bool: TVMScript conditions must be one
 
     quantise = quantiser(K, G, group_sums=not has_mask)
     tasks = task_loop(N, K)
@@ -136,14 +146,24 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     def plane_bits(sign, mask, p, tile, col):
         # P = mask & sign (p = 0) or M = mask (p = 1) of 16 rows x 4 column bytes, row-major
         s = sign.vload([tile, col, 0], "uint8x64")
-        if not has_mask:
+        if not has_mask or coded:  # with codes, the sign plane is P already
             return row_major(s)
         m = mask.vload([tile, col, 0], "uint8x64")
         return row_major(T.Select(p == 0, T.bitwise_and(s, m), m))
 
+    # the code table offset of each byte's column in a chunk of codes (byte 4 r + c'): 32 c'
+    code_offset = T.Cast("uint8x64", T.shift_left(T.bitwise_and(T.ramp(0, 1, 64), 3), 5))
+
+    def code_lookup(tm, chunk, byte, mask, tile):
+        # byte ``byte`` of IM for the 16 rows x 4 column bytes of a chunk: vpermi2b over 4 x 32 entries
+        return T.call_llvm_pure_intrin(
+            "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", T.reinterpret("int8x64", tm.vload([chunk, byte, 0], "uint8x64")),
+            T.reinterpret("int8x64", T.bitwise_or(mask_codes.extract(mask, tile, chunk), code_offset)),
+            T.reinterpret("int8x64", tm.vload([chunk, byte, 64], "uint8x64")))
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
-               mask: T.Buffer((NT, C, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
+               mask: T.Buffer(mask_shape, "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
                mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"),
                y: T.Buffer((1, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -161,6 +181,24 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                         "uint8", T.bitwise_and(table_entry(xq, c, h, e), T.int16(255)))
                     tab[c // 4, h, 1, 16 * (c % 4) + e] = T.Cast(
                         "uint8", T.bitwise_and(T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
+        # 2b. With codes: tm[c // 4, b, 32 (c % 4) + e] = byte b of IM of pattern e over column byte c.
+        tm = T.alloc_buffer((C // 4, 2, 4 * NC) if coded else (1, 1, 1), "uint8")
+        kept = T.alloc_buffer((8, NC), "int16")  # bit i of pattern e
+        im16 = T.alloc_buffer((NC,), "int16")
+        if coded:
+            for i in range(8):
+                for e in T.vectorized(NC):
+                    kept[i, e] = T.Cast("int16", T.bitwise_and(T.shift_right(mask_codes.pattern_of(e, *codes), i), 1))
+            for c in range(C):
+                for e in T.vectorized(NC):
+                    im16[e] = T.int16(0)
+                for i in T.unroll(8):
+                    for e in T.vectorized(NC):
+                        im16[e] = im16[e] + kept[i, e] * T.Cast("int16", xq[0, 8 * c + i])
+                for e in T.vectorized(NC):
+                    tm[c // 4, 0, NC * (c % 4) + e] = T.Cast("uint8", T.bitwise_and(im16[e], T.int16(255)))
+                    tm[c // 4, 1, NC * (c % 4) + e] = T.Cast(
+                        "uint8", T.bitwise_and(T.shift_right(im16[e], T.int16(8)), T.int16(255)))
         # 3. The GEMV: R tiles of 16 rows per task; int32 sums of the low and high table bytes per (tile,
         #    plane, row), scaled per group.
         for task in tasks(NT // R):
@@ -171,7 +209,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     acc[r, l] = T.float32(0)
             for g in range(GB):
                 for r in T.unroll(R):
-                    for p in T.unroll(planes):
+                    for p in T.unroll(2 if has_mask else 1):
                         for b in T.unroll(2):
                             for l in T.vectorized(LANES):
                                 sums[r, p, b, l] = 0
@@ -189,6 +227,13 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                                     sums.vload([r, p, 1, 0], "int32x16"), ones_unsigned,
                                     _vpermb(tab.vload([g * CB + cb, h, 1, 0], "uint8x64"),
                                             indices(plane_bits(sign, mask, p, task * R + r, g * CG + 4 * cb), h)))
+                        if coded:
+                            sums[r, 1, 0, T.ramp(0, 1, LANES)] = _vpdpbusd(
+                                sums.vload([r, 1, 0, 0], "int32x16"), code_lookup(tm, g * CB + cb, 0, mask, task * R + r),
+                                ones_signed)
+                            sums[r, 1, 1, T.ramp(0, 1, LANES)] = _vpdpbusd(
+                                sums.vload([r, 1, 1, 0], "int32x16"), ones_unsigned,
+                                code_lookup(tm, g * CB + cb, 1, mask, task * R + r))
                 for r in T.unroll(R):
                     for l in T.vectorized(LANES):
                         acc[r, l] = acc[r, l] + xs[0, g] * group_output(
