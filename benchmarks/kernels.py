@@ -119,9 +119,24 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 # the contenders
 
 
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True):
+def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
+    """``(plane word bits, mask codes, activations, lookup-table GEMV)`` of a pbs2pc format: ``pbs2pc_u8``
+    (the x86 preset: byte planes, masks as pattern codes), ``pbs2pc_u8_planes`` (mask planes instead),
+    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at M = 1, mask planes), ``pbs2pc_int8[_planes]``."""
+    planes = fmt.endswith("_planes")
+    if fmt == "pbs2pc_te":
+        return 8, False, "fp32", False
+    if fmt.startswith("pbs2pc_int8"):
+        return 8, not planes, "int8", True
+    bits = int(fmt[len("pbs2pc_u"):].split("_")[0])
+    return bits, bits == 8 and not planes, "fp32", True
+
+
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True,
+                  mask_codes=True):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
-    ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV."""
+    ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV;
+    ``mask_codes=False`` keeps mask planes where the preset would store pattern codes."""
     from onnx import TensorProto, helper, numpy_helper
 
     from pbs2pc.compiler import frontend
@@ -146,7 +161,8 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, act
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_gemv=lut_gemv)
+    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_gemv=lut_gemv,
+                                 mask_codes=mask_codes)
     preset = preset.with_activations(activations)
     if interleave is not None:
         preset = dataclasses.replace(preset, plane_interleave=interleave)
@@ -224,6 +240,11 @@ def weight_bytes(fmt: str, n_out: int, k: int) -> float:
     """Bytes of one layer's weights in a format (scales included)."""
     g = group_size(k)
     if fmt.startswith("pbs2pc"):
+        from pbs2pc.passes.kernels import mask_codes
+
+        if pbs2pc_variant(fmt)[1] and mask_codes.supported(n_out, k, *NM) and g % 32 == 0:
+            # sign bits, 5-bit mask codes (with each tile's tail bytes), fp16 alpha + mu per group
+            return n_out * k * (1 + 32 / g) / 8 + n_out // mask_codes.ROWS * mask_codes.code_width(k)
         return n_out * k * (2 + 32 / g) / 8  # sign + mask bits, fp16 alpha + mu per group
     if fmt == "torch_fp32" or fmt == "ort_fp32":
         return n_out * k * 4.0
@@ -293,8 +314,9 @@ def run_benchmark(args) -> dict:
     print(f"bandwidth GB/s: copy {bw['copy']}, triad {bw['triad']}, read {bw['read']}, "
           f"read of rotating 16 MiB arrays {bw['read_rotating']}", flush=True)
     nbits = [b for b in (4, 2) if ort_supports(b)]
-    formats = [f"pbs2pc_u{bits}" for bits in args.layouts] + (["pbs2pc_te"] if 8 in args.layouts else [])
-    formats += ["pbs2pc_int8"] if args.int8 else []
+    formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
+    formats += ["pbs2pc_u8_planes", "pbs2pc_te"] if 8 in args.layouts else []
+    formats += ["pbs2pc_int8", "pbs2pc_int8_planes"] if args.int8 else []
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
     formats += [f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc{lvl}" for lvl in (0, 4)] if 4 in nbits else []
     shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
@@ -306,22 +328,20 @@ def run_benchmark(args) -> dict:
         for rows in rows_list:
             runs, info = {}, {}
             for fmt in formats:
-                if fmt.startswith("pbs2pc_u") and int(fmt[8:]) != 32 and rows not in args.alt_layout_rows:
+                if fmt.startswith("pbs2pc_u") and pbs2pc_variant(fmt)[0] != 32 and rows not in args.alt_layout_rows:
                     continue
-                if fmt == "pbs2pc_te" and rows > 1:
-                    continue  # the TE kernel instead of the lookup-table GEMV: a one-row comparison
+                if (fmt == "pbs2pc_te" or fmt.endswith("_planes")) and rows > 1:
+                    continue  # the TE kernel instead of the lookup-table GEMV, planes for codes: one-row comparisons
                 if fmt in ("ort_nbits2_acc0", f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0") and rows > 1:
                     continue  # ORT's fp32-compute paths: 2-bit ~100x slower than int8; block 32 at M = 1 only
                 wbytes = weight_bytes(fmt, n_out, k)
                 copies, resident = copies_for(wbytes, llc, args.max_copies)
                 t_build = time.perf_counter()
                 extra = {}
-                if fmt.startswith("pbs2pc_u"):
-                    run, extra = pbs2pc_runner(n_out, k, rows, copies, int(fmt[8:]), rng, args.interleave)
-                elif fmt == "pbs2pc_int8":
-                    run, extra = pbs2pc_runner(n_out, k, rows, copies, 8, rng, args.interleave, activations="int8")
-                elif fmt == "pbs2pc_te":
-                    run, extra = pbs2pc_runner(n_out, k, rows, copies, 8, rng, args.interleave, lut_gemv=False)
+                if fmt.startswith("pbs2pc"):
+                    bits, codes, activations, lut = pbs2pc_variant(fmt)
+                    run, extra = pbs2pc_runner(n_out, k, rows, copies, bits, rng, args.interleave, activations=activations,
+                                               lut_gemv=lut, mask_codes=codes)
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":
@@ -434,7 +454,8 @@ def plot(data: dict, path: Path) -> bool:
     ax.plot(ai, bw * ai, "k-", lw=1, label=f"memory roof: triad {bw:.0f} GB/s")
     peak = 2 * 32 * 2.6  # 2 cores x one 512-bit FMA (32 flop) per cycle x 2.6 GHz base clock (boost is higher)
     ax.axhline(peak, color="gray", ls="--", lw=1, label=f"fp32 FMA at 2.6 GHz base ≈ {peak:.0f} GFLOP/s")
-    styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "pbs2pc_te": ("C8", "o"), "pbs2pc_int8": ("C9", "D"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
+    styles = {"pbs2pc_u32": ("C3", "o"), "pbs2pc_u8": ("C1", "o"), "pbs2pc_u8_planes": ("C1", "x"),
+              "pbs2pc_te": ("C8", "o"), "pbs2pc_int8": ("C9", "D"), "pbs2pc_int8_planes": ("C9", "x"), "torch_fp32": ("C0", "s"), "ort_fp32": ("C2", "s"),
               "ort_nbits4_acc0": ("C4", "^"), "ort_nbits4_acc4": ("C5", "v"), "ort_nbits2_acc0": ("C6", "^"),
               "ort_nbits2_acc4": ("C7", "v"), f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0": ("C4", "<"),
               f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc4": ("C5", ">")}

@@ -58,6 +58,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     say(f"loading {onnx_path}")
     model = frontend.load_onnx(onnx_path)
     layers = report.onnx_layers(model)
+    weight_inputs = report.weight_inputs(model)
     say("importing into Relax")
     imported = frontend.import_onnx(model)
     del model
@@ -92,7 +93,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "vocab_size": vocab,
         "max_sequence": _max_sequence(imported),
         "source": imported.metadata,
-        "summary": report.summarize(layers),
+        "summary": {**report.summarize(layers), **_target_bits(layers, weight_inputs, params)},
         "layers": [vars(layer) for layer in layers],
         "timings": timings,
     }
@@ -164,6 +165,17 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
                 array = interleave_array(array, entry["interleave"])
         out[name] = array
     return mod, out
+
+
+def _target_bits(layers, weight_inputs: set, params: dict) -> dict:
+    """Bits per weight of the compressed layers as the weights file stores them (the target layout: on x86
+    masks as pattern codes where the scheme has them), counted like ``bits_interchange``: signs, masks and
+    scales, everything the layers' weights take."""
+    weights = sum(layer.weights for layer in layers)
+    if not weights:
+        return {}
+    stored = sum(params[name].nbytes for name in weight_inputs if name in params)
+    return {"bits_target": round(8 * stored / weights, 4)}
 
 
 def _vocab_size(imported) -> int | None:

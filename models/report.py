@@ -51,6 +51,17 @@ def onnx_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     return layers
 
 
+def weight_inputs(model: onnx.ModelProto) -> set[str]:
+    """The initializer names holding the pbs2p layers' weights: sign, mask, alpha and mu (the inputs the
+    honest bits per weight count; bias is not a weight)."""
+    names = set()
+    for node in model.graph.node:
+        if node.domain == onnx_op.DOMAIN and node.op_type == onnx_op.OP_TYPE:
+            roles = dict(zip(onnx_op.INPUTS, node.input))
+            names.update(roles[r] for r in ("sign", "mask", "alpha", "mu") if roles.get(r))
+    return names
+
+
 def summarize(layers: list[LayerInfo]) -> dict:
     """Totals over layers: weight count, schemes, weighted honest and paper-style bits per weight."""
     total = sum(layer.weights for layer in layers)

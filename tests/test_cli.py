@@ -1,6 +1,7 @@
 """The CLI in-process: the pipeline's commands, and bad input giving one line, exit code 2, no leftovers."""
 
 import json
+import re
 
 import pytest
 
@@ -26,6 +27,7 @@ def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
     assert main(["inspect", str(lib), "--layers"]) == 0
     out = capsys.readouterr().out
     assert "compiled for x86" in out and "model.layers.1.mlp.down_proj" in out
+    assert re.search(r"bits per weight, compiled: 2\.[0-4]\d\d as the weights file stores them", out)  # mask codes
     assert "KV cache: 2 layers x 2 kv heads x head_dim 16" in out and "'decode'" in out
     assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,8 @@ def _bits_lines(summary: dict) -> list[str]:
         f"{summary['bits_compact']:.3f} with an exact N:M code (pattern index + kept signs + scales); "
         f"scales alone {summary['bits_scales']:.3f}",
         f"bits per weight, paper-style: {summary['bits_paper']:.3f} (signs of kept weights only; no mask, index or scales)",
-    ]
+    ] + ([f"bits per weight, compiled: {summary['bits_target']:.3f} as the weights file stores them "
+          "(the target layout, e.g. masks as 5-bit pattern codes)"] if "bits_target" in summary else [])
 
 
 def run(args) -> int:

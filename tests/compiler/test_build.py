@@ -50,6 +50,14 @@ def test_artifact_holds_packed_weights_only(tiny_library, tiny_compressed):
     assert row not in lib.read_bytes() and row not in weights.read_bytes()
     assert manifest["target"] == "x86" and manifest["tvm_version"].startswith("0.27")
     assert manifest["summary"]["bits_interchange"] == 2.5
+    # 6:8 masks as 5-bit pattern codes: [N/16, K/32 x 40 + 24] bytes; the compiled bits per weight count them
+    from pbs2pc.passes.kernels import mask_codes
+
+    assert by_name[f"{layer}.mask"]["shape"] == [4, mask_codes.code_width(128)] == [4, 184]
+    stored = sum(np.prod(p["shape"]) * np.dtype(p["dtype"]).itemsize for name, p in by_name.items()
+                 if name.rsplit(".", 1)[-1] in ("sign", "mask", "alpha", "mu"))
+    assert manifest["summary"]["bits_target"] == round(8 * stored / manifest["summary"]["weights"], 4)
+    assert 1.9 < manifest["summary"]["bits_target"] < 2.5  # the tail bytes weigh more at K = 64 and 128
 
 
 def test_dump_ir_writes_every_phase(tiny_onnx, tmp_path):

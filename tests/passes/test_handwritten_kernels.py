@@ -2,11 +2,13 @@
 
 * fp32 (``sparse_binary_gemv``, vpermps lookup tables, the x86 default for one-row calls): against the
   float64 dense product to float32 rounding.
-* int8 activations (``sparse_binary_gemv_int8``, vpshufb tables, ``--activations int8``): its oracle does the
+* int8 activations (``sparse_binary_gemv_int8``, vpermb tables, ``--activations int8``): its oracle does the
   same per-group quantisation of ``x`` and then exact integer dot products, so the kernel must match it to
   float32 rounding; against the float64 dense product it may differ by the 8-bit rounding of ``x`` only.
 * int8 GEMM (``sparse_binary_gemm_int8``, vpdpbusd, the prompt with ``--activations int8``): the same oracle
   row by row, for M = 1, 2, 3, 17 and 128.
+
+The GEMVs' forms that read masks as pattern codes are tested in test_mask_codes.py.
 """
 
 from __future__ import annotations
@@ -195,6 +197,10 @@ def test_compiled_model_uses_fp32_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_g") == 14  # 7 linear layers x 2 decoder layers
     assert _calls(lowered, "main", "sparse_binary_gemv") == _calls(lowered, "prefill", "sparse_binary_gemv") == 0
+    # 6:8 masks are pattern codes: the decode GEMVs read them, the prompt expands them into planes
+    kept = (tmp_path / "ir" / "10_dead_code.py").read_text()
+    assert _calls(kept, "decode", "expand_mask_codes") == 0
+    assert _calls(kept, "main", "expand_mask_codes") == _calls(kept, "prefill", "expand_mask_codes") == 14
 
     # The decode step (lookup-table GEMVs) against the prompt path (the TE kernel) on the same tokens.
     ids = [5, 9, 100, 7]

@@ -173,3 +173,60 @@ def test_static_gemv_and_groups_a_word_would_straddle():
     assert str(params["l0.sign"].dtype) == "uint8" and str(params["l0.mask"].dtype) == "uint8"
     assert params["l0.sign"].shape == (40, 72) and params["l1.sign"].shape == (3, 72, 16)
     _compile_and_run(odd, X86, [1], static=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# EncodeMaskCodes: the x86 preset's masks as pattern codes (pbs2pc.passes.kernels.mask_codes)
+
+CODED_SPECS = [(64, 256, 6, 8, 64, True),  # coded
+               (32, 256, 2, 4, 64, False),  # 2:4: 36 patterns per byte, keeps its mask plane
+               (32, 256, 8, 8, 128, False),  # dense: no mask
+               (40, 256, 6, 8, 64, True),  # N % 16 != 0: row-major planes
+               (48, 256, 6, 8, 16, True),  # G = 16: the GEMVs read codes in chunks of 32 columns
+               (96, 256, 7, 8, 128, True)]  # coded
+
+
+def test_mask_codes_params_transform():
+    from pbs2pc.passes.kernels import mask_codes
+
+    layers = _layers(CODED_SPECS, seed=7)
+    imported = frontend.import_onnx(_model(layers))
+    mod, params = to_target_layout(imported.mod, imported.params, get_preset("x86"))
+    types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in mod["main"].params[1:]}
+    width = mask_codes.code_width(256)
+    assert types["l0.mask"] == ("uint8", [4, width]) and types["l5.mask"] == ("uint8", [6, width])
+    assert types["l1.mask"] == ("uint8", [2, 32, 16]) and "l2.mask" not in types
+    assert types["l3.mask"] == ("uint8", [40, 32]) and types["l4.mask"] == ("uint8", [3, 32, 16])
+    for name, (dtype, shape) in types.items():
+        assert str(params[name].dtype) == dtype and list(params[name].shape) == shape
+    for i, (n, m) in ((0, (6, 8)), (5, (7, 8))):
+        mask, sign = imported.params[f"l{i}.mask"], imported.params[f"l{i}.sign"]
+        assert (mask_codes.decode(params[f"l{i}.mask"], n, m, 256) == mask).all()
+        assert (deinterleave_array(params[f"l{i}.sign"]) == sign & mask).all()  # P = sign & mask
+    assert (deinterleave_array(params["l1.sign"]) == imported.params["l1.sign"]).all()  # uncoded: the sign
+    assert mod["main"].attrs is None or TRANSFORM_ATTR not in mod["main"].attrs
+    # fewer bytes: 1 + 0.63 + scales instead of 2 + scales bits per weight for the coded layers
+    coded = sum(params[f"l{i}.{r}"].nbytes for i in (0, 5) for r in ("sign", "mask", "alpha", "mu"))
+    plain = sum(imported.params[f"l{i}.{r}"].nbytes for i in (0, 5) for r in ("sign", "mask", "alpha", "mu"))
+    assert 0.8 < coded / plain < 0.87
+
+
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_one_row_calls_read_the_codes_and_others_the_expansion(activations):
+    from pbs2pc.compiler.pipeline import phases
+
+    preset = get_preset("x86").with_activations(activations)
+    for rows in (1, "M"):  # l0 and l5 are coded: one expansion each where rows are symbolic
+        layers = _layers(CODED_SPECS, seed=8)
+        imported = frontend.import_onnx(_model(layers, rows))
+        mod, _ = to_target_layout(imported.mod, imported.params, preset)
+        lower = dict(phases(preset))["lower_pbs2p"]
+        text = relax.transform.DeadCodeElimination(["main"])(lower(mod))["main"].script()
+        assert text.count("R.call_tir(expand_mask_codes_") == (0 if rows == 1 else 2), rows
+
+
+def test_mask_codes_compile_and_match_reference():
+    """Symbolic M (the expansion + the TE kernel) at 1, 2, 3, 17 rows, and static M = 1 (the coded GEMVs)."""
+    layers = _layers(CODED_SPECS, seed=9)
+    _compile_and_run(layers, get_preset("x86"), [1, 2, 3, 17])
+    _compile_and_run(layers, get_preset("x86"), [1], static=1)
