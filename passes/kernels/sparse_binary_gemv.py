@@ -27,9 +27,10 @@ from pbs2pc.compiler.tvm_compat import T, tirx
 
 #: Rows per vector (fp32 lanes of a zmm register) and the row interleave the kernel reads.
 LANES = 16
-#: 16-row tiles per parallel task. 11008x4096 streaming from memory, 2 threads: 2 tiles 646 us, 4 tiles
-#: within noise of 2.
-TILES_PER_TASK = 2
+#: 16-row tiles per parallel task (they share each table load). With the mask as pattern codes (the x86
+#: layout), streaming from memory, 2 threads, 1 / 2 / 4 tiles: 4096x11008 855 / 504 / 469 us, 11008x4096
+#: 1038 / 694 / 707 us; cache-resident 576x1536 24.9 / 21.0 / 20.4 us (A/B in one process).
+TILES_PER_TASK = 4
 #: Layers with fewer weights run their tasks on one thread: a parallel launch costs more than it saves there
 #: (SmolLM2's k/v projection, 192x576: 2.8 us serial, 4.8 us parallel; 576x576 about level, 8.2-9.8 vs
 #: 8.1-8.4 us; 1536x576 15-16 us parallel, 20-21 us serial; fp32, 2 threads, 8 layers in turn).

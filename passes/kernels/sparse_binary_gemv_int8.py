@@ -45,10 +45,10 @@ from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_
 
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
 COLUMNS_PER_LOAD = 32
-#: 16-row tiles per parallel task (4 int16 accumulators each, sharing the table loads). At 11008x4096 with the
-#: planes in L3, 4 tiles ran in 295 us, 2 in 303 us, 1 in 322 us; streaming from memory 2 and 4 tiles were
-#: level (541 / 560 us) and 1 slower (646 us), 2 threads.
-TILES_PER_TASK = 2
+#: 16-row tiles per parallel task (4 int32 accumulators each, sharing the table loads). With the mask as
+#: pattern codes, streaming from memory, 2 threads, 1 / 2 / 4 tiles: 4096x11008 622 / 408 / 356 us,
+#: 11008x4096 597 / 386 / 363 us; cache-resident 1536x576 24.8 / 21.2 / 19.2 us (A/B in one process).
+TILES_PER_TASK = 4
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
