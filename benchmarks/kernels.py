@@ -259,8 +259,8 @@ def nbits_format(fmt: str) -> tuple[int, int | None]:
     return int(parts[1][5:]), block
 
 
-def bits_per_weight(fmt: str, k: int) -> float:
-    return 8 * weight_bytes(fmt, 1, k) / k
+def bits_per_weight(fmt: str, n_out: int, k: int) -> float:
+    return 8 * weight_bytes(fmt, n_out, k) / (n_out * k)
 
 
 def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -> dict:
@@ -359,7 +359,7 @@ def run_benchmark(args) -> dict:
                 row = {
                     "N": n_out, "K": k, "label": label, "M": rows, "format": fmt,
                     "G": (nbits_format(fmt)[1] if fmt.startswith("ort_nbits") else None) or group_size(k),
-                    "bits_per_weight": round(bits_per_weight(fmt, k), 4), "us": round(seconds[fmt] * 1e6, 2),
+                    "bits_per_weight": round(bits_per_weight(fmt, n_out, k), 4), "us": round(seconds[fmt] * 1e6, 2),
                     "floor_us": round(floor * 1e6, 2), "of_floor": round(floor / seconds[fmt], 3),
                     "GBps": round((wbytes + act) / seconds[fmt] / 1e9, 2),
                     "GFLOPs": round(2 * rows * n_out * k / seconds[fmt] / 1e9, 2),
@@ -385,9 +385,11 @@ def run_benchmark(args) -> dict:
 
 
 def recompute_floors(data: dict) -> None:
-    """Floors and fractions of the floor from ``data["bandwidth"]["triad"]`` (after a re-measurement)."""
+    """Bits per weight, floors and fractions of the floor from ``data["bandwidth"]["triad"]`` (after a
+    re-measurement, or a change of how a format's bytes are counted)."""
     bw = data["bandwidth"]["triad"] * 1e9
     for row in data["results"]:
+        row["bits_per_weight"] = round(bits_per_weight(row["format"], row["N"], row["K"]), 4)
         moved = weight_bytes(row["format"], row["N"], row["K"]) + 4.0 * row["M"] * (row["K"] + row["N"])
         row["floor_us"] = round(moved / bw * 1e6, 2)
         row["of_floor"] = round(row["floor_us"] / row["us"], 3)
@@ -513,8 +515,8 @@ def main(argv=None) -> int:
             data["bandwidth_runs"] = data.get("bandwidth_runs", [dict(data["bandwidth"])]) + [again]
             for key in ("copy", "triad", "read"):
                 data["bandwidth"][key] = max(run[key] for run in data["bandwidth_runs"])
-            recompute_floors(data)
-            args.output.write_text(json.dumps(data, indent=1) + "\n")
+        recompute_floors(data)
+        args.output.write_text(json.dumps(data, indent=1) + "\n")
     else:
         data = run_benchmark(args)
         args.output.parent.mkdir(parents=True, exist_ok=True)
