@@ -108,6 +108,10 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     NC = mask_codes.MAX_PATTERNS
     mask_shape = (NT, mask_codes.code_width(K)) if coded else (NT, C, LANES)
     plane_mask = has_mask and not coded  # the mask is a plane of bits
+    step = 4 if coded else 1  # column bytes per inner step: codes come in chunks of 4
+
+    def column(g, cb, c4):
+        return g * CG + cb * step + c4
 
     def table_entry(x, j, e):
         # T_j[e] = sum of x[4j + i] over the set bits i of e
@@ -155,7 +159,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                     xm[g] = xm[g] + x[0, g * G + k]
         # With codes: tm[c, e] = XM of pattern e over column byte c.
         tm = T.alloc_buffer((C, NC) if coded else (1, 1), "float32")
-        kept = T.alloc_buffer((8, NC), "float32")  # bit i of pattern e
+        kept = T.alloc_buffer((8, NC) if coded else (1, 1), "float32")  # bit i of pattern e
         if coded:
             for i in range(8):
                 for e in T.vectorized(NC):
@@ -179,20 +183,18 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                         for h in T.unroll(2):
                             for l in T.vectorized(LANES):
                                 part[r, p, h, l] = T.float32(0)
-                for cb in range(CG // 4 if coded else CG):
-                    for c4 in T.unroll(4 if coded else 1):
+                for cb in range(CG // step):
+                    for c4 in T.unroll(step):
                         for r in T.unroll(R):
                             part[r, 0, 0, T.ramp(0, 1, LANES)] = part.vload([r, 0, 0, 0], "float32x16") + lookup(
-                                tab, g * CG + cb * (4 if coded else 1) + c4, 0,
-                                p_bits(sign, mask, task * R + r, g * CG + cb * (4 if coded else 1) + c4))
+                                tab, column(g, cb, c4), 0, p_bits(sign, mask, task * R + r, column(g, cb, c4)))
                             part[r, 0, 1, T.ramp(0, 1, LANES)] = part.vload([r, 0, 1, 0], "float32x16") + lookup(
-                                tab, g * CG + cb * (4 if coded else 1) + c4, 1,
-                                p_bits(sign, mask, task * R + r, g * CG + cb * (4 if coded else 1) + c4))
+                                tab, column(g, cb, c4), 1, p_bits(sign, mask, task * R + r, column(g, cb, c4)))
                             if plane_mask:
                                 part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + lookup(
-                                    tab, g * CG + cb + c4, 0, row_plane(mask, task * R + r, g * CG + cb + c4))
+                                    tab, column(g, cb, c4), 0, row_plane(mask, task * R + r, column(g, cb, c4)))
                                 part[r, 1, 1, T.ramp(0, 1, LANES)] = part.vload([r, 1, 1, 0], "float32x16") + lookup(
-                                    tab, g * CG + cb + c4, 1, row_plane(mask, task * R + r, g * CG + cb + c4))
+                                    tab, column(g, cb, c4), 1, row_plane(mask, task * R + r, column(g, cb, c4)))
                             if coded:
                                 part[r, 1, 0, T.ramp(0, 1, LANES)] = part.vload([r, 1, 0, 0], "float32x16") + \
                                     code_lookup(tm, mask, task * R + r, g * (CG // 4) + cb, c4)

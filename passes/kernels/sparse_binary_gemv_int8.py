@@ -114,10 +114,10 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
-    planes = 2 if has_mask and codes is None else 1  # P (and M) looked up by plane nibbles
-    mask_shape = (NT, mask_codes.code_width(K)) if codes is not None else (NT, C, LANES)
-    NC = mask_codes.MAX_PATTERNS
     coded = codes is not None  # a Python bool: TVMScript conditions must be one
+    planes = 2 if has_mask and not coded else 1  # P (and M) looked up by plane nibbles
+    mask_shape = (NT, mask_codes.code_width(K)) if coded else (NT, C, LANES)
+    NC = mask_codes.MAX_PATTERNS
 
     quantise = quantiser(K, G, group_sums=not has_mask)
     tasks = task_loop(N, K)
@@ -156,10 +156,11 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
 
     def code_lookup(tm, chunk, byte, mask, tile):
         # byte ``byte`` of IM for the 16 rows x 4 column bytes of a chunk: vpermi2b over 4 x 32 entries
-        return T.call_llvm_pure_intrin(
-            "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", T.reinterpret("int8x64", tm.vload([chunk, byte, 0], "uint8x64")),
-            T.reinterpret("int8x64", T.bitwise_or(mask_codes.extract(mask, tile, chunk), code_offset)),
-            T.reinterpret("int8x64", tm.vload([chunk, byte, 64], "uint8x64")))
+        idx = T.bitwise_or(mask_codes.extract(mask, tile, chunk), code_offset)
+        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                                       T.reinterpret("int8x64", tm.vload([chunk, byte, 0], "uint8x64")),
+                                       T.reinterpret("int8x64", idx),
+                                       T.reinterpret("int8x64", tm.vload([chunk, byte, 64], "uint8x64")))
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
@@ -183,7 +184,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                         "uint8", T.bitwise_and(T.shift_right(table_entry(xq, c, h, e), T.int16(8)), T.int16(255)))
         # 2b. With codes: tm[c // 4, b, 32 (c % 4) + e] = byte b of IM of pattern e over column byte c.
         tm = T.alloc_buffer((C // 4, 2, 4 * NC) if coded else (1, 1, 1), "uint8")
-        kept = T.alloc_buffer((8, NC), "int16")  # bit i of pattern e
+        kept = T.alloc_buffer((8, NC) if coded else (1, 1), "int16")  # bit i of pattern e
         im16 = T.alloc_buffer((NC,), "int16")
         if coded:
             for i in range(8):
