@@ -119,7 +119,9 @@ def format_result(result: DemoResult) -> str:
     b = result.bits
     lines += [
         f"compiled vs onnxruntime logits: max relative error {result.max_logit_rel_err:.2e} (first window)",
-        f"bits per weight of the {b['layers']} compressed layers: {b['bits_interchange']:.3f} as stored, "
+        f"bits per weight of the {b['layers']} compressed layers: {b['bits_interchange']:.3f} as stored in the "
+        f"ONNX file, " + (f"{b['bits_target']:.3f} in the compiled weights (target layout), " if "bits_target" in b
+                          else "") +
         f"{b['bits_compact']:.3f} with an exact N:M code, {b['bits_paper']:.3f} paper-style (kept signs only)",
         "time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
     ]

@@ -110,3 +110,13 @@ def test_evaluation_only_checkpoints_are_not_exported(checkpoint, tmp_path, caps
     (folder / "pbs2pc.json").write_text(json.dumps({**manifest, "method": "billm", "exportable": False}))
     _assert_user_error(["export", str(folder), "-o", str(tmp_path / "m.onnx")], capsys, "evaluation-only", tmp_path)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_demo_summary_reports_the_compiled_bits(tiny_library):
+    from pbs2pc.demo import DemoResult, format_result
+    from pbs2pc.runtime.artifact import artifact_paths
+
+    summary = json.loads(artifact_paths(tiny_library)[2].read_text())["summary"]
+    text = format_result(DemoResult({"original (PyTorch)": 31.4}, {"compile": 1.0}, summary, 10, "", 1e-6))
+    assert f"{summary['bits_interchange']:.3f} as stored in the ONNX file" in text
+    assert f"{summary['bits_target']:.3f} in the compiled weights (target layout)" in text
