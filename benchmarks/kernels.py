@@ -10,13 +10,15 @@ In one process and one run, for every weight shape N x K and rows M:
   ``models.onnx_op.make_node``), compiled through the project's real path: ``frontend.import_onnx`` ->
   the build's params transform ``build.to_target_layout`` -> ``tvm.compile`` with
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
-  Measured for each plane layout (``--layouts``; the x86 preset's default is bytes, planes and
-  scales row-interleaved in blocks of 16 rows; ``--interleave 0`` measures the row-major layout). At M = 1
-  byte planes run the fp32 lookup-table GEMV (``passes/kernels/sparse_binary_gemv.py``).
+  Measured for each plane layout (``--layouts``; the x86 preset's default is byte sign planes, masks as
+  5-bit pattern codes, planes and scales row-interleaved in blocks of 16 rows; ``pbs2pc_u8_planes`` keeps
+  mask planes; ``--interleave 0`` measures the row-major layout). At M = 1 bytes run the fp32 lookup-table
+  GEMV (``passes/kernels/sparse_binary_gemv.py``).
 * **pbs2pc_te** (M = 1 only, with byte planes): the TE kernel + CPU schedule rule instead of that GEMV (the
   x86 default before it), for the comparison.
-* **pbs2pc_int8**: the same compiled with ``--activations int8`` (M = 1: the vpshufb lookup-table GEMV,
-  M > 1: the VNNI GEMM; the accuracy cost is measured by ``benchmarks/int8_accuracy.py``).
+* **pbs2pc_int8** / **pbs2pc_int8_planes**: compiled with ``--activations int8``, with mask codes / planes
+  (M = 1: the lookup-table int8 GEMV, M > 1: the VNNI GEMM; the accuracy cost is measured by
+  ``benchmarks/int8_accuracy.py``).
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),

@@ -33,7 +33,7 @@ class TargetPreset:
     #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
     plane_interleave: int = 0
     #: Activations of the sparse-binary linear layers: ``"fp32"``, or ``"int8"`` (quantised per scale group:
-    #: ``vpshufb`` lookup-table GEMV for one row, AVX-512 VNNI GEMM for the prompt; ``pbs2pc compile
+    #: ``vpermb`` lookup-table GEMV for one row, AVX-512 VNNI GEMM for the prompt; ``pbs2pc compile
     #: --activations int8``). Only presets with ``int8_activations`` accept it.
     activations: str = "fp32"
     int8_activations: bool = False
