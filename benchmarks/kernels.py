@@ -39,7 +39,6 @@ written) / the STREAM triad bandwidth measured at the start (torch ops, 2 thread
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -52,12 +51,13 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from contenders import (NM, THREADS, group_size, ort_runner, ort_supports,  # noqa: E402
+                        pbs2pc_runner, pbs2pc_variant, torch_runner)
 from machine import cpu_model, llc_bytes, stream, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "kernels.json"
 DOCS = ROOT.parent / "docs"
-THREADS = 2
 #: The block size onnxruntime's MatMulNBits quantiser writes unless told otherwise (its ``--block_size``
 #: default); measured at 4 bits next to block = G.
 NBITS_DEFAULT_BLOCK = 32
@@ -80,35 +80,6 @@ SHAPES = [
     (192, 576, "SmolLM2 k/v"),
 ]
 ROWS = [1, 16, 128]
-NM = (6, 8)
-#: Every 8-bit pattern with exactly six bits set: one 6:8 mask byte (m = 8: a byte is one group).
-_MASKS_6OF8 = np.array([b for b in range(256) if bin(b).count("1") == 6], np.uint8)
-
-
-# --------------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------------
-# random layers
-
-
-@dataclasses.dataclass
-class Layer:
-    sign: np.ndarray
-    mask: np.ndarray
-    alpha: np.ndarray
-    mu: np.ndarray
-
-
-def random_layer(n_out: int, k: int, g: int, rng) -> Layer:
-    """A valid 6:8 layer with random signs, random 6:8 masks and non-zero scales and offsets."""
-    mask = _MASKS_6OF8[rng.integers(0, len(_MASKS_6OF8), (n_out, k // 8))]
-    sign = rng.integers(0, 256, (n_out, k // 8), dtype=np.uint8)
-    alpha = rng.uniform(0.01, 0.05, (n_out, k // g)).astype(np.float16)
-    mu = (rng.uniform(0.001, 0.005, (n_out, k // g)) * rng.choice([-1, 1], (n_out, k // g))).astype(np.float16)
-    return Layer(sign, mask, alpha, mu)
-
-
-def group_size(k: int) -> int:
-    return 128 if k % 128 == 0 else 64
 
 
 def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
@@ -118,124 +89,7 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# the contenders
-
-
-def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
-    """``(plane word bits, mask codes, activations, lookup-table GEMV)`` of a pbs2pc format: ``pbs2pc_u8``
-    (the x86 preset: byte planes, masks as pattern codes), ``pbs2pc_u8_planes`` (mask planes instead),
-    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at M = 1, mask planes), ``pbs2pc_int8[_planes]``."""
-    planes = fmt.endswith("_planes")
-    if fmt == "pbs2pc_te":
-        return 8, False, "fp32", False
-    if fmt.startswith("pbs2pc_int8"):
-        return 8, not planes, "int8", True
-    bits = int(fmt[len("pbs2pc_u"):].split("_")[0])
-    return bits, bits == 8 and not planes, "fp32", True
-
-
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True,
-                  mask_codes=True):
-    """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
-    ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV;
-    ``mask_codes=False`` keeps mask planes where the preset would store pattern codes."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from pbs2pc.compiler import frontend
-    from pbs2pc.compiler.build import to_target_layout
-    from pbs2pc.compiler.pipeline import make_pipeline
-    from pbs2pc.compiler.targets import get_preset
-    from pbs2pc.compiler.tvm_compat import relax, tvm
-    from pbs2pc.models import onnx_op
-
-    g = group_size(k)
-    nodes, inits, outputs = [], [], []
-    for c in range(copies):
-        layer = random_layer(n_out, k, g, rng)
-        names = {role: f"w{c}.{role}" for role in ("sign", "mask", "alpha", "mu")}
-        for role, name in names.items():
-            inits.append(numpy_helper.from_array(getattr(layer, role), name))
-        nodes.append(onnx_op.make_node("X", names["sign"], names["mask"], names["alpha"], names["mu"], None, f"Y{c}",
-                                       n=NM[0], m=NM[1], group_size=g, name=f"linear{c}"))
-        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
-    graph = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
-                                                    helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
-    onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_gemv=lut_gemv,
-                                 mask_codes=mask_codes)
-    preset = preset.with_activations(activations)
-    if interleave is not None:
-        preset = dataclasses.replace(preset, plane_interleave=interleave)
-    imported = frontend.import_onnx(model)
-    mod, params = to_target_layout(imported.mod, imported.params, preset)
-    t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset))
-    compile_s = time.perf_counter() - t0
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params.values()]
-    x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np.float32))
-    main = vm["main"]
-    sign = params["w0.sign"]
-    return (lambda: main(x, *args)), {"compile_s": round(compile_s, 2), "planes": str(sign.dtype),
-                                      "interleave": sign.shape[2] if sign.ndim == 3 else 0}
-
-
-def torch_runner(n_out, k, rows, copies, rng):
-    import torch
-
-    torch.set_num_threads(THREADS)
-    ws = [torch.from_numpy(rng.standard_normal((n_out, k), dtype=np.float32)) for _ in range(copies)]
-    x = torch.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))
-
-    def run():
-        with torch.inference_mode():
-            for w in ws:
-                x @ w.T
-
-    return run, {}
-
-
-def _ort_session(model):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_runner(n_out, k, rows, copies, rng, bits=None, accuracy_level=0, block=None):
-    """onnxruntime: ``copies`` MatMul (fp32, ``bits=None``) or MatMulNBits nodes (block size ``block``,
-    default the layer's G) on one input."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits, outputs = [], [], []
-    g = block or group_size(k)
-    for c in range(copies):
-        if bits is None:
-            inits.append(numpy_helper.from_array(rng.standard_normal((k, n_out), dtype=np.float32), f"W{c}"))
-            nodes.append(helper.make_node("MatMul", ["X", f"W{c}"], [f"Y{c}"]))
-        else:
-            blocks = k // g
-            packed = rng.integers(0, 256, (n_out, blocks, g * bits // 8), dtype=np.uint8)
-            scales = rng.uniform(0.01, 0.05, n_out * blocks).astype(np.float32)
-            inits += [numpy_helper.from_array(packed, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
-            nodes.append(helper.make_node("MatMulNBits", ["X", f"B{c}", f"S{c}"], [f"Y{c}"], domain="com.microsoft",
-                                          K=k, N=n_out, bits=bits, block_size=g, accuracy_level=accuracy_level))
-        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
-    graph = helper.make_graph(nodes, "ort", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    session = _ort_session(model)
-    feeds = {"X": rng.standard_normal((rows, k), dtype=np.float32)}
-    return (lambda: session.run(None, feeds)), {}
-
-
-# --------------------------------------------------------------------------------------------------------
-# formats: bytes per weight and copies
+# formats: bytes per weight and copies (the contenders' runners are in contenders.py)
 
 
 def weight_bytes(fmt: str, n_out: int, k: int) -> float:
@@ -290,16 +144,6 @@ def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -
             settle(run)
             times[name] += [timed(run) for _ in range(per_block)]
     return {name: float(np.median(t)) / copies[name] for name, t in times.items()}
-
-
-def ort_supports(bits: int) -> bool:
-    """Whether this onnxruntime runs MatMulNBits at ``bits`` on the CPU (tried on a tiny layer)."""
-    try:
-        run, _ = ort_runner(8, 128, 1, 1, np.random.default_rng(0), bits=bits)
-        run()
-        return True
-    except Exception:  # noqa: BLE001 - ORT raises its own error types for unsupported kernels
-        return False
 
 
 def run_benchmark(args) -> dict:
