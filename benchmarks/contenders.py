@@ -151,7 +151,8 @@ def ort_runner(n_out, k, rows, copies, rng, bits=None, accuracy_level=0, block=N
         outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
     graph = helper.make_graph(nodes, "ort", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
                               outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     session = _ort_session(model)
     feeds = {"X": rng.standard_normal((rows, k), dtype=np.float32)}
     return (lambda: session.run(None, feeds)), {}

@@ -32,8 +32,9 @@ uses of a copy exceed twice the last-level cache (``lscpu``); where that would n
 ``--max-copies`` copies the row is labelled ``cache-resident``. For pbs2pc and onnxruntime the copies are
 nodes of one graph (one call runs them all), for torch a Python loop; times are per layer, the median of
 about ``--repeats`` repeats taken in three rounds over the contenders of a row (see ``measure_in_rounds``),
-so that the minute-to-minute swings of this shared machine's memory bandwidth reach every contender. The memory floor is (bytes of the weights in that format + activations read and
-written) / the STREAM triad bandwidth measured at the start (torch ops, 2 threads; see ``stream``).
+so that the minute-to-minute swings of this shared machine's memory bandwidth reach every contender. The
+memory floor is (bytes of the weights in that format + activations read and written) / the STREAM triad
+bandwidth measured at the start (torch ops, 2 threads; see ``stream``).
 """
 
 from __future__ import annotations

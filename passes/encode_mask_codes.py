@@ -40,17 +40,9 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import mask_codes
-from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record
+from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims
 
 _OPAQUE = 8  # TVM's OpPatternKind.kOpaque: FuseOps leaves the expansion alone
-
-
-def _static_shape(var) -> tuple | None:
-    ty = var.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or str(ty.dtype) != "uint8" or ty.ndim != 2:
-        return None
-    dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
-    return None if None in dims else tuple(dims)
 
 
 def coded_masks(mod, func: relax.Function) -> dict:
@@ -81,8 +73,8 @@ def coded_masks(mod, func: relax.Function) -> dict:
         if len(found) != 1:
             continue  # one mask read with two signs or schemes: leave it alone
         sign, n, m, group = next(iter(found))
-        shape = _static_shape(mask)
-        if (shape is None or sign not in params or _static_shape(sign) != shape or group % 32
+        shape = static_dims(mask, "uint8")
+        if (shape is None or sign not in params or static_dims(sign, "uint8") != shape or group % 32
                 or role_uses.get((mask, "mask")) != uses[mask] or role_uses.get((sign, "sign")) != uses[sign]):
             continue
         if mask_codes.supported(shape[0], 8 * shape[1], n, m):
@@ -107,7 +99,7 @@ class EncodeMaskCodes:
         builder = relax.BlockBuilder(mod)
         expanders, new_params, record = {}, {}, {}
         for mask, (sign, n, m) in chosen.items():
-            rows, cols = _static_shape(mask)
+            rows, cols = static_dims(mask, "uint8")
             key = (rows, cols, n, m)
             if key not in expanders:
                 prim = mask_codes.expand_mask(rows, 8 * cols, n, m).with_attr("op_pattern", _OPAQUE)

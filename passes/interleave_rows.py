@@ -40,7 +40,7 @@ After (``InterleaveRows(16)``)::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record
+from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims
 
 #: The pbs2p reference-function parameters this pass may re-lay out.
 ROLES = ("sign", "mask", "alpha", "mu")
@@ -64,11 +64,8 @@ def deinterleave_array(array):
 
 
 def _static_2d(var, t: int) -> bool:
-    ty = var.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or ty.ndim != 2:
-        return False
-    dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
-    return None not in dims and dims[0] % t == 0 and dims[0] > 0
+    dims = static_dims(var)
+    return dims is not None and dims[0] % t == 0 and dims[0] > 0
 
 
 def _candidates(mod, func: relax.Function, t: int) -> list:

@@ -98,15 +98,19 @@ def _plane_params(mod, func: relax.Function, word_bits: int) -> list:
     return [p for p in func.params if p in plane_uses and plane_uses[p] == uses[p]]
 
 
-def _fits(var: relax.Var, group_size: int, word_bits: int) -> bool:
+def static_dims(var, dtype: str | None = None, ndim: int = 2) -> tuple | None:
+    """The static shape of a tensor-typed ``var`` (of ``dtype``, when given, and ``ndim`` dims), else None."""
     ty = var.ty
-    if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "uint8" or ty.shape is None or ty.ndim != 2:
-        return False
+    if (not isinstance(ty, relax.TensorType) or ty.shape is None or ty.ndim != ndim
+            or (dtype is not None and str(ty.dtype) != dtype)):
+        return None
     dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
-    if None in dims:
-        return False
-    k = dims[1] * 8
-    return k % word_bits == 0 and group_size % word_bits == 0
+    return None if None in dims else tuple(dims)
+
+
+def _fits(var: relax.Var, group_size: int, word_bits: int) -> bool:
+    dims = static_dims(var, "uint8")
+    return dims is not None and (dims[1] * 8) % word_bits == 0 and group_size % word_bits == 0
 
 
 @relax.expr_functor.mutator

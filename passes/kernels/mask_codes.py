@@ -124,6 +124,19 @@ def pattern_of(code, n: int, m: int):
     return expr
 
 
+def pattern_bits(n: int, m: int, dtype: str):
+    """A TVMScript macro ``fill(kept)``: ``kept[i, e]`` [8, 32] = bit ``i`` of pattern ``e`` as ``dtype`` (the
+    0/1 weights with which the GEMVs build their per-code tables of kept-input sums)."""
+
+    @T.macro
+    def fill(kept):
+        for i in range(8):
+            for e in T.vectorized(MAX_PATTERNS):
+                kept[i, e] = T.Cast(dtype, T.bitwise_and(T.shift_right(pattern_of(e, n, m), i), 1))
+
+    return fill
+
+
 def pattern_table(n: int, m: int):
     """The patterns as a ``vpermb`` table (uint8x64, entry ``i`` = pattern ``i``; a constant LLVM folds)."""
     lanes = T.ramp(0, 1, 64)

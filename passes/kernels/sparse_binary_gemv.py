@@ -140,6 +140,8 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                                        tm.vload([4 * chunk + c4, 0], "float32x16"), idx,
                                        tm.vload([4 * chunk + c4, LANES], "float32x16"))
 
+    fill_kept = mask_codes.pattern_bits(*codes, "float32") if coded else None
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
                mask: T.Buffer(mask_shape, "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
@@ -161,9 +163,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
         tm = T.alloc_buffer((C, NC) if coded else (1, 1), "float32")
         kept = T.alloc_buffer((8, NC) if coded else (1, 1), "float32")  # bit i of pattern e
         if coded:
-            for i in range(8):
-                for e in T.vectorized(NC):
-                    kept[i, e] = T.Cast("float32", T.bitwise_and(T.shift_right(mask_codes.pattern_of(e, *codes), i), 1))
+            fill_kept(kept)
             for c in range(C):
                 for e in T.vectorized(NC):
                     tm[c, e] = T.float32(0)

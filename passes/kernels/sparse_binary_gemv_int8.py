@@ -162,6 +162,8 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                                        T.reinterpret("int8x64", idx),
                                        T.reinterpret("int8x64", tm.vload([chunk, byte, 64], "uint8x64")))
 
+    fill_kept = mask_codes.pattern_bits(*codes, "int16") if coded else None
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
                mask: T.Buffer(mask_shape, "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
@@ -187,9 +189,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         kept = T.alloc_buffer((8, NC) if coded else (1, 1), "int16")  # bit i of pattern e
         im16 = T.alloc_buffer((NC,), "int16")
         if coded:
-            for i in range(8):
-                for e in T.vectorized(NC):
-                    kept[i, e] = T.Cast("int16", T.bitwise_and(T.shift_right(mask_codes.pattern_of(e, *codes), i), 1))
+            fill_kept(kept)
             for c in range(C):
                 for e in T.vectorized(NC):
                     im16[e] = T.int16(0)
@@ -230,7 +230,8 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                                             indices(plane_bits(sign, mask, p, task * R + r, g * CG + 4 * cb), h)))
                         if coded:
                             sums[r, 1, 0, T.ramp(0, 1, LANES)] = _vpdpbusd(
-                                sums.vload([r, 1, 0, 0], "int32x16"), code_lookup(tm, g * CB + cb, 0, mask, task * R + r),
+                                sums.vload([r, 1, 0, 0], "int32x16"),
+                                code_lookup(tm, g * CB + cb, 0, mask, task * R + r),
                                 ones_signed)
                             sums[r, 1, 1, T.ramp(0, 1, LANES)] = _vpdpbusd(
                                 sums.vload([r, 1, 1, 0], "int32x16"), ones_unsigned,
