@@ -40,9 +40,9 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import mask_codes
-from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims
-
-_OPAQUE = 8  # TVM's OpPatternKind.kOpaque: FuseOps leaves the expansion alone
+from pbs2pc.passes.lower_sparse_binary_linear import OPAQUE
+from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, pbs2p_reference,
+                                                 static_dims)
 
 
 def coded_masks(mod, func: relax.Function) -> dict:
@@ -54,10 +54,8 @@ def coded_masks(mod, func: relax.Function) -> dict:
     def visit(expr):
         if isinstance(expr, relax.Var) and expr in params:
             uses[expr] = uses.get(expr, 0) + 1
-        if not isinstance(expr, relax.Call) or not isinstance(expr.op, relax.GlobalVar):
-            return
-        ref = mod[expr.op]
-        if not isinstance(ref, relax.Function) or ref.attrs is None or ref.attrs.get(OP_ATTR) != "SparseBinaryLinear":
+        ref = pbs2p_reference(mod, expr)
+        if ref is None:
             return
         roles = dict(zip([p.name for p in ref.params], expr.args))
         for role in ("sign", "mask"):
@@ -102,7 +100,8 @@ class EncodeMaskCodes:
             rows, cols = static_dims(mask, "uint8")
             key = (rows, cols, n, m)
             if key not in expanders:
-                prim = mask_codes.expand_mask(rows, 8 * cols, n, m).with_attr("op_pattern", _OPAQUE)
+                # opaque: FuseOps leaves the expansion alone
+                prim = mask_codes.expand_mask(rows, 8 * cols, n, m).with_attr("op_pattern", OPAQUE)
                 expanders[key] = builder.add_func(prim, f"expand_mask_codes_{n}of{m}_{rows}x{8 * cols}")
             new_params[mask] = relax.Var(mask.name, relax.TensorType(
                 [rows // mask_codes.ROWS, mask_codes.code_width(8 * cols)], "uint8"))

@@ -40,7 +40,8 @@ After (``InterleaveRows(16)``)::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.pack_planes_as_words import OP_ATTR, TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims
+from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, pbs2p_reference,
+                                                 static_dims)
 
 #: The pbs2p reference-function parameters this pass may re-lay out.
 ROLES = ("sign", "mask", "alpha", "mu")
@@ -81,10 +82,8 @@ def _candidates(mod, func: relax.Function, t: int) -> list:
                 uses[expr] = uses.get(expr, 0) + 1
             if expr in view_of:
                 view_uses[expr] = view_uses.get(expr, 0) + 1
-        if not isinstance(expr, relax.Call) or not isinstance(expr.op, relax.GlobalVar):
-            return
-        ref = mod[expr.op]
-        if not isinstance(ref, relax.Function) or ref.attrs is None or ref.attrs.get(OP_ATTR) != "SparseBinaryLinear":
+        ref = pbs2p_reference(mod, expr)
+        if ref is None:
             return
         for role, arg in zip([p.name for p in ref.params], expr.args):
             if role not in ROLES:

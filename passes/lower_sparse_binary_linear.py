@@ -47,7 +47,7 @@ _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 #: TVM's OpPatternKind.kOpaque: keeps FuseOps from merging the kernel (its schedule rule needs it whole).
-_OPAQUE = 8
+OPAQUE = 8
 
 
 def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
@@ -97,7 +97,7 @@ class _Lowerer(relax.PyExprMutator):
                 _kernel, x2, planes[0], planes[1], scales[0], scales[1], roles.get("bias"),
                 n, m, g,
                 primfunc_name_hint=f"sparse_binary_linear_{n}of{m}_g{g}_",
-                primfunc_attrs={INFO_ATTR: info, "op_pattern": _OPAQUE},
+                primfunc_attrs={INFO_ATTR: info, "op_pattern": OPAQUE},
             )
         )
         if x_ty.dtype != "float32":

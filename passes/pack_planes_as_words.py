@@ -64,8 +64,9 @@ def merge_record(func, record: dict) -> dict:
     return merged
 
 
-def _is_pbs2p_call(mod, expr) -> relax.Function | None:
-    """The reference function a call goes to, when it is a pbs2p op call."""
+def pbs2p_reference(mod, expr) -> relax.Function | None:
+    """The reference function a call goes to, when it is a pbs2p SparseBinaryLinear call (shared by the
+    params-transform passes), else None."""
     if not isinstance(expr, relax.Call) or not isinstance(expr.op, relax.GlobalVar):
         return None
     func = mod[expr.op]
@@ -86,7 +87,7 @@ def _plane_params(mod, func: relax.Function, word_bits: int) -> list:
     def visit(expr):
         if isinstance(expr, relax.Var) and expr in params:
             uses[expr] = uses.get(expr, 0) + 1
-        ref = _is_pbs2p_call(mod, expr)
+        ref = pbs2p_reference(mod, expr)
         if ref is None:
             return
         roles = [p.name for p in ref.params]
