@@ -57,10 +57,10 @@ def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
     return bits, bits == 8 and not planes, "fp32", True
 
 
-def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut_gemv=True,
+def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut=True,
                   mask_codes=True):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
-    ``lut_gemv=False`` runs one-row calls on the TE kernel instead of the lookup-table GEMV;
+    ``lut=False`` runs every call on the TE kernel instead of the lookup-table GEMV and GEMM;
     ``mask_codes=False`` keeps mask planes where the preset would store pattern codes."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -86,7 +86,7 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, act
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_gemv=lut_gemv,
+    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_kernels=lut,
                                  mask_codes=mask_codes)
     preset = preset.with_activations(activations)
     if interleave is not None:

@@ -12,10 +12,10 @@ In one process and one run, for every weight shape N x K and rows M:
   ``pipeline.make_pipeline`` (LowerSparseBinaryLinear + the CPU schedule rules), run on the Relax VM.
   Measured for each plane layout (``--layouts``; the x86 preset's default is byte sign planes, masks as
   5-bit pattern codes, planes and scales row-interleaved in blocks of 16 rows; ``pbs2pc_u8_planes`` keeps
-  mask planes; ``--interleave 0`` measures the row-major layout). At M = 1 bytes run the fp32 lookup-table
-  GEMV (``passes/kernels/sparse_binary_gemv.py``).
-* **pbs2pc_te** (M = 1 only, with byte planes): the TE kernel + CPU schedule rule instead of that GEMV (the
-  x86 default before it), for the comparison.
+  mask planes; ``--interleave 0`` measures the row-major layout). Bytes run the fp32 lookup-table kernels:
+  the GEMV at M = 1 (``passes/kernels/sparse_binary_gemv.py``), the GEMM at M > 1 (``sparse_binary_gemm.py``).
+* **pbs2pc_te** (byte planes): the TE kernel + CPU schedule rule instead of those (the x86 default before
+  them), for the comparison.
 * **pbs2pc_int8** / **pbs2pc_int8_planes**: compiled with ``--activations int8``, with mask codes / planes
   (M = 1: the lookup-table int8 GEMV, M > 1: the VNNI GEMM; the accuracy cost is measured by
   ``benchmarks/int8_accuracy.py``).
@@ -177,8 +177,8 @@ def run_benchmark(args) -> dict:
             for fmt in formats:
                 if fmt.startswith("pbs2pc_u") and pbs2pc_variant(fmt)[0] != 32 and rows not in args.alt_layout_rows:
                     continue
-                if (fmt == "pbs2pc_te" or fmt.endswith("_planes")) and rows > 1:
-                    continue  # the TE kernel instead of the lookup-table GEMV, planes for codes: one-row comparisons
+                if fmt.endswith("_planes") and rows > 1:
+                    continue  # planes instead of codes: a one-row comparison (the GEMMs read planes anyway)
                 if fmt in ("ort_nbits2_acc0", f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0") and rows > 1:
                     continue  # ORT's fp32-compute paths: 2-bit ~100x slower than int8; block 32 at M = 1 only
                 wbytes = weight_bytes(fmt, n_out, k)
@@ -188,7 +188,7 @@ def run_benchmark(args) -> dict:
                 if fmt.startswith("pbs2pc"):
                     bits, codes, activations, lut = pbs2pc_variant(fmt)
                     run, extra = pbs2pc_runner(n_out, k, rows, copies, bits, rng, args.interleave, activations=activations,
-                                               lut_gemv=lut, mask_codes=codes)
+                                               lut=lut, mask_codes=codes)
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":

@@ -47,7 +47,7 @@ def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
         ("use_kv_cache", UseKVCache()),
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels (hand-written ones
         # where the preset has them: the fp32 lookup-table GEMV, or int8 GEMV/GEMM with --activations int8).
-        ("lower_pbs2p", LowerSparseBinaryLinear(lut_gemv=preset.lut_gemv, int8=preset.activations == "int8")),
+        ("lower_pbs2p", LowerSparseBinaryLinear(lut=preset.lut_kernels, int8=preset.activations == "int8")),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),

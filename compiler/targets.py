@@ -37,9 +37,10 @@ class TargetPreset:
     #: --activations int8``). Only presets with ``int8_activations`` accept it.
     activations: str = "fp32"
     int8_activations: bool = False
-    #: One-row calls (the ``decode`` entry) run the hand-written AVX-512 lookup-table GEMV
-    #: (pbs2pc.passes.kernels.sparse_binary_gemv) where it covers the layer, instead of the TE kernel.
-    lut_gemv: bool = False
+    #: fp32 linear layers run the hand-written AVX-512 lookup-table kernels where they cover the layer,
+    #: instead of the TE kernel: the GEMV (pbs2pc.passes.kernels.sparse_binary_gemv) for one-row calls (the
+    #: ``decode`` entry), the GEMM (sparse_binary_gemm) for the prompt's.
+    lut_kernels: bool = False
     #: n:m masks whose bytes have at most 32 patterns (6:8, 7:8, ...) are stored as 5-bit pattern codes and
     #: their sign planes as ``sign & mask`` (pbs2pc.passes.kernels.mask_codes, applied by the params
     #: transform): 1.878 instead of 2.25 bits per weight at 6:8, G = 128. Applies with 16-row interleaved byte
@@ -91,7 +92,7 @@ X86 = TargetPreset(
     plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
     plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
     int8_activations=True,  # passes/kernels/sparse_binary_gemv_int8.py (vpermb + vpdpbusd), sparse_binary_gemm_int8.py (VNNI)
-    lut_gemv=True,  # vpermps lookup-table fp32 GEMV: 1.7x the TE kernel at 11008x4096 M = 1 (docs/performance.md)
+    lut_kernels=True,  # vpermps lookup tables: GEMV 1.7x the TE kernel at 11008x4096 M = 1, GEMM 1.5x at M = 128
     mask_codes=True,  # 17 % fewer weight bytes at 6:8; the GEMVs look IM up by code (docs/performance.md)
 )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import mask_codes
+from pbs2pc.passes.kernels import sparse_binary_gemm as lut_gemm
 from pbs2pc.passes.kernels import sparse_binary_gemv as lut_gemv
 from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as int8_gemm
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as int8_gemv
@@ -56,10 +57,10 @@ def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, lut_gemv: bool = False, int8: bool = False):
+    def __init__(self, mod, lut: bool = False, int8: bool = False):
         super().__init__(mod)
         self.mod = mod
-        self.lut_gemv = lut_gemv
+        self.lut = lut
         self.int8 = int8
         self._kernels = {}  # (kernel, layout, optional inputs) -> GlobalVar of its PrimFunc
 
@@ -106,8 +107,8 @@ class _Lowerer(relax.PyExprMutator):
 
     def _handwritten(self, x2, lead, k, out_features, g, planes, scales, bias):
         """``call_tir`` of a hand-written kernel where the preset has one for this call, else None: the int8
-        GEMV or GEMM (``int8``: one row / several rows), or the fp32 lookup-table GEMV (``lut_gemv``)."""
-        if not (self.lut_gemv or self.int8):
+        GEMV or GEMM (``int8``: one row / several rows), or the fp32 lookup-table GEMV or GEMM (``lut``)."""
+        if not (self.lut or self.int8):
             return None
         try:
             n, k = int(out_features), int(k)
@@ -131,8 +132,10 @@ class _Lowerer(relax.PyExprMutator):
             build, name = int8_gemv.gemv_int8, f"sparse_binary_gemv_int8_g{g}_"
         elif self.int8 and int8_gemm.supported(*layout):  # any number of rows (one: a group the GEMV lacks)
             build, name, scheme = int8_gemm.gemm_int8, f"sparse_binary_gemm_int8_g{g}_", None
-        elif one_row and self.lut_gemv and lut_gemv.supported(*layout, coded=scheme is not None):
+        elif one_row and self.lut and lut_gemv.supported(*layout, coded=scheme is not None):
             build, name = lut_gemv.gemv_fp32, f"sparse_binary_gemv_g{g}_"
+        elif self.lut and lut_gemm.supported(*layout):  # any number of rows (one: a layer the GEMV lacks)
+            build, name, scheme = lut_gemm.gemm_fp32, f"sparse_binary_gemm_g{g}_", None
         else:
             return None
         key = (name, *layout, *has, scheme)
@@ -221,16 +224,17 @@ class LowerSparseBinaryLinear:
     Hand-written kernels replace the TE kernel where they cover the layer's layout: with ``int8=True``
     (``pbs2pc compile --activations int8``) every call quantises its input to int8, one-row calls (the
     ``decode`` entry) through :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and the prompt's through
-    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm_int8`; otherwise ``lut_gemv=True`` (the x86 preset)
-    sends one-row calls to the fp32 :mod:`pbs2pc.passes.kernels.sparse_binary_gemv`.
+    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm_int8`; otherwise ``lut=True`` (the x86 preset)
+    sends one-row calls to the fp32 :mod:`pbs2pc.passes.kernels.sparse_binary_gemv` and the prompt's to
+    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm`.
     """
 
-    def __init__(self, lut_gemv: bool = False, int8: bool = False):
-        self.lut_gemv = lut_gemv
+    def __init__(self, lut: bool = False, int8: bool = False):
+        self.lut = lut
         self.int8 = int8
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.lut_gemv, self.int8)
+        lowerer = _Lowerer(mod, self.lut, self.int8)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

@@ -7,6 +7,8 @@
   float32 rounding; against the float64 dense product it may differ by the 8-bit rounding of ``x`` only.
 * int8 GEMM (``sparse_binary_gemm_int8``, vpdpbusd, the prompt with ``--activations int8``): the same oracle
   row by row, for M = 1, 2, 3, 17 and 128.
+* fp32 GEMM (``sparse_binary_gemm``, vpermps lookup tables, the x86 default for the prompt): the float64
+  dense product row by row, for M = 1 to 5, 17, 64 (one table chunk), 65 and 130 (chunks and a tail).
 
 The GEMVs' forms that read masks as pattern codes are tested in test_mask_codes.py.
 """
@@ -23,6 +25,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import Pbs2pcError, UnsupportedError  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
+from pbs2pc.passes.kernels import sparse_binary_gemm as g32  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as g8  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemv as k32  # noqa: E402
 from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as k8  # noqa: E402
@@ -108,6 +111,23 @@ def test_int8_gemm_matches_oracle_row_by_row(rows, n, k, g, has_mask, has_mu, ha
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
+    (16, 48, 16, True, True, True),  # the smallest group with a mask, K = 3 groups
+    (32, 24, 8, False, True, False),  # a group of 8 (one plane byte)
+    (80, 640, 64, True, True, False),  # 5 tiles: one tile per task; K = 640 ends in a partial index chunk
+])
+def test_fp32_gemm_matches_dense_product_row_by_row(n, k, g, has_mask, has_mu, has_bias):
+    layer = list(_layer(n, k, g, has_mask, has_mu, has_bias))
+    lib = _build(n, k, g, has_mask, has_mu, has_bias, kernel=g32.gemm_fp32)
+    for rows in (1, 2, 3, 4, 5, 17, 64, 65, 130):
+        x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+        x[:, :g] *= np.arange(1, rows + 1, dtype=np.float32)[:, None]  # rows and groups with their own ranges
+        layer[0] = x
+        got = _run(lib, *layer).reshape(rows, n)
+        want = np.stack([k32.reference(row, *layer[1:], group_size=g) for row in x])
+        assert rel_err(got, want) < 2e-6, f"{rows} rows"
+
+
 def test_int8_gemm_prompt_sized():
     layer = list(_layer(576, 1536, 64, True, True, True))
     layer[0] = np.random.default_rng(1).standard_normal((128, 1536)).astype(np.float32)
@@ -137,6 +157,13 @@ def test_int8_assembly_looks_up_tables_with_vpermb_and_sums_with_vnni():
     assert len(re.findall(r"vpdpbusd\s+%zmm", asm)) >= 8, "table bytes are not summed per row with vpdpbusd"
     assert not re.search(r"(vpunpck[lh]bw|vpaddw)\s+.*%zmm", asm), "table bytes are still widened through int16"
     assert not re.search(r"vpgather|vgather", asm), "the GEMV gathers"
+
+
+def test_fp32_gemm_assembly_looks_up_tables_without_fmas():
+    asm = _build(64, 256, 64, True, True, False, kernel=g32.gemm_fp32).mod.inspect_source("asm")
+    # the register block: 4 rows x 2 tiles x 2 planes lookups per 4 inputs, each added into its accumulator
+    assert len(re.findall(r"vpermps\s+%zmm\d+, %zmm\d+, %zmm", asm)) >= 16, "the lookups are not vpermps"
+    assert not re.search(r"vptestm[bd]", asm), "weights are decoded bit by bit, as in the TE kernel"
 
 
 def test_int8_gemm_assembly_uses_vnni():
@@ -170,6 +197,9 @@ def test_supported_shapes():
     assert g8.supported(16, 48, 16, 16, "uint8") and g8.supported(64, 4096, 2048, 16, "uint8")
     assert not g8.supported(64, 576, 8, 16, "uint8")  # a group narrower than one quantisation vector
     assert not g8.supported(40, 576, 64, 16, "uint8")
+    assert g32.supported(16, 48, 16, 16, "uint8") and g32.supported(32, 24, 8, 16, "uint8")
+    assert not g32.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the TE kernel runs them
+    assert not g32.supported(40, 576, 64, 16, "uint8") and not g32.supported(16, 576, 36, 16, "uint8")
 
 
 def test_presets_accept_int8_only_where_they_have_its_kernel():
@@ -189,7 +219,7 @@ def _calls(dumped_ir, function, kernel):
     return dumped_ir[start:end if end > 0 else None].count(f"cls.{kernel}")
 
 
-def test_compiled_model_uses_fp32_gemvs_in_decode_only(tiny_onnx, tiny_library, tmp_path):
+def test_compiled_model_uses_fp32_gemvs_in_decode_and_gemms_in_the_prompt(tiny_onnx, tiny_library, tmp_path):
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.runtime import load
 
@@ -197,12 +227,14 @@ def test_compiled_model_uses_fp32_gemvs_in_decode_only(tiny_onnx, tiny_library, 
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_g") == 14  # 7 linear layers x 2 decoder layers
     assert _calls(lowered, "main", "sparse_binary_gemv") == _calls(lowered, "prefill", "sparse_binary_gemv") == 0
+    assert _calls(lowered, "main", "sparse_binary_gemm_g") == _calls(lowered, "prefill", "sparse_binary_gemm_g") == 14
+    assert _calls(lowered, "decode", "sparse_binary_gemm") == _calls(lowered, "main", "sparse_binary_linear") == 0
     # 6:8 masks are pattern codes: the decode GEMVs read them, the prompt expands them into planes
     kept = (tmp_path / "ir" / "10_dead_code.py").read_text()
     assert _calls(kept, "decode", "expand_mask_codes") == 0
     assert _calls(kept, "main", "expand_mask_codes") == _calls(kept, "prefill", "expand_mask_codes") == 14
 
-    # The decode step (lookup-table GEMVs) against the prompt path (the TE kernel) on the same tokens.
+    # The decode step (the GEMVs) against the prompt path (the GEMMs) on the same tokens.
     ids = [5, 9, 100, 7]
     stepped, whole = load(tiny_library), load(tiny_library)
     stepped.prefill(ids[:3], 64)

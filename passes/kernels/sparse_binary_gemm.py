@@ -1,0 +1,149 @@
+"""The fp32 GEMM (M rows, any M) for the pbs2p sparse-binary linear op on x86 with AVX-512: lookup tables.
+
+The x86 preset's prompt calls (``main``, ``prefill``: a symbolic number of rows) run this kernel; one-row
+calls run the GEMV (``sparse_binary_gemv``), which it extends to many rows. The TE kernel it replaces decodes
+each weight to fp32 and spends one FMA per 16 weights and row, which on Zen 4 is bound by the FMA pipes (it
+ran at about 83 % of their peak). Here the FMAs become table lookups and adds, which other pipes execute.
+
+Arithmetic (exact fp32, no quantisation): the GEMV's, per row. With ``P = mask & sign`` and ``M = mask``,
+
+    y[m, o] = sum_g 2 alpha[o, g] * XP[m, o, g] + (mu[o, g] - alpha[o, g]) * XM[m, o, g]
+
+where ``XP``/``XM`` sum ``x[m, k]`` over the set bits of the plane. ``sparse_binary_gemv.reference`` applied
+to each row is the oracle.
+
+Schedule. First, per chunk of ``MC`` rows, a parallel stage builds every row's subset-sum tables
+(``T_mj[e] = sum_{i: bit i of e} x[m, 4j + i]``: one zmm of fp32 per row and 4 inputs, ``16 K`` bytes a
+row). Then a parallel task owns ``R`` tiles of 16 output rows. Per chunk of ``KC`` inputs it turns its tiles'
+plane nibbles into ``vpermps`` indices once (int32 lanes, ``32 KC`` bytes per tile, in L1/L2), and for
+blocks of ``MR`` rows x ``RR`` tiles it looks up, per 4 inputs, the rows' tables with the tiles' indices:
+``2 MR RR`` ``vpermps`` + ``vaddps`` into accumulators that are scaled by the group's ``alpha``/``mu`` into
+``y`` once per group. The tables of a row block stay in L1 across the task's tiles. Rows past the last whole
+block run one at a time.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import T
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, row_plane, tiles_per_task,
+                                                      without_absent)
+
+#: Register block: input rows x 16-row tiles, ``2 MR RR`` accumulators (+ ``2 RR`` index registers).
+ROWS_PER_BLOCK = 4
+TILES_PER_BLOCK = 2
+#: 16-row tiles per parallel task: the tables of a row block are reused across them.
+TILES_PER_TASK = 8
+#: Rows whose tables are built at once (``16 K MC`` bytes), and inputs per index chunk (a multiple of G).
+ROWS_PER_CHUNK = 64
+COLUMNS_PER_CHUNK = 256
+
+
+def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
+    """Whether the kernel covers this layer (else the TE kernel runs it)."""
+    return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
+            and group_size % 8 == 0 and in_features % group_size == 0)
+
+
+def _vpermps(table, idx):
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, idx)
+
+
+def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
+              has_bias: bool):
+    """The PrimFunc ``(x [M, K] f32, sign, [mask], alpha, [mu], [bias], y [M, N] f32)``, M symbolic."""
+    N, K, G = out_features, in_features, group_size
+    R = tiles_per_task(N, TILES_PER_TASK)
+    RR = TILES_PER_BLOCK if R % TILES_PER_BLOCK == 0 else 1
+    MR, MC = ROWS_PER_BLOCK, ROWS_PER_CHUNK
+    NT, GB = N // LANES, K // G
+    J = G // 4  # table nibbles per group
+    GC = max(1, COLUMNS_PER_CHUNK // G)  # groups per index chunk
+    NCH = (GB + GC - 1) // GC
+    PL = 2 if has_mask else 1  # planes looked up: P (and M)
+
+    def table_entry(x, m, j, e):
+        terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[m, 4 * j + i] for i in range(4)]
+        return terms[0] + terms[1] + terms[2] + terms[3]
+
+    def nibbles(bytes16, half):
+        # nibble ``half`` of each row's plane byte in its int32 lane: the vpermps index (it reads bits 0-3)
+        return T.shift_right(T.Cast("int32x16", bytes16), T.broadcast(4 * half, LANES))
+
+    def p_bits(sign, mask, tile, col):
+        bits = row_plane(sign, tile, col)
+        return T.bitwise_and(bits, row_plane(mask, tile, col)) if has_mask else bits
+
+    @T.macro
+    def block(tab, idx, xsum, alpha, mu, y, task, rb, ch, m0, t0, mr):
+        # rows m0 .. m0 + mr - 1 (t0 .. in the table chunk) x tiles rb RR .. of the task, groups of chunk ch
+        accp = T.alloc_buffer((mr, RR, LANES), "float32", scope="local")
+        accm = T.alloc_buffer((mr, RR, LANES), "float32", scope="local")
+        for gg in range(T.min(GC, GB - ch * GC)):
+            for i in T.unroll(mr):
+                for r in T.unroll(RR):
+                    for l in T.vectorized(LANES):
+                        accp[i, r, l] = T.float32(0)
+                        accm[i, r, l] = T.float32(0)
+            for j in range(J):
+                for i in T.unroll(mr):
+                    for r in T.unroll(RR):
+                        accp[i, r, T.ramp(0, 1, LANES)] = accp.vload([i, r, 0], "float32x16") + _vpermps(
+                            tab.vload([t0 + i, (ch * GC + gg) * J + j, 0], "float32x16"),
+                            idx.vload([rb * RR + r, 0, gg * J + j, 0], "int32x16"))
+                        if has_mask:
+                            accm[i, r, T.ramp(0, 1, LANES)] = accm.vload([i, r, 0], "float32x16") + _vpermps(
+                                tab.vload([t0 + i, (ch * GC + gg) * J + j, 0], "float32x16"),
+                                idx.vload([rb * RR + r, PL - 1, gg * J + j, 0], "int32x16"))
+            for i in T.unroll(mr):
+                for r in T.unroll(RR):
+                    for l in T.vectorized(LANES):
+                        if not has_mask:
+                            accm[i, r, l] = xsum[t0 + i, ch * GC + gg]
+                        y[m0 + i, ((task * R + rb * RR + r) * LANES + l)] = y[
+                            m0 + i, ((task * R + rb * RR + r) * LANES + l)] + group_output(
+                            alpha, mu, has_mu, task * R + rb * RR + r, ch * GC + gg, l, accp[i, r, l], accm[i, r, l])
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(var_x: T.handle, sign: T.Buffer((NT, K // 8, LANES), "uint8"),
+               mask: T.Buffer((NT, K // 8, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
+               mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        M = T.int64()
+        x = T.match_buffer(var_x, (M, K), "float32")
+        y = T.match_buffer(var_y, (M, N), "float32")
+        tab = T.alloc_buffer((MC, K // 4 + 1, LANES), "float32")  # rows 64 bytes apart from 4 KiB strides
+        xsum = T.alloc_buffer((MC, GB), "float32")  # XM of a layer without a mask plane: the group's sum of x
+        for mc in range((M + MC - 1) // MC):
+            # 1. The tables of the chunk's rows (and y's initial value: the bias or 0).
+            for t in T.parallel(T.min(MC, M - mc * MC)):
+                for j in range(K // 4):
+                    for e in T.vectorized(LANES):
+                        tab[t, j, e] = table_entry(x, mc * MC + t, j, e)
+                if not has_mask:
+                    for g in range(GB):
+                        xsum[t, g] = T.float32(0)
+                        for k in range(G):
+                            xsum[t, g] = xsum[t, g] + x[mc * MC + t, g * G + k]
+                for o in T.vectorized(N):
+                    y[mc * MC + t, o] = bias[o] if has_bias else T.float32(0)
+            # 2. Per task: per index chunk, the tiles' nibbles as vpermps indices, then the row blocks.
+            for task in T.parallel(NT // R):
+                idx = T.alloc_buffer((R, PL, GC * J + 1, LANES), "int32")
+                for ch in range(NCH):
+                    for r in range(R):
+                        for cc in range(T.min(GC * G, K - ch * GC * G) // 8):
+                            for h in T.unroll(2):
+                                idx[r, 0, 2 * cc + h, T.ramp(0, 1, LANES)] = nibbles(
+                                    p_bits(sign, mask, task * R + r, ch * GC * G // 8 + cc), h)
+                                if has_mask:
+                                    idx[r, PL - 1, 2 * cc + h, T.ramp(0, 1, LANES)] = nibbles(
+                                        row_plane(mask, task * R + r, ch * GC * G // 8 + cc), h)
+                    rows = T.min(MC, M - mc * MC)
+                    for mb in range(rows // MR):
+                        for rb in range(R // RR):
+                            block(tab, idx, xsum, alpha, mu, y, task, rb, ch, mc * MC + mb * MR, mb * MR, MR)
+                    for t in range(rows // MR * MR, rows):
+                        for rb in range(R // RR):
+                            block(tab, idx, xsum, alpha, mu, y, task, rb, ch, mc * MC + t, t, 1)
+
+    return without_absent(kernel, has_mask, has_mu, has_bias)
