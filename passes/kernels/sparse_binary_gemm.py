@@ -33,8 +33,11 @@ ROWS_PER_BLOCK = 4
 TILES_PER_BLOCK = 2
 #: 16-row tiles per parallel task: the tables of a row block are reused across them.
 TILES_PER_TASK = 8
-#: Rows whose tables are built at once (``16 K MC`` bytes), and inputs per index chunk (a multiple of G).
+#: Rows whose tables are built at once: as many as fit ``TABLE_BYTES`` (``16 K`` bytes a row, in L3), at
+#: least ``ROWS_PER_CHUNK``. Each chunk costs two parallel launches, about 10 us each here.
+TABLE_BYTES = 8 << 20
 ROWS_PER_CHUNK = 64
+#: Inputs per index chunk (rounded to whole groups).
 COLUMNS_PER_CHUNK = 256
 
 
@@ -54,7 +57,8 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     N, K, G = out_features, in_features, group_size
     R = tiles_per_task(N, TILES_PER_TASK)
     RR = TILES_PER_BLOCK if R % TILES_PER_BLOCK == 0 else 1
-    MR, MC = ROWS_PER_BLOCK, ROWS_PER_CHUNK
+    MR = ROWS_PER_BLOCK
+    MC = max(ROWS_PER_CHUNK, TABLE_BYTES // (16 * K) // MR * MR)
     NT, GB = N // LANES, K // G
     J = G // 4  # table nibbles per group
     GC = max(1, COLUMNS_PER_CHUNK // G)  # groups per index chunk
@@ -124,8 +128,9 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                         xsum[t, g] = T.float32(0)
                         for k in range(G):
                             xsum[t, g] = xsum[t, g] + x[mc * MC + t, g * G + k]
-                for o in T.vectorized(N):
-                    y[mc * MC + t, o] = bias[o] if has_bias else T.float32(0)
+                for o in range(NT):
+                    for l in T.vectorized(LANES):
+                        y[mc * MC + t, o * LANES + l] = bias[o * LANES + l] if has_bias else T.float32(0)
             # 2. Per task: per index chunk, the tiles' nibbles as vpermps indices, then the row blocks.
             for task in T.parallel(NT // R):
                 idx = T.alloc_buffer((R, PL, GC * J + 1, LANES), "int32")
