@@ -251,8 +251,8 @@ def table(data: dict) -> str:
     res = data["results"]
     fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
     b32 = f"_b{NBITS_DEFAULT_BLOCK}_"
-    head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× torch", "× ORT fp32", "× best NBits-4",
-                                                        "× best NBits-4 b32"]
+    head = ["N x K", "M"] + [f"{f} µs" for f in fmts] + ["pbs2pc % floor", "× TE kernel", "× torch", "× ORT fp32",
+                                                        "× best NBits-4", "× best NBits-4 b32"]
     int8 = "pbs2pc_int8" in fmts
     if int8:
         head += ["int8 % floor", "int8 × torch", "int8 × best NBits-4", "int8 × best NBits-4 b32"]
@@ -276,7 +276,8 @@ def table(data: dict) -> str:
         best4 = fastest([f for f in cell if f.startswith("ort_nbits4") and b32 not in f])  # block = G
         best4_b32 = fastest([f for f in cell if f.startswith("ort_nbits4") and b32 in f])
         cols = [f"{n_out}×{k}", str(rows)] + [fmt_us(f) for f in fmts] + [
-            f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("torch_fp32"), ratio("ort_fp32")] + [
+            f"{100 * ours['of_floor']:.0f}%" if ours else "—", ratio("pbs2pc_te"), ratio("torch_fp32"),
+            ratio("ort_fp32")] + [
             ratio(f) if f else "—" for f in (best4, best4_b32)]
         if int8:
             q = cell.get("pbs2pc_int8")
