@@ -25,7 +25,7 @@ block run one at a time.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, row_plane, tiles_per_task,
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, row_plane, subset_sum, tiles_per_task,
                                                       without_absent)
 
 #: Register block: input rows x 16-row tiles, ``2 MR RR`` accumulators (+ ``2 RR`` index registers).
@@ -64,10 +64,6 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     GC = max(1, COLUMNS_PER_CHUNK // G)  # groups per index chunk
     NCH = (GB + GC - 1) // GC
     PL = 2 if has_mask else 1  # planes looked up: P (and M)
-
-    def table_entry(x, m, j, e):
-        terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[m, 4 * j + i] for i in range(4)]
-        return terms[0] + terms[1] + terms[2] + terms[3]
 
     def nibbles(bytes16, half):
         # nibble ``half`` of each row's plane byte in its int32 lane: the vpermps index (it reads bits 0-3)
@@ -122,7 +118,7 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
             for t in T.parallel(T.min(MC, M - mc * MC)):
                 for j in range(K // 4):
                     for e in T.vectorized(LANES):
-                        tab[t, j, e] = table_entry(x, mc * MC + t, j, e)
+                        tab[t, j, e] = subset_sum(x, mc * MC + t, j, e)
                 if not has_mask:
                     for g in range(GB):
                         xsum[t, g] = T.float32(0)

@@ -76,6 +76,13 @@ def group_output(alpha, mu, has_mu: bool, tile, g, lane, p_sum, m_sum):
     return a * (T.float32(2) * p_sum - m_sum)
 
 
+def subset_sum(x, row: int, j: int, e):
+    """Entry ``e`` of the lookup table of inputs ``4j .. 4j+3`` of ``x[row]``: ``T_j[e] = sum of x[row, 4j + i]
+    over the set bits i of e`` (fp32; shared by the fp32 GEMV and GEMM)."""
+    terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[row, 4 * j + i] for i in range(4)]
+    return terms[0] + terms[1] + terms[2] + terms[3]
+
+
 def plus_bias(value, bias, has_bias: bool, index):
     """``value + bias[index]``, or ``value`` for a layer without a bias."""
     return value + bias[index] if has_bias else value
@@ -113,11 +120,6 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     def column(g, cb, c4):
         return g * CG + cb * step + c4
 
-    def table_entry(x, j, e):
-        # T_j[e] = sum of x[4j + i] over the set bits i of e
-        terms = [T.Cast("float32", T.bitwise_and(T.shift_right(e, i), 1)) * x[0, 4 * j + i] for i in range(4)]
-        return terms[0] + terms[1] + terms[2] + terms[3]
-
     def lookup(tab, col, nibble, bits16):
         # row j's byte in every byte of int32 lane j; vpermps reads bits 0-3 of a lane only, so the copies
         # above do not matter and the high nibble is one 32-bit shift away
@@ -153,7 +155,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
         # 1. The tables (serial: K/4 vectors, a few microseconds).
         for j in range(K // 4):
             for e in T.vectorized(LANES):
-                tab[j, e] = table_entry(x, j, e)
+                tab[j, e] = subset_sum(x, 0, j, e)
         if not has_mask:
             for g in range(GB):
                 xm[g] = T.float32(0)
