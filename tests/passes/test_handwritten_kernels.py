@@ -8,7 +8,7 @@
 * int8 GEMM (``sparse_binary_gemm_int8``, vpdpbusd, the prompt with ``--activations int8``): the same oracle
   row by row, for M = 1, 2, 3, 17 and 128.
 * fp32 GEMM (``sparse_binary_gemm``, vpermps lookup tables, the x86 default for the prompt): the float64
-  dense product row by row, for M = 1 to 5, 17, 64, 65 and 130, in one table chunk and in chunks of 64.
+  dense product row by row, for M = 1 to 5, 17, 64, 65 and 130, with tasks owning rows and owning tiles.
 
 The GEMVs' forms that read masks as pattern codes are tested in test_mask_codes.py.
 """
@@ -116,9 +116,16 @@ def test_int8_gemm_matches_oracle_row_by_row(rows, n, k, g, has_mask, has_mu, ha
     (32, 24, 8, False, True, False),  # a group of 8 (one plane byte)
     (80, 640, 64, True, True, False),  # 5 tiles: one tile per task; K = 640 ends in a partial index chunk
 ])
-@pytest.mark.parametrize("table_bytes", [g32.TABLE_BYTES, 0])  # 0: chunks of 64 rows (65, 130: 2 and 3 chunks)
-def test_fp32_gemm_matches_dense_product_row_by_row(n, k, g, has_mask, has_mu, has_bias, table_bytes, monkeypatch):
-    monkeypatch.setattr(g32, "TABLE_BYTES", table_bytes)
+@pytest.mark.parametrize("split, table_bytes", [
+    ("rows", None),  # tasks own rows (the small layers' schedule): 130 rows -> 7 tasks of 20, the last of 10
+    ("tiles", g32.TABLE_BYTES),  # tasks own output tiles, every row's tables in one chunk
+    ("tiles", 0),  # the same in chunks of 64 rows (65, 130: 2 and 3 chunks)
+])
+def test_fp32_gemm_matches_dense_product_row_by_row(n, k, g, has_mask, has_mu, has_bias, split, table_bytes,
+                                                    monkeypatch):
+    monkeypatch.setattr(g32, "ROW_SPLIT_MAX_WEIGHTS", n * k if split == "rows" else n * k - 1)
+    if table_bytes is not None:
+        monkeypatch.setattr(g32, "TABLE_BYTES", table_bytes)
     layer = list(_layer(n, k, g, has_mask, has_mu, has_bias))
     lib = _build(n, k, g, has_mask, has_mu, has_bias, kernel=g32.gemm_fp32)
     for rows in (1, 2, 3, 4, 5, 17, 64, 65, 130):
