@@ -143,19 +143,21 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                         idx[r, PL - 1, 2 * cc + h, T.ramp(0, 1, LANES)] = nibbles(
                             row_plane(mask, task * R + r, ch * GC * G // 8 + cc), h)
 
-    if N * K <= ROW_SPLIT_MAX_WEIGHTS:  # tasks own rows: each builds the tables it reads
-        def task_rows(M):
-            # rows per task: a multiple of MR, at least 2 MR, for at most ROW_TASKS tasks
-            return T.max(T.int64(2 * MR), ((M + ROW_TASKS - 1) // ROW_TASKS + MR - 1) // MR * MR)
+    row_split = N * K <= ROW_SPLIT_MAX_WEIGHTS  # a Python bool: TVMScript conditions must be one
 
-        @T.prim_func(private=True, check_well_formed=False)
-        def kernel(var_x: T.handle, sign: T.Buffer((NT, K // 8, LANES), "uint8"),
-                   mask: T.Buffer((NT, K // 8, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
-                   mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            M = T.int64()
-            x = T.match_buffer(var_x, (M, K), "float32")
-            y = T.match_buffer(var_y, (M, N), "float32")
+    def task_rows(M):
+        # the row split's rows per task: a multiple of MR, at least 2 MR, for at most ROW_TASKS tasks
+        return T.max(T.int64(2 * MR), ((M + ROW_TASKS - 1) // ROW_TASKS + MR - 1) // MR * MR)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(var_x: T.handle, sign: T.Buffer((NT, K // 8, LANES), "uint8"),
+               mask: T.Buffer((NT, K // 8, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
+               mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        M = T.int64()
+        x = T.match_buffer(var_x, (M, K), "float32")
+        y = T.match_buffer(var_y, (M, N), "float32")
+        if row_split:  # tasks own row slices: each builds the tables it reads
             for rg in T.parallel((M + task_rows(M) - 1) // task_rows(M)):
                 rows = T.min(task_rows(M), M - rg * task_rows(M))
                 tab = T.alloc_buffer((task_rows(M), K // 4 + 1, LANES), "float32")
@@ -175,15 +177,7 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
                         for t in range(rows // MR * MR, rows):
                             for rb in range(R // RR):
                                 block(tab, idx, xsum, alpha, mu, y, task, rb, ch, rg * task_rows(M) + t, t, 1)
-    else:  # tasks own output tiles and read every row's tables
-        @T.prim_func(private=True, check_well_formed=False)
-        def kernel(var_x: T.handle, sign: T.Buffer((NT, K // 8, LANES), "uint8"),
-                   mask: T.Buffer((NT, K // 8, LANES), "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
-                   mu: T.Buffer((NT, GB, LANES), "float16"), bias: T.Buffer((N,), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            M = T.int64()
-            x = T.match_buffer(var_x, (M, K), "float32")
-            y = T.match_buffer(var_y, (M, N), "float32")
+        else:  # tasks own output tiles and read every row's tables
             tab = T.alloc_buffer((MC, K // 4 + 1, LANES), "float32")  # rows 64 bytes apart from 4 KiB strides
             xsum = T.alloc_buffer((MC, GB), "float32")  # XM of a layer without a mask plane: the group's sum of x
             for mc in range((M + MC - 1) // MC):

@@ -190,6 +190,12 @@ def test_small_gemvs_run_on_one_thread():
         assert "T.parallel" in kernel(1536, 576, 64, True, True, False).script()
 
 
+def test_gemm_splits_small_layers_by_rows_and_large_ones_by_tiles():
+    # small: one parallel loop over row slices; large: a parallel table stage, then one over tiles
+    assert g32.gemm_fp32(1536, 576, 64, True, True, False).script().count("T.parallel") == 1
+    assert g32.gemm_fp32(4096, 4096, 128, True, True, False).script().count("T.parallel") == 2
+
+
 def test_supported_shapes():
     assert k32.supported(1536, 576, 64, 16, "uint8") and k32.supported(16, 48, 16, 16, "uint8")
     assert not k32.supported(1536, 576, 64, 0, "uint8")  # row-major planes: the TE kernel runs them
