@@ -41,31 +41,23 @@ from __future__ import annotations
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import mask_codes
 from pbs2pc.passes.lower_sparse_binary_linear import OPAQUE
-from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, pbs2p_reference,
-                                                 static_dims)
+from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims,
+                                                 uses_and_pbs2p_calls)
 
 
 def coded_masks(mod, func: relax.Function) -> dict:
     """``{mask param: (sign param, n, m)}`` for the masks of ``func`` this pass stores as codes."""
     params = set(func.params)
-    uses, role_uses = {}, {}  # param -> uses; (param, role) -> uses as that role of a pbs2p call
+    uses, calls = uses_and_pbs2p_calls(mod, func)
+    role_uses = {}  # (param, role) -> uses as that role of a pbs2p call
     schemes = {}  # mask param -> {(sign arg, n, m, group size)} over its calls
-
-    def visit(expr):
-        if isinstance(expr, relax.Var) and expr in params:
-            uses[expr] = uses.get(expr, 0) + 1
-        ref = pbs2p_reference(mod, expr)
-        if ref is None:
-            return
-        roles = dict(zip([p.name for p in ref.params], expr.args))
+    for ref, roles in calls:
         for role in ("sign", "mask"):
             if roles.get(role) in params:
                 role_uses[(roles[role], role)] = role_uses.get((roles[role], role), 0) + 1
         if roles.get("mask") in params:
             scheme = (roles.get("sign"), int(ref.attrs["n"]), int(ref.attrs["m"]), int(ref.attrs["group_size"]))
             schemes.setdefault(roles["mask"], set()).add(scheme)
-
-    relax.analysis.post_order_visit(func.body, visit)
     chosen = {}
     for mask, found in schemes.items():
         if len(found) != 1:

@@ -40,8 +40,8 @@ After (``InterleaveRows(16)``)::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, pbs2p_reference,
-                                                 static_dims)
+from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims,
+                                                 uses_and_pbs2p_calls)
 
 #: The pbs2p reference-function parameters this pass may re-lay out.
 ROLES = ("sign", "mask", "alpha", "mu")
@@ -72,27 +72,7 @@ def _static_2d(var, t: int) -> bool:
 def _candidates(mod, func: relax.Function, t: int) -> list:
     """Parameters of ``func`` read only as sign/mask/alpha/mu of pbs2p calls (maybe through a uint8 view)."""
     params = set(func.params)
-    uses, role_uses = {}, {}
     view_of = {}  # view var -> param
-    view_uses, view_role_uses = {}, {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var):
-            if expr in params:
-                uses[expr] = uses.get(expr, 0) + 1
-            if expr in view_of:
-                view_uses[expr] = view_uses.get(expr, 0) + 1
-        ref = pbs2p_reference(mod, expr)
-        if ref is None:
-            return
-        for role, arg in zip([p.name for p in ref.params], expr.args):
-            if role not in ROLES:
-                continue
-            if arg in params:
-                role_uses[arg] = role_uses.get(arg, 0) + 1
-            elif arg in view_of:
-                view_role_uses[arg] = view_role_uses.get(arg, 0) + 1
-
     # Bindings first (a view of a parameter is bound before the call that uses it).
     for block in func.body.blocks:
         for binding in block.bindings:
@@ -100,10 +80,19 @@ def _candidates(mod, func: relax.Function, t: int) -> list:
             if (isinstance(value, relax.Call) and value.op.same_as(_VIEW) and value.args[0] in params
                     and (len(value.args) < 4 or (isinstance(value.args[3], relax.Tuple) and not value.args[3].fields))):
                 view_of[binding.var] = value.args[0]
-    relax.analysis.post_order_visit(func.body, visit)
+    uses, calls = uses_and_pbs2p_calls(mod, func)
+    role_uses, view_role_uses = {}, {}
+    for _ref, roles in calls:
+        for role, arg in roles.items():
+            if role not in ROLES:
+                continue
+            if arg in params:
+                role_uses[arg] = role_uses.get(arg, 0) + 1
+            elif arg in view_of:
+                view_role_uses[arg] = view_role_uses.get(arg, 0) + 1
     for view, param in view_of.items():
         # A view of a parameter counts as one use of it; it is a role use when every use of the view is.
-        if view_uses.get(view, 0) == view_role_uses.get(view, 0):
+        if uses.get(view, 0) == view_role_uses.get(view, 0):
             role_uses[param] = role_uses.get(param, 0) + 1
     return [p for p in func.params if p in role_uses and role_uses[p] == uses[p] and _static_2d(p, t)]
 

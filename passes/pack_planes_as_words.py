@@ -75,6 +75,23 @@ def pbs2p_reference(mod, expr) -> relax.Function | None:
     return None
 
 
+def uses_and_pbs2p_calls(mod, func: relax.Function) -> tuple[dict, list]:
+    """How often each variable of ``func``'s body is read, and its pbs2p calls as ``(reference function,
+    {role: argument})``: what the params-transform passes decide from (a parameter qualifies when all of
+    its reads are the roles a pass re-lays out)."""
+    uses, calls = {}, []
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+        ref = pbs2p_reference(mod, expr)
+        if ref is not None:
+            calls.append((ref, dict(zip([p.name for p in ref.params], expr.args))))
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return uses, calls
+
+
 def _plane_params(mod, func: relax.Function, word_bits: int) -> list:
     """Parameters of ``func`` used only as sign/mask planes of pbs2p calls and re-typeable to words.
 
@@ -82,20 +99,12 @@ def _plane_params(mod, func: relax.Function, word_bits: int) -> list:
     the op's group size (so a word never straddles a scale group), and nothing else reads it.
     """
     params = set(func.params)
-    uses, plane_uses = {}, {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var) and expr in params:
-            uses[expr] = uses.get(expr, 0) + 1
-        ref = pbs2p_reference(mod, expr)
-        if ref is None:
-            return
-        roles = [p.name for p in ref.params]
-        for role, arg in zip(roles, expr.args):
+    uses, calls = uses_and_pbs2p_calls(mod, func)
+    plane_uses = {}
+    for ref, roles in calls:
+        for role, arg in roles.items():
             if role in PLANE_ROLES and arg in params and _fits(arg, int(ref.attrs["group_size"]), word_bits):
                 plane_uses[arg] = plane_uses.get(arg, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
     return [p for p in func.params if p in plane_uses and plane_uses[p] == uses[p]]
 
 
