@@ -45,9 +45,9 @@ def group_size(k: int) -> int:
 
 
 def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
-    """``(plane word bits, mask codes, activations, lookup-table GEMV)`` of a pbs2pc format: ``pbs2pc_u8``
+    """``(plane word bits, mask codes, activations, lookup-table kernels)`` of a pbs2pc format: ``pbs2pc_u8``
     (the x86 preset: byte planes, masks as pattern codes), ``pbs2pc_u8_planes`` (mask planes instead),
-    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at M = 1, mask planes), ``pbs2pc_int8[_planes]``."""
+    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at every M, mask planes), ``pbs2pc_int8[_planes]``."""
     planes = fmt.endswith("_planes")
     if fmt == "pbs2pc_te":
         return 8, False, "fp32", False

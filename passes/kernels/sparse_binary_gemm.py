@@ -29,8 +29,9 @@ depends on the layer's size:
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, row_plane, subset_sum, tiles_per_task,
-                                                      without_absent)
+from pbs2pc.passes.kernels import sparse_binary_gemv
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, p_plane, row_plane, subset_sum,
+                                                      tiles_per_task, vpermps, without_absent)
 
 #: Register block: input rows x 16-row tiles, ``2 MR RR`` accumulators (+ ``2 RR`` index registers).
 ROWS_PER_BLOCK = 4
@@ -55,13 +56,9 @@ ROW_TASKS = 8
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
-    """Whether the kernel covers this layer (else the TE kernel runs it)."""
-    return (interleave == LANES and plane_dtype == "uint8" and out_features % LANES == 0
-            and group_size % 8 == 0 and in_features % group_size == 0)
-
-
-def _vpermps(table, idx):
-    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, idx)
+    """Whether the kernel covers this layer (else the TE kernel runs it): the layouts the GEMV covers with
+    mask planes."""
+    return sparse_binary_gemv.supported(out_features, in_features, group_size, interleave, plane_dtype)
 
 
 def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
@@ -82,10 +79,6 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
         # nibble ``half`` of each row's plane byte in its int32 lane: the vpermps index (it reads bits 0-3)
         return T.shift_right(T.Cast("int32x16", bytes16), T.broadcast(4 * half, LANES))
 
-    def p_bits(sign, mask, tile, col):
-        bits = row_plane(sign, tile, col)
-        return T.bitwise_and(bits, row_plane(mask, tile, col)) if has_mask else bits
-
     @T.macro
     def block(tab, idx, xsum, alpha, mu, y, task, rb, ch, m0, t0, mr):
         # rows m0 .. m0 + mr - 1 (t0 .. in the table chunk) x tiles rb RR .. of the task, groups of chunk ch
@@ -100,11 +93,11 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
             for j in range(J):
                 for i in T.unroll(mr):
                     for r in T.unroll(RR):
-                        accp[i, r, T.ramp(0, 1, LANES)] = accp.vload([i, r, 0], "float32x16") + _vpermps(
+                        accp[i, r, T.ramp(0, 1, LANES)] = accp.vload([i, r, 0], "float32x16") + vpermps(
                             tab.vload([t0 + i, (ch * GC + gg) * J + j, 0], "float32x16"),
                             idx.vload([rb * RR + r, 0, gg * J + j, 0], "int32x16"))
                         if has_mask:
-                            accm[i, r, T.ramp(0, 1, LANES)] = accm.vload([i, r, 0], "float32x16") + _vpermps(
+                            accm[i, r, T.ramp(0, 1, LANES)] = accm.vload([i, r, 0], "float32x16") + vpermps(
                                 tab.vload([t0 + i, (ch * GC + gg) * J + j, 0], "float32x16"),
                                 idx.vload([rb * RR + r, PL - 1, gg * J + j, 0], "int32x16"))
             for i in T.unroll(mr):
@@ -138,7 +131,7 @@ def gemm_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
             for cc in range(T.min(GC * G, K - ch * GC * G) // 8):
                 for h in T.unroll(2):
                     idx[r, 0, 2 * cc + h, T.ramp(0, 1, LANES)] = nibbles(
-                        p_bits(sign, mask, task * R + r, ch * GC * G // 8 + cc), h)
+                        p_plane(sign, mask, task * R + r, ch * GC * G // 8 + cc, has_mask), h)
                     if has_mask:
                         idx[r, PL - 1, 2 * cc + h, T.ramp(0, 1, LANES)] = nibbles(
                             row_plane(mask, task * R + r, ch * GC * G // 8 + cc), h)

@@ -25,8 +25,8 @@ once per group. Rows past the last whole block run one at a time.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_bias, row_plane, spread_rows,
-                                                      tiles_per_task, without_absent)
+from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, p_plane, plus_bias, row_plane,
+                                                      spread_rows, tiles_per_task, without_absent)
 from pbs2pc.passes.kernels.sparse_binary_gemv_int8 import quantiser
 
 #: Input rows per register block and 16-row output tiles per task: 2 x MR x R int32 accumulators. At
@@ -126,7 +126,7 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                     for h in T.unroll(2):
                         if has_mask:
                             wb[r, 0, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(
-                                T.bitwise_and(row_plane(sign, task * R + r, c), row_plane(mask, task * R + r, c)), h)
+                                p_plane(sign, mask, task * R + r, c, True), h)
                             wb[r, 1, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(row_plane(mask, task * R + r, c), h)
                         else:
                             wb[r, 0, 2 * c + h, T.ramp(0, 1, 64)] = weight_bytes(row_plane(sign, task * R + r, c), h)

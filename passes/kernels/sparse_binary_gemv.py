@@ -67,6 +67,18 @@ def row_plane(buf, tile: int, col: int):
     return buf.vload([tile, col, 0], "uint8x16")
 
 
+def p_plane(sign, mask, tile: int, col: int, and_mask: bool):
+    """Byte ``col`` of the 16 rows' ``P = mask & sign`` plane: ``sign & mask`` with ``and_mask``, else ``sign``
+    itself (a layer without a mask, or a sign plane the build stored as ``sign & mask`` already)."""
+    bits = row_plane(sign, tile, col)
+    return T.bitwise_and(bits, row_plane(mask, tile, col)) if and_mask else bits
+
+
+def vpermps(table, idx):
+    """``table[idx & 15]`` per fp32 lane (``vpermps``: it reads bits 0-3 of each int32 index lane)."""
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, idx)
+
+
 def group_output(alpha, mu, has_mu: bool, tile, g, lane, p_sum, m_sum):
     """One scale group's part of output ``lane`` of ``tile`` from its sums of inputs over the P and M planes:
     ``2 alpha P_sum + (mu - alpha) M_sum`` (``alpha (2 P_sum - M_sum)`` without mu), fp32."""
@@ -126,12 +138,10 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
         idx = T.reinterpret("int32x16", spread_rows(bits16))
         if nibble == 1:
             idx = T.shift_right(idx, T.broadcast(4, LANES))
-        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
-                                       tab.vload([2 * col + nibble, 0], "float32x16"), idx)
+        return vpermps(tab.vload([2 * col + nibble, 0], "float32x16"), idx)
 
     def p_bits(sign, mask, tile, col):
-        bits = row_plane(sign, tile, col)
-        return T.bitwise_and(bits, row_plane(mask, tile, col)) if plane_mask else bits
+        return p_plane(sign, mask, tile, col, plane_mask)
 
     def code_lookup(tm, mask, tile, chunk, c4):
         # XM of the 16 rows for column byte 4 chunk + c4: their codes (byte c4 of each row's int32 lane of the
