@@ -137,6 +137,53 @@ def test_fp32_gemm_matches_dense_product_row_by_row(n, k, g, has_mask, has_mu, h
         assert rel_err(got, want) < 2e-6, f"{rows} rows"
 
 
+def _errors_on_this_process_threads():
+    """Every parallel kernel form on SmolLM2-sized layers against its oracle, as ``{form: relative error}``
+    (run by the test below in a child process with 3 threads)."""
+    errs = {}
+    for n, k, g, has_mask, has_mu, has_bias in [(1536, 576, 64, True, True, False), (576, 1536, 64, True, True, True)]:
+        layer = list(_layer(n, k, g, has_mask, has_mu, has_bias))
+        errs[f"fp32 gemv {n}x{k}"] = rel_err(_run(_build(n, k, g, has_mask, has_mu, has_bias, kernel=k32.gemv_fp32),
+                                                  *layer), _dense(*layer, g))
+        errs[f"int8 gemv {n}x{k}"] = rel_err(_run(_build(n, k, g, has_mask, has_mu, has_bias), *layer),
+                                             k8.reference(layer[0][0], *layer[1:], group_size=g))
+        x = np.random.default_rng(1).standard_normal((130, k)).astype(np.float32)
+        layer[0] = x
+        oracle = {"fp32": np.stack([k32.reference(row, *layer[1:], group_size=g) for row in x]),
+                  "int8": np.stack([k8.reference(row, *layer[1:], group_size=g) for row in x])}
+        for split, limit in (("rows", n * k), ("tiles", 0)):
+            g32.ROW_SPLIT_MAX_WEIGHTS = limit
+            lib = _build(n, k, g, has_mask, has_mu, has_bias, kernel=g32.gemm_fp32)
+            errs[f"fp32 gemm {split} {n}x{k}"] = rel_err(_run(lib, *layer), oracle["fp32"])
+        lib = _build(n, k, g, has_mask, has_mu, has_bias, kernel=g8.gemm_int8)
+        errs[f"int8 gemm {n}x{k}"] = rel_err(_run(lib, *layer), oracle["int8"])
+    return errs
+
+
+def test_parallel_kernels_match_their_oracles_on_three_threads(tmp_path):
+    # The suite's own process runs TVM's default pool (one thread on a 2-CPU machine), where a parallel
+    # loop is one task: here the tasks really are split over threads (each GEMV thread builds its own
+    # tables; the GEMM's table stage and tile stage run on all of them).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/passes']; "
+            "import test_handwritten_kernels as t, tvm_ffi; "
+            "print(json.dumps({'threads': tvm_ffi.get_global_func('runtime.NumThreads')(), "
+            "'errors': t._errors_on_this_process_threads()}))")
+    env = {**os.environ, "TVM_NUM_THREADS": "3"}
+    done = subprocess.run([sys.executable, "-c", code, tests], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["threads"] >= 2
+    assert len(result["errors"]) == 10
+    for form, err in result["errors"].items():
+        assert err < 2e-6 if form.startswith("fp32") else err < 1e-5, f"{form}: {err}"
+
+
 def test_int8_gemm_prompt_sized():
     layer = list(_layer(576, 1536, 64, True, True, True))
     layer[0] = np.random.default_rng(1).standard_normal((128, 1536)).astype(np.float32)
