@@ -10,6 +10,8 @@ In one process and one run, for each prompt length (real held-out English text, 
   ``main`` function for the prompt, ``decode`` for each new token.
 * **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to every sparse-binary
   linear layer, prompt and decode; accuracy cost in ``benchmarks/int8_accuracy.py``).
+* **pbs2pc fp16 head**: the same model compiled with ``--lm-head fp16`` (the tied embedding table stored in
+  fp16: half the bytes of the LM head; accuracy cost in ``benchmarks/lm_head_fp16_accuracy.py``).
 * **torch generate**: the original model in float32, ``model.generate(do_sample=False)`` with its default
   dynamic cache, 2 threads. Prefill = one call with ``max_new_tokens=1``; decode rate from the difference
   of two calls (``N`` and 1 new tokens, ``min_new_tokens`` set so both run to length).
@@ -64,7 +66,11 @@ def build(workdir: Path, rebuild: bool):
     if rebuild or not lib8.exists():
         print("compiling with int8 activations ...", flush=True)
         compile_model(workdir / "pbs2p" / "model.onnx", lib8, "x86", activations="int8")
-    return model, tokenizer, dense_onnx, lib, lib8
+    lib16 = workdir / "pbs2p-fp16-head" / "model.so"
+    if rebuild or not lib16.exists():
+        print("compiling with an fp16 LM head ...", flush=True)
+        compile_model(workdir / "pbs2p" / "model.onnx", lib16, "x86", lm_head="fp16")
+    return model, tokenizer, dense_onnx, {"pbs2pc": lib, "pbs2pc int8": lib8, "pbs2pc fp16 head": lib16}
 
 
 def prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
@@ -111,24 +117,22 @@ def run_benchmark(args) -> dict:
 
     torch.set_num_threads(2)
     bandwidth = read_bandwidth()
-    model, tokenizer, dense_onnx, lib, lib8 = build(args.workdir, args.rebuild)
-    compiled = load(lib, threads=2)  # as torch and onnxruntime
-    compiled8 = load(lib8, threads=2)
+    model, tokenizer, dense_onnx, libs = build(args.workdir, args.rebuild)
+    compiled = {name: load(lib, threads=2) for name, lib in libs.items()}  # 2 threads, as torch and onnxruntime
     ort = OrtDecoder(dense_onnx, threads=2)
     torch_loop = TorchDecoder(model)
-    weight_bytes = {
-        "pbs2pc": sum(p["nbytes"] for p in compiled.manifest["params"]),
-        "torch": sum(p.numel() * p.element_size() for p in model.parameters()),
-    }
+    weight_bytes = {name: sum(p["nbytes"] for p in c.manifest["params"]) for name, c in compiled.items()
+                    if name != "pbs2pc int8"}
+    weight_bytes["torch"] = sum(p.numel() * p.element_size() for p in model.parameters())
     weight_bytes["onnxruntime"] = weight_bytes["torch"]
     rows = []
     for length, ids in prompts(tokenizer, args.prompt_lengths).items():
         print(f"prompt {length} tokens ...", flush=True)
         row = {"prompt_tokens": length, "new_tokens": args.new_tokens}
-        for d in (compiled, compiled8, ort, torch_loop):  # warm-up of every runtime on this length
+        for d in (*compiled.values(), ort, torch_loop):  # warm-up of every runtime on this length
             loop_rates(d, ids, 2, 1)
-        row["pbs2pc"] = loop_rates(compiled, ids, args.new_tokens, args.repeats)
-        row["pbs2pc int8"] = loop_rates(compiled8, ids, args.new_tokens, args.repeats)
+        for name, c in compiled.items():
+            row[name] = loop_rates(c, ids, args.new_tokens, args.repeats)
         row["torch generate"] = torch_generate_rates(model, ids, args.new_tokens, args.repeats)
         row["torch loop"] = loop_rates(torch_loop, ids, args.new_tokens, args.repeats)
         row["onnxruntime"] = loop_rates(ort, ids, args.new_tokens, args.repeats)
@@ -147,7 +151,7 @@ def run_benchmark(args) -> dict:
     }
 
 
-RUNTIMES = ("pbs2pc", "pbs2pc int8", "torch generate", "torch loop", "onnxruntime")
+RUNTIMES = ("pbs2pc", "pbs2pc int8", "pbs2pc fp16 head", "torch generate", "torch loop", "onnxruntime")
 
 
 def table(data: dict) -> str:
@@ -157,6 +161,8 @@ def table(data: dict) -> str:
     for row in data["rows"]:
         ours = row["pbs2pc"]["decode_tok_s"]
         for name in RUNTIMES:
+            if name not in row:  # a result file from before the runtime was added
+                continue
             r = row[name]
             lines.append(f"| {row['prompt_tokens']} | {name} | {r['prefill_s'] * 1e3:.0f} | "
                          f"{row['prompt_tokens'] / r['prefill_s']:.0f} | {r['decode_tok_s']:.1f} | "
@@ -165,6 +171,8 @@ def table(data: dict) -> str:
     lines.append("")
     lines.append(f"Read bandwidth {data['read_bandwidth_gb_s']} GB/s (2 threads). Weights read per decode step: "
                  f"pbs2pc {data['weight_bytes_per_token']['pbs2pc'] / 1e6:.0f} MB (floor {floor['pbs2pc']} ms), "
+                 + (f"with the fp16 head {data['weight_bytes_per_token']['pbs2pc fp16 head'] / 1e6:.0f} MB "
+                    f"(floor {floor['pbs2pc fp16 head']} ms), " if "pbs2pc fp16 head" in floor else "") +
                  f"torch / onnxruntime fp32 {data['weight_bytes_per_token']['torch'] / 1e6:.0f} MB "
                  f"(floor {floor['torch']} ms). Load average at the end: {data['load_average']:.2f}.")
     return "\n".join(lines)

@@ -1,12 +1,17 @@
-"""Accuracy cost of storing SmolLM2's tied embedding / LM head table in fp16 (a measurement for a future change).
+"""Accuracy cost of ``pbs2pc compile --lm-head fp16`` (SmolLM2's tied embedding / LM head table in fp16).
 
-    python benchmarks/lm_head_fp16_accuracy.py     # ~1 min on 2 cores
+    python benchmarks/lm_head_fp16_accuracy.py            # ~3 min on 2 cores
+    python benchmarks/lm_head_fp16_accuracy.py --quick    # fewer windows
 
-The LM head (49152 x 576 fp32, 113 MB) is about half of a compiled decode step and already runs at the
-memory floor (docs/performance.md), so the next decode speed-up is fewer bytes there. This script scores
-the original model (torch, fp32) on the held-out windows of ``benchmarks/accuracy.py`` as is and with the
-table rounded to fp16 (input embedding and LM head together, as they are tied), and writes
-``benchmarks/results/lm_head_fp16_accuracy.json``. Nothing in the compiler uses an fp16 table yet.
+1. **The original model** (torch, fp32) on the held-out windows of ``benchmarks/accuracy.py``, as is and
+   with the table rounded to fp16 (input embedding and LM head together, as they are tied): where
+   perplexity means something.
+2. **The compiled artifact itself**: SmolLM2 6:8 (simple compressor) compiled with ``--lm-head fp32`` and
+   ``--lm-head fp16``; each reads held-out windows token by token through ``decode`` (the fp16 head
+   kernel). Reported: both perplexities, how often the greedy next token agrees, the logits' relative
+   difference.
+
+Writes ``benchmarks/results/lm_head_fp16_accuracy.json``.
 """
 
 from __future__ import annotations
@@ -18,16 +23,51 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_head_fp16_accuracy.json"
 
 
-def main() -> int:
+def compiled_comparison(model, tokenizer, workdir: Path, quick: bool) -> dict:
+    """Decode-path perplexity and agreement of the 6:8 model compiled with an fp32 and an fp16 head."""
+    import copy
+
+    import numpy as np
+
+    from int8_accuracy import decode_scores
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.models import compress, data, export
+
+    onnx = workdir / "model.onnx"
+    if not onnx.exists():
+        small = copy.deepcopy(model)
+        info = compress.compress_model(small, "6:8", method="simple", progress=False)
+        export.export(small, onnx, {"source_model": "smollm2-135m", **info})
+    libs = {}
+    for head in ("fp32", "fp16"):
+        libs[head] = workdir / head / "model.so"
+        if not libs[head].exists():
+            compile_model(onnx, libs[head], "x86", lm_head=head)
+    short = data.token_windows(tokenizer, "heldout", 128, max_windows=2 if quick else 8).numpy()
+    (fp32_logits, fp32_ppl), (fp16_logits, fp16_ppl) = (decode_scores(libs[h], short) for h in ("fp32", "fp16"))
+    a, b = np.concatenate(fp32_logits), np.concatenate(fp16_logits)
+    return {"fp32_head_ppl": fp32_ppl, "fp16_head_ppl": fp16_ppl,
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "median_rel_logit_diff": float(np.median(np.abs(a - b).max(-1) / np.abs(a).max(-1))),
+            "tokens": int(a.shape[0]), "windows": int(short.shape[0]), "window_tokens": 128}
+
+
+def main(argv=None) -> int:
+    import argparse
+
     import torch
 
     from pbs2pc.models import data, hf
     from pbs2pc.models.evaluate import perplexity, torch_logits_fn
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/pbs2pc-lm-head-accuracy")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model, tokenizer, _ = hf.load("smollm2-135m")
     model.eval()
-    windows = data.token_windows(tokenizer, "heldout", 512)
+    windows = data.token_windows(tokenizer, "heldout", 512, max_windows=3 if args.quick else None)
     table = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight.data_ptr() == table.data_ptr()
     start = time.perf_counter()
@@ -38,16 +78,28 @@ def main() -> int:
         change = ((table.data - original).norm() / original.norm()).item()
         fp16 = perplexity(torch_logits_fn(model), windows, desc="fp16 table")
         table.data.copy_(original)
+    print(f"original model: perplexity with the fp32 table {fp32:.4f}, with the table rounded to fp16 {fp16:.4f} "
+          f"(relative change of the table {change:.1e}; tied: {tied})", flush=True)
+    compiled = compiled_comparison(model, tokenizer, Path(args.workdir), args.quick)
     result = {
-        "command": "python benchmarks/lm_head_fp16_accuracy.py", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python benchmarks/lm_head_fp16_accuracy.py " + " ".join(args_list(argv)),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": "smollm2-135m", "windows": len(windows), "window_tokens": 512, "tied": tied,
         "perplexity_fp32_table": fp32, "perplexity_fp16_table": fp16, "table_relative_change": change,
-        "seconds": round(time.perf_counter() - start, 1),
+        "compiled_6of8": compiled, "seconds": round(time.perf_counter() - start, 1),
     }
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"perplexity with the fp32 table {fp32:.4f}, with the table rounded to fp16 {fp16:.4f} "
-          f"(relative change of the table {change:.1e}; tied: {tied})")
+    print(f"compiled 6:8, decode path ({compiled['windows']}x128 tokens): perplexity with the fp32 head "
+          f"{compiled['fp32_head_ppl']:.2f}, with the fp16 head {compiled['fp16_head_ppl']:.2f}; greedy next "
+          f"token agrees on {compiled['top1_agreement'] * 100:.1f} % of {compiled['tokens']} positions; median "
+          f"relative logit difference {compiled['median_rel_logit_diff']:.2e}")
     return 0
+
+
+def args_list(argv) -> list:
+    import sys
+
+    return sys.argv[1:] if argv is None else list(argv)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,15 @@ def _host_compiler_present() -> bool:
 
 def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, target: str = "x86",
                   dump_ir: str | os.PathLike | None = None, activations: str = "fp32",
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, lm_head: str = "fp32") -> dict:
     """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
 
     ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
     then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
     ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
     :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
-    fp32 everywhere.
+    fp32 everywhere. ``lm_head="fp16"`` stores the LM head's table rounded to fp16 (see
+    :mod:`pbs2pc.passes.store_lm_head_fp16`).
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
@@ -50,7 +51,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     output = Path(output)
     if output.suffix != ".so":
         raise Pbs2pcError(f"the output must be a .so path, got {output.name!r}; e.g. -o model.so")
-    preset = get_preset(target).require().with_activations(activations)
+    preset = get_preset(target).require().with_activations(activations).with_lm_head(lm_head)
     if preset.cross_compiler is None and not _host_compiler_present():
         raise ToolchainError("no C++ compiler found to link the library; install one (apt-get install g++).")
     timings = {}
@@ -65,7 +66,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     timings["import_s"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
-    mod, params = to_target_layout(imported.mod, imported.params, preset)
+    mod, params = to_target_layout(imported.mod, imported.params, preset, vocab=_vocab_size(imported))
     pipeline = make_pipeline(preset, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"))
     executable = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=pipeline)
     timings["compile_s"] = round(time.perf_counter() - start, 2)
@@ -81,6 +82,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "target": preset.name,
         "target_dict": preset.target,
         "activations": preset.activations,
+        "lm_head": preset.lm_head,
         "host": platform.machine(),
         "library": lib_path.name,
         "weights": weights_path.name,
@@ -116,7 +118,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     return manifest
 
 
-def to_target_layout(mod, params: dict, preset) -> tuple:
+def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tuple:
     """The params transform: re-encode weights into the preset's target layout, signature and arrays alike.
 
     The weights are parameters of ``main`` that the runtime loads from the weights file, so a layout
@@ -125,8 +127,9 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
     PackPlanesAsWords re-types the planes as words, InterleaveRows stores planes and scales as
     ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
     (``{param name: {"and_mask": mask name, "mask_codes": 1, "n": n, "m": m, "dtype": new dtype,
-    "interleave": T}}``, the keys that apply); this function applies that record to the numpy arrays and
-    drops the attribute: first ``and_mask`` (the sign plane ANDed with the interchange mask) and
+    "interleave": T}}``, the keys that apply; with ``preset.lm_head == "fp16"``, StoreLMHeadFP16 records
+    ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is); this function applies that record
+    to the numpy arrays and drops the attribute: first ``cast`` (a rounding ``astype``), ``and_mask`` (the sign plane ANDed with the interchange mask) and
     ``mask_codes`` (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy
     ``view``: uint8 planes reinterpreted as little-endian words hold the same bytes), then the interleave (a
     permutation of rows, :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another
@@ -134,15 +137,19 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
     """
     import numpy as np
 
-    from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords
+    from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords, StoreLMHeadFP16
     from pbs2pc.passes.interleave_rows import interleave_array
     from pbs2pc.passes.kernels import mask_codes
     from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record
+    from pbs2pc.passes.store_lm_head_fp16 import the_head
 
     if preset.mask_codes and preset.plane_word_bits == 8 and preset.plane_interleave == mask_codes.ROWS:
         mod = EncodeMaskCodes()(mod)
     mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
     mod = InterleaveRows(preset.plane_interleave)(mod)
+    if preset.lm_head == "fp16":
+        the_head(mod["main"], vocab)  # a model without one LM head table: one clear error, before the pass
+        mod = StoreLMHeadFP16(vocab)(mod)
     main = mod["main"]
     record = read_record(main)
     if not record:
@@ -152,6 +159,8 @@ def to_target_layout(mod, params: dict, preset) -> tuple:
     for name, array in params.items():
         entry = record.get(name)
         if entry is not None:
+            if "cast" in entry:
+                array = array.astype(np.dtype(entry["cast"]))
             if "and_mask" in entry:
                 array = np.bitwise_and(array, params[entry["and_mask"]])
             if entry.get("mask_codes"):

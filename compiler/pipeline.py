@@ -14,7 +14,7 @@ from typing import Callable
 from pbs2pc.compiler.targets import TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
-from pbs2pc.passes import LowerSparseBinaryLinear, UseKVCache
+from pbs2pc.passes import LowerLMHead, LowerSparseBinaryLinear, UseKVCache
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
 
@@ -48,6 +48,9 @@ def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels (hand-written ones
         # where the preset has them: the fp32 lookup-table GEMV, or int8 GEMV/GEMM with --activations int8).
         ("lower_pbs2p", LowerSparseBinaryLinear(lut=preset.lut_kernels, int8=preset.activations == "int8")),
+        # With --lm-head fp16: the token lookup reads the fp16 table's rows, the one-token entries' head the
+        # fp16 GEMV; neither converts the whole table per call.
+        ("lower_lm_head", LowerLMHead(enabled=preset.lm_head == "fp16")),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),

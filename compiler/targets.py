@@ -46,6 +46,11 @@ class TargetPreset:
     #: transform): 1.878 instead of 2.25 bits per weight at 6:8, G = 128. Applies with 16-row interleaved byte
     #: planes (plane_word_bits=8, plane_interleave=16), the layout the codes' kernels read; ignored otherwise.
     mask_codes: bool = False
+    #: The LM head's table (the tied embedding, or the head's own weight): ``"fp32"`` as exported, or
+    #: ``"fp16"`` (``pbs2pc compile --lm-head fp16``): stored rounded to fp16 (half the bytes of the
+    #: largest read of a decode step) and read by pbs2pc.passes.kernels.lm_head_fp16 in the one-token
+    #: entries. CPU presets only (the kernel is a CPU loop nest).
+    lm_head: str = "fp32"
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
@@ -54,6 +59,8 @@ class TargetPreset:
             raise ValueError(f"plane_word_bits must be 8, 16 or 32, got {self.plane_word_bits}")
         if self.activations not in ("fp32", "int8"):
             raise ValueError(f"activations must be fp32 or int8, got {self.activations!r}")
+        if self.lm_head not in ("fp32", "fp16"):
+            raise ValueError(f"lm_head must be fp32 or fp16, got {self.lm_head!r}")
         if self.plane_interleave < 0:
             raise ValueError(f"plane_interleave must be 0 (off) or a number of rows, got {self.plane_interleave}")
 
@@ -81,6 +88,14 @@ class TargetPreset:
         if activations == "int8" and not self.int8_activations:
             raise UnsupportedError(f"target {self.name!r} has no int8-activation kernels; use --activations fp32.")
         return dataclasses.replace(self, activations=activations)
+
+    def with_lm_head(self, dtype: str) -> "TargetPreset":
+        """This preset with the LM head's table in ``dtype`` (``"fp32"`` or ``"fp16"``), or one clear error."""
+        if dtype not in ("fp32", "fp16"):
+            raise Pbs2pcError(f"unknown LM head type {dtype!r}; choose fp32 or fp16.")
+        if dtype == "fp16" and self.family != "cpu":
+            raise UnsupportedError(f"target {self.name!r} has no fp16 LM head kernel; use --lm-head fp32.")
+        return dataclasses.replace(self, lm_head=dtype)
 
 
 #: x86-64 with AVX-512 (F/BW/VL/VNNI/VBMI/VPOPCNTDQ): the development machine's CPU.

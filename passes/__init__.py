@@ -6,7 +6,10 @@ This module only exports pass constructors.
 from pbs2pc.passes.encode_mask_codes import EncodeMaskCodes
 from pbs2pc.passes.interleave_rows import InterleaveRows
 from pbs2pc.passes.kv_cache import UseKVCache
+from pbs2pc.passes.lower_lm_head import LowerLMHead
 from pbs2pc.passes.lower_sparse_binary_linear import LowerSparseBinaryLinear
 from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
+from pbs2pc.passes.store_lm_head_fp16 import StoreLMHeadFP16
 
-__all__ = ["EncodeMaskCodes", "InterleaveRows", "LowerSparseBinaryLinear", "PackPlanesAsWords", "UseKVCache"]
+__all__ = ["EncodeMaskCodes", "InterleaveRows", "LowerLMHead", "LowerSparseBinaryLinear", "PackPlanesAsWords",
+           "StoreLMHeadFP16", "UseKVCache"]

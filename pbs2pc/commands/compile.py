@@ -17,10 +17,15 @@ def add_parser(sub):
                    help="fp32 (default), or int8: every sparse-binary linear layer quantises its input to int8 per "
                         "scale group (faster decode and prompt; accuracy cost in "
                         "docs/performance.md)")
+    p.add_argument("--lm-head", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32 (default: as exported), or fp16: store the LM head's table (the tied embedding) "
+                        "rounded to fp16, half the bytes of the largest read of a decode step (faster decode; "
+                        "accuracy cost in docs/performance.md)")
     return p
 
 
-def compile_with_progress(model, output, target: str, dump_ir=None, activations: str = "fp32") -> dict:
+def compile_with_progress(model, output, target: str, dump_ir=None, activations: str = "fp32",
+                          lm_head: str = "fp32") -> dict:
     """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
 
@@ -40,7 +45,8 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
             bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
-        return compile_model(model, output, target, dump_ir=dump_ir, activations=activations, progress=progress)
+        return compile_model(model, output, target, dump_ir=dump_ir, activations=activations, progress=progress,
+                             lm_head=lm_head)
     finally:
         if bar is not None:
             bar.close()
@@ -48,7 +54,8 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
 
 def run(args) -> int:
     start = time.perf_counter()
-    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir, args.activations)
+    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir, args.activations,
+                                     args.lm_head)
     s = manifest["summary"]
     print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
           f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "

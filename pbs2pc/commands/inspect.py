@@ -60,13 +60,15 @@ def run(args) -> int:
         info = {"file": str(path), "kind": "artifact", **{k: manifest[k] for k in (
             "target", "target_dict", "tvm_version", "pbs2pc_version", "format_version", "inputs", "outputs")},
             "sizes": sizes, "metadata": manifest.get("source", {}), "summary": summary,
-            "functions": manifest.get("functions", ["main"]), "kv_cache": manifest.get("kv_cache")}
+            "functions": manifest.get("functions", ["main"]), "kv_cache": manifest.get("kv_cache"),
+            "activations": manifest.get("activations", "fp32"), "lm_head": manifest.get("lm_head", "fp32")}
         cache = manifest.get("kv_cache")
         header = [
             f"{path} (compiled for {manifest['target']}: {json.dumps(manifest['target_dict'])})",
             f"library {sizes.get('library', 0) / 1e6:.1f} MB + weights {sizes.get('weights', 0) / 1e6:.1f} MB; "
             f"built by pbs2pc {manifest['pbs2pc_version']} with TVM {manifest['tvm_version']}, format v{manifest['format_version']}",
             f"inputs {manifest['inputs']} -> outputs {manifest['outputs']}; entry functions {info['functions']}",
+            f"activations of the sparse-binary layers {info['activations']}; LM head table {info['lm_head']}",
             f"KV cache: {cache['layers']} layers x {cache['kv_heads']} kv heads x head_dim {cache['head_dim']}, keys "
             f"{cache['key_layout']}, values {cache['value_layout']}, updated in place" if cache
             else "no KV cache (each call recomputes the whole sequence)",
