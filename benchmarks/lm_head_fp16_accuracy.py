@@ -82,7 +82,7 @@ def main(argv=None) -> int:
           f"(relative change of the table {change:.1e}; tied: {tied})", flush=True)
     compiled = compiled_comparison(model, tokenizer, Path(args.workdir), args.quick)
     result = {
-        "command": "python benchmarks/lm_head_fp16_accuracy.py " + " ".join(args_list(argv)),
+        "command": " ".join(["python benchmarks/lm_head_fp16_accuracy.py", *args_list(argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": "smollm2-135m", "windows": len(windows), "window_tokens": 512, "tied": tied,
         "perplexity_fp32_table": fp32, "perplexity_fp16_table": fp16, "table_relative_change": change,
