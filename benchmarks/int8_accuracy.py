@@ -81,6 +81,33 @@ def decode_scores(lib, windows) -> tuple[list[np.ndarray], float]:
     return logits, math.exp(total / count)
 
 
+def compiled_pair(model, tokenizer, workdir: Path, quick: bool, builds: dict) -> dict:
+    """SmolLM2 6:8 (simple compressor) compiled once per entry of ``builds`` (two: ``{name: compile_model
+    keyword arguments}``, each into ``workdir/name/``), both scored token by token through ``decode`` on the
+    same held-out windows: ``{name}_ppl`` for each, how often their greedy next token agrees, and the
+    median relative difference of their logits. Shared with ``lm_head_fp16_accuracy.py``."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.models import compress, data, export
+
+    onnx = workdir / "model.onnx"
+    if not onnx.exists():
+        small = copy.deepcopy(model)
+        info = compress.compress_model(small, "6:8", method="simple", progress=False)
+        export.export(small, onnx, {"source_model": "smollm2-135m", **info})
+    short = data.token_windows(tokenizer, "heldout", 128, max_windows=2 if quick else 8).numpy()
+    out, logits = {}, []
+    for name, kwargs in builds.items():
+        lib = workdir / name / "model.so"
+        if not lib.exists():
+            compile_model(onnx, lib, "x86", **kwargs)
+        window_logits, out[f"{name}_ppl"] = decode_scores(lib, short)
+        logits.append(np.concatenate(window_logits))
+    a, b = logits
+    return {**out, "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "median_rel_logit_diff": float(np.median(np.abs(a - b).max(-1) / np.abs(a).max(-1))),
+            "tokens": int(a.shape[0]), "windows": int(short.shape[0]), "window_tokens": 128}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -89,8 +116,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pbs2pc.compiler.build import compile_model
-    from pbs2pc.models import compress, data, export, hf
+    from pbs2pc.models import data, hf
 
     torch.set_num_threads(2)
     model, tokenizer, _ = hf.load("smollm2-135m")
@@ -100,26 +126,10 @@ def main(argv=None) -> int:
     original = torch_perplexities(model, windows)
     print(f"original SmolLM2: ppl fp32 {original['fp32']:.3f}, int8 activations {original['int8']:.3f}", flush=True)
 
-    work = Path(args.workdir)
-    onnx = work / "model.onnx"
-    if not onnx.exists():
-        small = copy.deepcopy(model)
-        info = compress.compress_model(small, "6:8", method="simple", progress=False)
-        export.export(small, onnx, {"source_model": "smollm2-135m", **info})
-    libs = {}
-    for act in ("fp32", "int8"):
-        libs[act] = work / act / "model.so"
-        if not libs[act].exists():
-            compile_model(onnx, libs[act], "x86", activations=act)
-    short = data.token_windows(tokenizer, "heldout", 128, max_windows=2 if args.quick else 8).numpy()
-    fp32_logits, fp32_ppl = decode_scores(libs["fp32"], short)
-    int8_logits, int8_ppl = decode_scores(libs["int8"], short)
-    a, b = np.concatenate(fp32_logits), np.concatenate(int8_logits)
-    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
-    rel = float(np.median(np.abs(a - b).max(-1) / np.abs(a).max(-1)))
-    compiled = {"fp32_ppl": fp32_ppl, "int8_ppl": int8_ppl, "top1_agreement": agree,
-                "median_rel_logit_diff": rel, "tokens": int(a.shape[0]), "windows": int(short.shape[0]),
-                "window_tokens": 128}
+    compiled = compiled_pair(model, tokenizer, Path(args.workdir), args.quick,
+                             {"fp32": {}, "int8": {"activations": "int8"}})
+    fp32_ppl, int8_ppl = compiled["fp32_ppl"], compiled["int8_ppl"]
+    agree, rel = compiled["top1_agreement"], compiled["median_rel_logit_diff"]
     result = {
         "command": "python benchmarks/int8_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
           f"({(original['int8'] / original['fp32'] - 1) * 100:+.2f} %) |")
     print(f"| SmolLM2 6:8 compiled, decode path ({compiled['windows']}x128 tokens) | fp32 | {fp32_ppl:.1f} |")
     print(f"| | int8 | {int8_ppl:.1f} ({(int8_ppl / fp32_ppl - 1) * 100:+.2f} %) |")
-    print(f"compiled 6:8: greedy next token agrees on {agree * 100:.1f} % of {a.shape[0]} positions; "
+    print(f"compiled 6:8: greedy next token agrees on {agree * 100:.1f} % of {compiled['tokens']} positions; "
           f"median relative logit difference {rel:.2e}")
     return 0
 

@@ -23,40 +23,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_head_fp16_accuracy.json"
 
 
-def compiled_comparison(model, tokenizer, workdir: Path, quick: bool) -> dict:
-    """Decode-path perplexity and agreement of the 6:8 model compiled with an fp32 and an fp16 head."""
-    import copy
-
-    import numpy as np
-
-    from int8_accuracy import decode_scores
-    from pbs2pc.compiler.build import compile_model
-    from pbs2pc.models import compress, data, export
-
-    onnx = workdir / "model.onnx"
-    if not onnx.exists():
-        small = copy.deepcopy(model)
-        info = compress.compress_model(small, "6:8", method="simple", progress=False)
-        export.export(small, onnx, {"source_model": "smollm2-135m", **info})
-    libs = {}
-    for head in ("fp32", "fp16"):
-        libs[head] = workdir / head / "model.so"
-        if not libs[head].exists():
-            compile_model(onnx, libs[head], "x86", lm_head=head)
-    short = data.token_windows(tokenizer, "heldout", 128, max_windows=2 if quick else 8).numpy()
-    (fp32_logits, fp32_ppl), (fp16_logits, fp16_ppl) = (decode_scores(libs[h], short) for h in ("fp32", "fp16"))
-    a, b = np.concatenate(fp32_logits), np.concatenate(fp16_logits)
-    return {"fp32_head_ppl": fp32_ppl, "fp16_head_ppl": fp16_ppl,
-            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-            "median_rel_logit_diff": float(np.median(np.abs(a - b).max(-1) / np.abs(a).max(-1))),
-            "tokens": int(a.shape[0]), "windows": int(short.shape[0]), "window_tokens": 128}
-
-
 def main(argv=None) -> int:
     import argparse
 
     import torch
 
+    from int8_accuracy import compiled_pair
     from pbs2pc.models import data, hf
     from pbs2pc.models.evaluate import perplexity, torch_logits_fn
 
@@ -80,7 +52,8 @@ def main(argv=None) -> int:
         table.data.copy_(original)
     print(f"original model: perplexity with the fp32 table {fp32:.4f}, with the table rounded to fp16 {fp16:.4f} "
           f"(relative change of the table {change:.1e}; tied: {tied})", flush=True)
-    compiled = compiled_comparison(model, tokenizer, Path(args.workdir), args.quick)
+    compiled = compiled_pair(model, tokenizer, Path(args.workdir), args.quick,
+                             {"fp32_head": {}, "fp16_head": {"lm_head": "fp16"}})
     result = {
         "command": " ".join(["python benchmarks/lm_head_fp16_accuracy.py", *args_list(argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
