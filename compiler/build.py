@@ -128,12 +128,12 @@ def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tup
     ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
     (``{param name: {"and_mask": mask name, "mask_codes": 1, "n": n, "m": m, "dtype": new dtype,
     "interleave": T}}``, the keys that apply; with ``preset.lm_head == "fp16"``, StoreLMHeadFP16 records
-    ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is); this function applies that record
-    to the numpy arrays and drops the attribute: first ``cast`` (a rounding ``astype``), ``and_mask`` (the sign plane ANDed with the interchange mask) and
-    ``mask_codes`` (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy
-    ``view``: uint8 planes reinterpreted as little-endian words hold the same bytes), then the interleave (a
-    permutation of rows, :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another
-    order). Returns ``(mod, params)`` with ``params`` in ``main``'s order.
+    ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is); this function applies that
+    record to the numpy arrays and drops the attribute: first ``cast`` (a rounding ``astype``),
+    ``and_mask`` (the sign plane ANDed with the interchange mask) and ``mask_codes``
+    (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
+    reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
+    :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order). Returns ``(mod, params)`` with ``params`` in ``main``'s order.
     """
     import numpy as np
 

@@ -8,9 +8,10 @@ is the rounding of the table to fp16 (its perplexity cost: docs/performance.md).
 
 Layout: the table as it is, ``[V, H]`` row-major (the embedding lookup reads the same rows). Each output
 is one row's dot product with ``x``: ``STEP`` rows at a time keep independent 16-lane fp32 sums (they
-share the loads of ``x``; the K loop is unrolled), reduced to scalars by halving the vector 4 times. ``x`` has ``M`` rows
-(symbolic: 1 in ``decode``, the batch in ``prefill``); for each of them a parallel loop over tasks of
-``ROWS_PER_TASK`` table rows. Needs ``H % 16 == 0`` and ``V % 4 == 0`` (:func:`supported`).
+share the loads of ``x``; the K loop is unrolled), reduced to scalars by halving the vector 4 times.
+``x`` has ``M`` rows (symbolic: 1 in ``decode``, the batch in ``prefill``); for each of them a parallel
+loop over tasks of ``ROWS_PER_TASK`` table rows. Needs ``H % 16 == 0`` and ``V % 4 == 0``
+(:func:`supported`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ LANES = 16
 #: same loops took 4.29 ms. The kernel is bound by each core's memory streams (one thread: half the speed;
 #: a cache-resident table runs 4.7x faster), and the unrolled K loop keeps more loads in flight.
 STEP = 2
-#: Table rows per parallel task, at most (the largest of 64, 32, ... STEP dividing V).
+#: Table rows per parallel task, at most (the largest of 64, 32, 16, 8, 4 dividing V).
 ROWS_PER_TASK = 64
 #: Vectors of the K loop unrolled, at most (the largest of these dividing H / 16).
 K_UNROLL = (12, 9, 8, 6, 4, 3, 2, 1)

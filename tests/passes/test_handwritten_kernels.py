@@ -162,8 +162,8 @@ def _errors_on_this_process_threads():
 
 def test_parallel_kernels_match_their_oracles_on_three_threads(tmp_path):
     # The suite's own process runs TVM's default pool (one thread on a 2-CPU machine), where a parallel
-    # loop is one task: here the tasks really are split over threads (each GEMV thread builds its own
-    # tables; the GEMM's table stage and tile stage run on all of them).
+    # loop is one task: here the tasks really are split over threads (the GEMVs' tasks read the tables the
+    # calling thread built; the GEMM's table stage and tile stage run on all of them).
     import json
     import os
     import subprocess
