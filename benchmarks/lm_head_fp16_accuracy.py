@@ -17,6 +17,7 @@ Writes ``benchmarks/results/lm_head_fp16_accuracy.json``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     compiled = compiled_pair(model, tokenizer, Path(args.workdir), args.quick,
                              {"fp32_head": {}, "fp16_head": {"lm_head": "fp16"}})
     result = {
-        "command": " ".join(["python benchmarks/lm_head_fp16_accuracy.py", *args_list(argv)]),
+        "command": " ".join(["python benchmarks/lm_head_fp16_accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": "smollm2-135m", "windows": len(windows), "window_tokens": 512, "tied": tied,
         "perplexity_fp32_table": fp32, "perplexity_fp16_table": fp16, "table_relative_change": change,
@@ -67,12 +68,6 @@ def main(argv=None) -> int:
           f"token agrees on {compiled['top1_agreement'] * 100:.1f} % of {compiled['tokens']} positions; median "
           f"relative logit difference {compiled['median_rel_logit_diff']:.2e}")
     return 0
-
-
-def args_list(argv) -> list:
-    import sys
-
-    return sys.argv[1:] if argv is None else list(argv)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tup
     ``and_mask`` (the sign plane ANDed with the interchange mask) and ``mask_codes``
     (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
     reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
-    :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order). Returns ``(mod, params)`` with ``params`` in ``main``'s order.
+    :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order). Returns
+    ``(mod, params)`` with ``params`` in ``main``'s order.
     """
     import numpy as np
 
@@ -148,8 +149,7 @@ def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tup
     mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
     mod = InterleaveRows(preset.plane_interleave)(mod)
     if preset.lm_head == "fp16":
-        the_head(mod["main"], vocab)  # a model without one LM head table: one clear error, before the pass
-        mod = StoreLMHeadFP16(vocab)(mod)
+        mod = StoreLMHeadFP16(the_head(mod["main"], vocab).name)(mod)  # no head table: one clear error
     main = mod["main"]
     record = read_record(main)
     if not record:

@@ -55,8 +55,9 @@ def head_params(func: relax.Function, vocab: int) -> list:
 
 
 def the_head(func: relax.Function, vocab: int | None) -> relax.Var:
-    """The one head table of ``func`` (see :func:`head_params`), or one clear error. Call it before running
-    the pass: an error raised inside a TVM pass reaches the caller as a RuntimeError."""
+    """The one head table of ``func`` (see :func:`head_params`), or one clear error. Called outside the pass
+    (whose constructor takes its name): an error raised inside a TVM pass reaches the caller as a
+    RuntimeError."""
     heads = head_params(func, vocab) if vocab else []
     if len(heads) != 1:
         raise UnsupportedError(
@@ -71,14 +72,15 @@ def _float32_of(_bb, new, _old_ty):
 
 @tvm.transform.module_pass(opt_level=0, name="StoreLMHeadFP16")
 class StoreLMHeadFP16:
-    """Re-type ``main``'s LM head table as float16 (see the module docstring); ``vocab``: the logits' width."""
+    """Re-type ``main``'s parameter ``table`` (the LM head's, found by :func:`the_head`) as float16 (see the
+    module docstring)."""
 
-    def __init__(self, vocab: int | None):
-        self.vocab = vocab
+    def __init__(self, table: str):
+        self.table = table
 
     def transform_module(self, mod, _ctx):
         func = mod["main"]
-        table = the_head(func, self.vocab)
+        table = next(p for p in func.params if p.name == self.table)
         new = relax.Var(table.name, relax.TensorType(table.ty.shape, "float16"))
         body = ReplaceParams(mod, {table: new}, _float32_of, "f32").visit_expr(func.body)
         params = [new if p.same_as(table) else p for p in func.params]
