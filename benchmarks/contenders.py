@@ -60,16 +60,18 @@ def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
 def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut=True,
                   mask_codes=True):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
-    ``lut=False`` runs every call on the TE kernel instead of the lookup-table GEMV and GEMM;
-    ``mask_codes=False`` keeps mask planes where the preset would store pattern codes."""
+    ``lut=False`` runs every call on the TE kernel instead of the kernel registry's hand-written GEMV and
+    GEMM; ``mask_codes=False`` keeps mask planes where the target's layout would store pattern codes;
+    ``interleave=None`` keeps the target layout's row interleave."""
     from onnx import TensorProto, helper, numpy_helper
 
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.build import to_target_layout
     from pbs2pc.compiler.pipeline import make_pipeline
-    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.compiler.tvm_compat import relax, tvm
     from pbs2pc.models import onnx_op
+    from pbs2pc.passes.kernels import registry
 
     g = group_size(k)
     nodes, inits, outputs = [], [], []
@@ -86,15 +88,15 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, act
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
                                                     helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
     onnx_op.attach_functions(model)
-    preset = dataclasses.replace(get_preset("x86"), plane_word_bits=layout_bits, lut_kernels=lut,
-                                 mask_codes=mask_codes)
-    preset = preset.with_activations(activations)
-    if interleave is not None:
-        preset = dataclasses.replace(preset, plane_interleave=interleave)
+    preset = get_preset("x86")  # this machine's best x86 target
+    chosen = registry.target_layout(preset, CompileOptions(activations))
+    layout = registry.Layout(layout_bits, chosen.interleave if interleave is None else interleave,
+                             mask_codes and chosen.mask_codes)
+    options = CompileOptions(activations, layout=layout, kernels=None if lut else ()).check(preset)
     imported = frontend.import_onnx(model)
-    mod, params = to_target_layout(imported.mod, imported.params, preset)
+    mod, params = to_target_layout(imported.mod, imported.params, preset, options)
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset))
+    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset, options))
     compile_s = time.perf_counter() - t0
     vm = relax.VirtualMachine(ex, tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params.values()]

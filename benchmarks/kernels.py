@@ -97,7 +97,7 @@ def weight_bytes(fmt: str, n_out: int, k: int) -> float:
     """Bytes of one layer's weights in a format (scales included)."""
     g = group_size(k)
     if fmt.startswith("pbs2pc"):
-        from pbs2pc.passes.kernels import mask_codes
+        from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
         if pbs2pc_variant(fmt)[1] and mask_codes.supported(n_out, k, *NM) and g % 32 == 0:
             # sign bits, 5-bit mask codes (with each tile's tail bytes), fp16 alpha + mu per group
@@ -147,6 +147,14 @@ def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -
     return {name: float(np.median(t)) / copies[name] for name, t in times.items()}
 
 
+def int8_here() -> bool:
+    """Whether this machine's x86 target has int8-activation kernels (x86-avx512 does, x86-avx2 not yet)."""
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.passes.kernels import registry
+
+    return "int8" in registry.activations_offered(get_preset("x86"))
+
+
 def run_benchmark(args) -> dict:
     import onnxruntime
     import torch
@@ -163,7 +171,7 @@ def run_benchmark(args) -> dict:
     nbits = [b for b in (4, 2) if ort_supports(b)]
     formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
     formats += ["pbs2pc_u8_planes", "pbs2pc_te"] if 8 in args.layouts else []
-    formats += ["pbs2pc_int8", "pbs2pc_int8_planes"] if args.int8 else []
+    formats += ["pbs2pc_int8", "pbs2pc_int8_planes"] if args.int8 and int8_here() else []
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
     formats += [f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc{lvl}" for lvl in (0, 4)] if 4 in nbits else []
     shapes = SHAPES[:1] + SHAPES[6:7] if args.quick else SHAPES
@@ -245,9 +253,10 @@ def recompute_floors(data: dict) -> None:
 def table(data: dict) -> str:
     """Markdown: one row per (shape, M), microseconds per format, speedups of pbs2pc (the x86 preset's
     plane layout) over each."""
-    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
+    from pbs2pc.passes.kernels import registry
 
-    default = f"pbs2pc_u{get_preset('x86').plane_word_bits}"
+    default = f"pbs2pc_u{registry.target_layout(get_preset('x86'), CompileOptions()).word_bits}"
     res = data["results"]
     fmts = [f for f in dict.fromkeys(r["format"] for r in res)]
     b32 = f"_b{NBITS_DEFAULT_BLOCK}_"

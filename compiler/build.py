@@ -31,27 +31,35 @@ def _host_compiler_present() -> bool:
 
 def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, target: str = "x86",
                   dump_ir: str | os.PathLike | None = None, activations: str = "fp32",
-                  progress: Callable[[str], None] | None = None, lm_head: str = "fp32") -> dict:
+                  progress: Callable[[str], None] | None = None, lm_head: str = "fp32",
+                  options=None) -> dict:
     """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
+
+    ``target`` is a preset name (``x86``: this machine's best x86 preset, see
+    :func:`pbs2pc.compiler.targets.get_preset`) or a :class:`~pbs2pc.compiler.targets.TargetPreset`.
+    ``options`` (a :class:`~pbs2pc.compiler.targets.CompileOptions`) replaces ``activations`` and
+    ``lm_head`` when given.
 
     ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
     then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
     ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
-    :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
+    :mod:`pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
     fp32 everywhere. ``lm_head="fp16"`` stores the LM head's table rounded to fp16 (see
     :mod:`pbs2pc.passes.store_lm_head_fp16`).
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
-    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.targets import CompileOptions, TargetPreset, get_preset
     from pbs2pc.compiler.tvm_compat import TVM_VERSION, tvm
     from pbs2pc.passes import kv_cache
+    from pbs2pc.passes.kernels import registry
 
     say = progress or (lambda _msg: None)
     output = Path(output)
     if output.suffix != ".so":
         raise Pbs2pcError(f"the output must be a .so path, got {output.name!r}; e.g. -o model.so")
-    preset = get_preset(target).require().with_activations(activations).with_lm_head(lm_head)
+    preset = (target if isinstance(target, TargetPreset) else get_preset(target)).require()
+    options = (options or CompileOptions(activations, lm_head)).check(preset)
     if preset.cross_compiler is None and not _host_compiler_present():
         raise ToolchainError("no C++ compiler found to link the library; install one (apt-get install g++).")
     timings = {}
@@ -66,8 +74,9 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     timings["import_s"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
-    mod, params = to_target_layout(imported.mod, imported.params, preset, vocab=_vocab_size(imported))
-    pipeline = make_pipeline(preset, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"))
+    layout = registry.target_layout(preset, options)
+    mod, params = to_target_layout(imported.mod, imported.params, preset, options, vocab=_vocab_size(imported))
+    pipeline = make_pipeline(preset, options, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"))
     executable = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=pipeline)
     timings["compile_s"] = round(time.perf_counter() - start, 2)
 
@@ -81,14 +90,24 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "tvm_version": TVM_VERSION,
         "target": preset.name,
         "target_dict": preset.target,
-        "activations": preset.activations,
-        "lm_head": preset.lm_head,
+        "isa": preset.isa,
+        # What the library's code executes: the runtime refuses a CPU without them (pbs2pc.runtime.model).
+        "machine": preset.machine,
+        "cpu_features": list(preset.features),
+        "options": options.record(),
+        "activations": options.activations,
+        "lm_head": options.lm_head,
+        "layout": dataclasses.asdict(layout),
+        "kernels": sorted({e.name for e in registry.for_target(preset, options)}),
         "host": platform.machine(),
         "library": lib_path.name,
         "weights": weights_path.name,
         # With a KV cache, main and decode take the inputs below, then the caches (layer by layer, key
         # then value, in kv_cache's layouts), then the weights; they return the logits.
         "inputs": [n for n in imported.inputs if not (cache and n.startswith("past_key_values."))],
+        # dtype and shape of each input (symbolic dimensions by name): the runtime checks feeds against them
+        "input_types": {n: t for n, t in _input_types(imported).items()
+                        if not (cache and n.startswith("past_key_values."))},
         "outputs": [n for n in imported.outputs if not (cache and n.startswith("present."))],
         "functions": ["main", kv_cache.DECODE, kv_cache.PREFILL] if cache else ["main"],
         "kv_cache": dataclasses.asdict(cache) if cache else None,
@@ -118,8 +137,11 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     return manifest
 
 
-def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tuple:
-    """The params transform: re-encode weights into the preset's target layout, signature and arrays alike.
+def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None = None) -> tuple:
+    """The params transform: re-encode weights into the target layout, signature and arrays alike.
+
+    The layout is the kernel registry's choice for ``preset`` and ``options``
+    (:func:`pbs2pc.passes.kernels.registry.target_layout`).
 
     The weights are parameters of ``main`` that the runtime loads from the weights file, so a layout
     change must rewrite both the Relax signature and the arrays the same way. The Relax passes do the
@@ -127,28 +149,32 @@ def to_target_layout(mod, params: dict, preset, vocab: int | None = None) -> tup
     PackPlanesAsWords re-types the planes as words, InterleaveRows stores planes and scales as
     ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
     (``{param name: {"and_mask": mask name, "mask_codes": 1, "n": n, "m": m, "dtype": new dtype,
-    "interleave": T}}``, the keys that apply; with ``preset.lm_head == "fp16"``, StoreLMHeadFP16 records
+    "interleave": T}}``, the keys that apply; with ``options.lm_head == "fp16"``, StoreLMHeadFP16 records
     ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is); this function applies that
     record to the numpy arrays and drops the attribute: first ``cast`` (a rounding ``astype``),
     ``and_mask`` (the sign plane ANDed with the interchange mask) and ``mask_codes``
-    (:func:`pbs2pc.passes.kernels.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
+    (:func:`pbs2pc.passes.kernels.x86_avx512.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
     reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
     :func:`pbs2pc.passes.interleave_rows.interleave_array`; the same bytes in another order). Returns
     ``(mod, params)`` with ``params`` in ``main``'s order.
     """
     import numpy as np
 
+    from pbs2pc.compiler.targets import CompileOptions
     from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords, StoreLMHeadFP16
     from pbs2pc.passes.interleave_rows import interleave_array
-    from pbs2pc.passes.kernels import mask_codes
+    from pbs2pc.passes.kernels import registry
+    from pbs2pc.passes.kernels.x86_avx512 import mask_codes
     from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record
     from pbs2pc.passes.store_lm_head_fp16 import the_head
 
-    if preset.mask_codes and preset.plane_word_bits == 8 and preset.plane_interleave == mask_codes.ROWS:
+    options = options or CompileOptions()
+    layout = registry.target_layout(preset, options)
+    if layout.mask_codes and layout.word_bits == 8 and layout.interleave == mask_codes.ROWS:
         mod = EncodeMaskCodes()(mod)
-    mod = PackPlanesAsWords(preset.plane_word_bits)(mod)
-    mod = InterleaveRows(preset.plane_interleave)(mod)
-    if preset.lm_head == "fp16":
+    mod = PackPlanesAsWords(layout.word_bits)(mod)
+    mod = InterleaveRows(layout.interleave)(mod)
+    if options.lm_head == "fp16":
         mod = StoreLMHeadFP16(the_head(mod["main"], vocab).name)(mod)  # no head table: one clear error
     main = mod["main"]
     record = read_record(main)
@@ -185,6 +211,25 @@ def _target_bits(layers, weight_inputs: set, params: dict) -> dict:
         return {}
     stored = sum(params[name].nbytes for name in weight_inputs if name in params)
     return {"bits_target": round(8 * stored / weights, 4)}
+
+
+def _input_types(imported) -> dict:
+    """``{input name: {"dtype": ..., "shape": [int or symbol name]}}`` for ``main``'s graph inputs."""
+    out = {}
+    for name, param in zip(imported.inputs, imported.mod["main"].params):
+        ty = param.ty
+        shape = getattr(ty, "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None:
+            continue
+        dims = []
+        for d in values:
+            try:
+                dims.append(int(d))
+            except TypeError:
+                dims.append(str(d))
+        out[name] = {"dtype": str(ty.dtype), "shape": dims}
+    return out
 
 
 def _vocab_size(imported) -> int | None:

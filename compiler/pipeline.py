@@ -2,8 +2,9 @@
 
 Each phase is a ``(name, pass)`` pair with a comment saying why it is there; ``--dump-ir DIR`` writes the
 module after every phase (``DIR/NN_name.py``) so a reader can follow a model through the compiler.
-Per-target differences come from the preset (its family selects the schedule rules), never from
-``if target.kind == ...`` ladders inside passes.
+Per-target differences are data: the preset's family selects the schedule rules
+(``pbs2pc.passes.schedules.SCHEDULE_RULES``) and the kernel registry the hand-written kernels
+(``pbs2pc.passes.kernels.registry``), never ``if target.kind == ...`` ladders inside passes.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pbs2pc.compiler.targets import TargetPreset
+from pbs2pc.compiler.targets import CompileOptions, TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
 from pbs2pc.passes import LowerLMHead, LowerSparseBinaryLinear, UseKVCache
+from pbs2pc.passes.kernels import registry
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
 
 def schedule_rules(preset: TargetPreset) -> list:
     """The dlight-style schedule rules of a target family, in priority order."""
-    if preset.family == "cpu":
-        from pbs2pc.passes.schedules import cpu_rules
+    from pbs2pc.passes.schedules import SCHEDULE_RULES
 
-        return cpu_rules()
-    raise UnsupportedError(f"target {preset.name!r}: no schedule rules for the {preset.family} family yet.")
+    if preset.family not in SCHEDULE_RULES:
+        raise UnsupportedError(f"target {preset.name!r}: no schedule rules for the {preset.family} family yet.")
+    return SCHEDULE_RULES[preset.family]()
 
 
 def _dead_code(entries: list[str]) -> "tvm.transform.Pass":
@@ -39,18 +41,20 @@ def _dead_code(entries: list[str]) -> "tvm.transform.Pass":
     return dead_code
 
 
-def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
-    """The ordered phases for ``preset``."""
+def phases(preset: TargetPreset, options: CompileOptions | None = None) -> list[tuple[str, "tvm.transform.Pass"]]:
+    """The ordered phases for ``preset`` with ``options`` (default options when None)."""
+    options = options or CompileOptions()
+    kernels = registry.for_target(preset, options)
     rt = relax.transform
     return [
         # Attention against caches the runtime owns, updated in place; adds the one-token "decode" entry.
         ("use_kv_cache", UseKVCache()),
-        # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels (hand-written ones
-        # where the preset has them: the fp32 lookup-table GEMV, or int8 GEMV/GEMM with --activations int8).
-        ("lower_pbs2p", LowerSparseBinaryLinear(lut=preset.lut_kernels, int8=preset.activations == "int8")),
+        # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels: the first kernel
+        # registry entry for the target that covers the call (hand-written GEMVs and GEMMs), else the TE kernel.
+        ("lower_pbs2p", LowerSparseBinaryLinear(kernels)),
         # With --lm-head fp16: the token lookup reads the fp16 table's rows, the one-token entries' head the
         # fp16 GEMV; neither converts the whole table per call.
-        ("lower_lm_head", LowerLMHead(enabled=preset.lm_head == "fp16")),
+        ("lower_lm_head", LowerLMHead(enabled=options.lm_head == "fp16")),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),
@@ -80,14 +84,14 @@ def phases(preset: TargetPreset) -> list[tuple[str, "tvm.transform.Pass"]]:
     ]
 
 
-def make_pipeline(preset: TargetPreset, dump_ir: str | Path | None = None,
+def make_pipeline(preset: TargetPreset, options: CompileOptions | None = None, dump_ir: str | Path | None = None,
                   on_phase: Callable[[str], None] | None = None) -> "tvm.transform.Pass":
     """A module pass running :func:`phases` under the preset's target, optionally dumping IR.
 
     ``on_phase`` is called with each phase's name before it runs, then with ``"codegen"``.
     """
     target = preset.tvm_target()
-    steps = phases(preset)
+    steps = phases(preset, options)
     dump = Path(dump_ir) if dump_ir else None
 
     @tvm.transform.module_pass(opt_level=0, name="Pbs2pcPipeline")

@@ -1,68 +1,64 @@
-"""Named target presets: the TVM target dict, the host, the cross compiler and its flags.
+"""Named target presets and the user's compile options.
 
-Tests and the CLI name presets explicitly (never auto-detect), so ``--target arm`` compiles the same
-everywhere. A preset that is designed but not implemented yet says so with one clear error.
+A :class:`TargetPreset` is what pbs2pc builds for: the TVM target (canonical JSON, so presets are
+hashable and can key a tuning database), the CPU features the generated code executes, the cross
+compiler. Which kernels run and which weight layout they read is not here: it comes from the kernel
+registry (:mod:`pbs2pc.passes.kernels.registry`), from the entries whose features the preset has.
+:class:`CompileOptions` holds what the user chooses on top (``--activations``, ``--lm-head``).
+
+``--target x86`` means "this machine's best x86 target": :func:`get_preset` resolves it from the host
+CPU's features (:mod:`pbs2pc.cpu`). Every other name compiles the same on any machine, so an AVX2
+machine can build for ``x86-avx512`` (the library then refuses to load on a CPU without AVX-512).
+A preset that is designed but not implemented yet says so with one clear error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 from pbs2pc.errors import Pbs2pcError, ToolchainError, UnsupportedError
 
+from pbs2pc.cpu import X86_TARGET_FEATURES
+
+
+def canonical_json(value) -> str:
+    """``value`` as JSON with sorted keys and no spaces: equal targets give equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetPreset:
-    """Everything pbs2pc needs to build for one kind of device."""
+    """Everything pbs2pc needs to build for one kind of device (frozen and hashable)."""
 
     name: str
-    family: str  # "cpu" or "cuda": selects the schedule rules
-    target: dict  # the TVM target as a JSON dict
-    host: dict | None = None
+    family: str  # "cpu" or "cuda": selects the schedule rules and the registry entries
+    isa: str  # the instruction set the kernels are written for: "x86-avx512", "x86-avx2", "aarch64", "cuda"
+    target_json: str  # the TVM target, canonical JSON (see :attr:`target`)
+    host_json: str | None = None
+    #: CPU features the generated code executes (``/proc/cpuinfo`` names); the manifest records them and
+    #: the runtime checks them against the host before any kernel runs.
+    features: tuple[str, ...] = ()
+    machine: str = "x86_64"  # the architecture the library runs on
     cross_compiler: str | None = None  # e.g. "aarch64-linux-gnu-g++"; None: the host's C++ compiler
     description: str = ""
     supported: bool = True
     issue: str = ""  # where an unsupported preset's work is tracked
-    #: Target layout of the packed sign/mask planes: the word width the kernels read them as (8 keeps the
-    #: interchange uint8 bytes). Applied at compile time by the build's params transform
-    #: (:func:`pbs2pc.compiler.build.to_target_layout`); measured in docs/performance.md.
-    plane_word_bits: int = 8
-    #: Rows per interleaved block of the planes and scales (``[N, C]`` stored as ``[N/T, C, T]``, so the
-    #: ``T`` rows a SIMD vector covers are contiguous); 0 keeps the row-major layout. Layers whose N is not a
-    #: multiple of T keep it too. Applied by the same params transform (pbs2pc.passes.InterleaveRows).
-    plane_interleave: int = 0
-    #: Activations of the sparse-binary linear layers: ``"fp32"``, or ``"int8"`` (quantised per scale group:
-    #: ``vpermb`` lookup-table GEMV for one row, AVX-512 VNNI GEMM for the prompt; ``pbs2pc compile
-    #: --activations int8``). Only presets with ``int8_activations`` accept it.
-    activations: str = "fp32"
-    int8_activations: bool = False
-    #: fp32 linear layers run the hand-written AVX-512 lookup-table kernels where they cover the layer,
-    #: instead of the TE kernel: the GEMV (pbs2pc.passes.kernels.sparse_binary_gemv) for one-row calls (the
-    #: ``decode`` entry), the GEMM (sparse_binary_gemm) for the prompt's.
-    lut_kernels: bool = False
-    #: n:m masks whose bytes have at most 32 patterns (6:8, 7:8, ...) are stored as 5-bit pattern codes and
-    #: their sign planes as ``sign & mask`` (pbs2pc.passes.kernels.mask_codes, applied by the params
-    #: transform): 1.878 instead of 2.25 bits per weight at 6:8, G = 128. Applies with 16-row interleaved byte
-    #: planes (plane_word_bits=8, plane_interleave=16), the layout the codes' kernels read; ignored otherwise.
-    mask_codes: bool = False
-    #: The LM head's table (the tied embedding, or the head's own weight): ``"fp32"`` as exported, or
-    #: ``"fp16"`` (``pbs2pc compile --lm-head fp16``): stored rounded to fp16 (half the bytes of the
-    #: largest read of a decode step) and read by pbs2pc.passes.kernels.lm_head_fp16 in the one-token
-    #: entries. CPU presets only (the kernel is a CPU loop nest).
-    lm_head: str = "fp32"
 
     def __post_init__(self):
         if self.family not in ("cpu", "cuda"):
             raise ValueError(f"unknown family {self.family}")
-        if self.plane_word_bits not in (8, 16, 32):
-            raise ValueError(f"plane_word_bits must be 8, 16 or 32, got {self.plane_word_bits}")
-        if self.activations not in ("fp32", "int8"):
-            raise ValueError(f"activations must be fp32 or int8, got {self.activations!r}")
-        if self.lm_head not in ("fp32", "fp16"):
-            raise ValueError(f"lm_head must be fp32 or fp16, got {self.lm_head!r}")
-        if self.plane_interleave < 0:
-            raise ValueError(f"plane_interleave must be 0 (off) or a number of rows, got {self.plane_interleave}")
+        json.loads(self.target_json)
+
+    @property
+    def target(self) -> dict:
+        """The TVM target as a dict."""
+        return json.loads(self.target_json)
+
+    @property
+    def host(self) -> dict | None:
+        return json.loads(self.host_json) if self.host_json else None
 
     def tvm_target(self):
         """The ``tvm.target.Target`` of this preset."""
@@ -70,10 +66,15 @@ class TargetPreset:
 
         return Target(self.target, host=self.host) if self.host else Target(self.target)
 
+    def with_num_cores(self, cores: int) -> "TargetPreset":
+        """This preset with the TVM target's ``num-cores`` (the schedules size their parallel loops by it)."""
+        return dataclasses.replace(self, target_json=canonical_json({**self.target, "num-cores": int(cores)}))
+
     def require(self) -> "TargetPreset":
         """Raise a clear error unless this preset can be built on this machine."""
         if not self.supported:
-            raise UnsupportedError(f"target {self.name!r} is not supported yet ({self.issue}); use --target x86.")
+            raise UnsupportedError(f"target {self.name!r} is not supported yet ({self.issue}); "
+                                   "use --target x86.")
         if self.cross_compiler and shutil.which(self.cross_compiler) is None:
             raise ToolchainError(
                 f"the cross compiler {self.cross_compiler} for target {self.name!r} is not installed; "
@@ -81,63 +82,141 @@ class TargetPreset:
             )
         return self
 
-    def with_activations(self, activations: str) -> "TargetPreset":
-        """This preset with ``activations`` (``"fp32"`` or ``"int8"``), or one clear error."""
-        if activations not in ("fp32", "int8"):
-            raise Pbs2pcError(f"unknown activation type {activations!r}; choose fp32 or int8.")
-        if activations == "int8" and not self.int8_activations:
-            raise UnsupportedError(f"target {self.name!r} has no int8-activation kernels; use --activations fp32.")
-        return dataclasses.replace(self, activations=activations)
 
-    def with_lm_head(self, dtype: str) -> "TargetPreset":
-        """This preset with the LM head's table in ``dtype`` (``"fp32"`` or ``"fp16"``), or one clear error."""
-        if dtype not in ("fp32", "fp16"):
-            raise Pbs2pcError(f"unknown LM head type {dtype!r}; choose fp32 or fp16.")
-        if dtype == "fp16" and self.family != "cpu":
-            raise UnsupportedError(f"target {self.name!r} has no fp16 LM head kernel; use --lm-head fp32.")
-        return dataclasses.replace(self, lm_head=dtype)
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What the user chooses on top of the target (recorded in the manifest beside it).
+
+    ``activations``: ``"fp32"``, or ``"int8"`` (``--activations int8``: the sparse-binary layers quantise
+    their inputs per scale group; targets whose registry has int8 kernels). ``lm_head``: ``"fp32"`` as
+    exported, or ``"fp16"`` (``--lm-head fp16``: the LM head's table stored rounded to fp16).
+    ``layout`` and ``kernels`` are for experiments and benchmarks: a weight layout instead of the
+    registry's choice, and the names of the registry entries allowed (``()``: the TE kernel only).
+    """
+
+    activations: str = "fp32"
+    lm_head: str = "fp32"
+    layout: object | None = None  # pbs2pc.passes.kernels.registry.Layout
+    kernels: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.activations not in ("fp32", "int8"):
+            raise Pbs2pcError(f"unknown activation type {self.activations!r}; choose fp32 or int8.")
+        if self.lm_head not in ("fp32", "fp16"):
+            raise Pbs2pcError(f"unknown LM head type {self.lm_head!r}; choose fp32 or fp16.")
+
+    def check(self, preset: TargetPreset) -> "CompileOptions":
+        """These options, or one clear error where ``preset`` has no kernels for them."""
+        from pbs2pc.passes.kernels import registry
+        from pbs2pc.passes.lower_lm_head import FP16_HEAD_FAMILIES
+
+        offered = registry.activations_offered(preset)
+        if self.activations not in offered:
+            raise UnsupportedError(f"target {preset.name!r} has no {self.activations}-activation kernels; "
+                                   f"use --activations {offered[0]}"
+                                   + ("" if preset.isa != "x86-avx2" else " (int8 kernels need --target x86-avx512)")
+                                   + ".")
+        if self.lm_head == "fp16" and preset.family not in FP16_HEAD_FAMILIES:
+            raise UnsupportedError(f"target {preset.name!r} has no fp16 LM head kernel; use --lm-head fp32.")
+        return self
+
+    def record(self) -> dict:
+        """The manifest's ``options`` entry."""
+        out = {"activations": self.activations, "lm_head": self.lm_head}
+        if self.layout is not None:
+            out["layout"] = dataclasses.asdict(self.layout)
+        if self.kernels is not None:
+            out["kernels"] = list(self.kernels)
+        return out
 
 
-#: x86-64 with AVX-512 (F/BW/VL/VNNI/VBMI/VPOPCNTDQ): the development machine's CPU.
-X86 = TargetPreset(
-    name="x86",
-    family="cpu",
-    target={"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
-    description="x86-64 AVX-512 (Skylake-SP and newer), host C++ compiler",
-    plane_word_bits=8,  # with interleaved rows, byte planes beat uint32 words: 1.2-1.35x at M = 1 (docs/performance.md)
-    plane_interleave=16,  # 16 rows (the fp32 lanes of a zmm register): word and scale vectors without gathers
-    int8_activations=True,  # passes/kernels/sparse_binary_gemv_int8.py (vpermb + vpdpbusd), sparse_binary_gemm_int8.py (VNNI)
-    lut_kernels=True,  # vpermps lookup tables: GEMV 1.7x the TE kernel at 11008x4096 M = 1, GEMM 1.5x at M = 128
-    mask_codes=True,  # 17 % fewer weight bytes at 6:8; the GEMVs look IM up by code (docs/performance.md)
+def _preset(name, family, isa, target, host=None, **kw) -> TargetPreset:
+    return TargetPreset(name=name, family=family, isa=isa, target_json=canonical_json(target),
+                        host_json=canonical_json(host) if host else None, **kw)
+
+
+#: x86-64 with AVX-512 (F/BW/CD/DQ/VL/VNNI/VBMI/VPOPCNTDQ): Ice Lake and Sapphire Rapids servers, Zen 4+.
+X86_AVX512 = _preset(
+    "x86-avx512", "cpu", "x86-avx512",
+    {"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"]},
+    features=X86_TARGET_FEATURES["x86-avx512"],
+    description="x86-64 AVX-512 with VNNI and VBMI (Ice Lake-SP, Sapphire Rapids, Zen 4 and newer)",
+)
+
+#: x86-64 with AVX2, FMA and F16C (x86-64-v3): Haswell and newer, every Zen, Intel client CPUs.
+X86_AVX2 = _preset(
+    "x86-avx2", "cpu", "x86-avx2",
+    {"kind": "llvm", "mcpu": "haswell", "mattr": ["+avx2", "+fma", "+f16c"]},
+    features=X86_TARGET_FEATURES["x86-avx2"],
+    description="x86-64 AVX2 + FMA + F16C (Haswell, Zen 1 and newer)",
 )
 
 #: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).
-ARM = TargetPreset(
-    name="arm",
-    family="cpu",
-    target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+ARM = _preset(
+    "arm", "cpu", "aarch64",
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    features=("asimd",),
+    machine="aarch64",
     cross_compiler="aarch64-linux-gnu-g++",
     description="aarch64 Linux, NEON, cross-compiled",
     supported=False,
-    issue="the ARM backend and edge bundle are a later issue",
+    issue="the ARM backend and edge bundle are a later release",
 )
 
 #: NVIDIA GPUs; sm_90 (H100/H200) by default, other archs with --arch (e.g. sm_87 for Jetson Orin).
-CUDA = TargetPreset(
-    name="cuda",
-    family="cuda",
-    target={"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
+CUDA = _preset(
+    "cuda", "cuda", "cuda",
+    {"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
     host={"kind": "llvm"},
     description="NVIDIA GPU, sm_90 by default, compiled code (cubin) embedded",
     supported=False,
-    issue="the CUDA backend is a later issue",
+    issue="the CUDA backend is a later release",
 )
 
-PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86, ARM, CUDA)}
+PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86_AVX512, X86_AVX2, ARM, CUDA)}
+#: x86 presets from the best to the most portable: ``--target x86`` takes the first this CPU can run.
+X86_PRESETS = (X86_AVX512, X86_AVX2)
+#: The names ``--target`` accepts: the presets, and ``x86`` (this machine's best x86 preset).
+TARGET_NAMES = ("x86", *PRESETS)
 
 
-def get_preset(name: str) -> TargetPreset:
-    """The preset called ``name``, or one clear error listing the known ones."""
-    if name not in PRESETS:
-        raise Pbs2pcError(f"unknown target {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name]
+def host_x86_preset() -> TargetPreset:
+    """The best x86 preset this machine runs, or one clear error."""
+    from pbs2pc import cpu
+
+    arch = cpu.architecture()
+    if arch != "x86_64":
+        raise Pbs2pcError(f"--target x86 means this machine's best x86 target, but this machine is {arch}; "
+                          f"name one: {', '.join(p.name for p in X86_PRESETS)}.")
+    for preset in X86_PRESETS:
+        if not cpu.missing(preset.features):
+            return preset
+    lacking = cpu.missing(X86_AVX2.features)
+    raise UnsupportedError(f"this CPU ({cpu.model_name()}) lacks {', '.join(lacking)}, which every pbs2pc x86 "
+                           "target needs (x86-64-v3: AVX2, FMA, F16C); use a newer x86 machine.")
+
+
+def explain_host_choice(preset: TargetPreset) -> str:
+    """One line saying why ``--target x86`` chose ``preset`` on this machine."""
+    from pbs2pc import cpu
+
+    names = [p.name for p in X86_PRESETS]
+    better = X86_PRESETS[: names.index(preset.name)] if preset.name in names else ()
+    why = "".join(f"; not {p.name}: no {', '.join(cpu.missing(p.features)[:3])}" for p in better)
+    return f"target x86 -> {preset.name} ({cpu.model_name()}{why})"
+
+
+def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
+    """The preset called ``name`` (``x86``: this machine's best x86 preset), or one clear error listing the
+    known ones. CPU presets get ``num-cores`` in their TVM target: ``num_cores``, or this machine's CPUs."""
+    if name == "x86":
+        preset = host_x86_preset()
+    elif name in PRESETS:
+        preset = PRESETS[name]
+    else:
+        raise Pbs2pcError(f"unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}.")
+    if preset.family == "cpu":
+        from pbs2pc.cpu import cpu_threads
+
+        preset = preset.with_num_cores(num_cores or cpu_threads())
+    return preset

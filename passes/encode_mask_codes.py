@@ -4,7 +4,7 @@ Where it runs: first in the build's *params transform* (``pbs2pc.compiler.build.
 before PackPlanesAsWords and InterleaveRows, on the interchange layout. Like them it rewrites ``main``'s
 signature, records the change in ``main``'s ``pbs2pc.params_transform`` attribute, and the build applies
 the same change to the arrays: the mask becomes ``{"mask_codes": 1, "n": n, "m": m}`` (encoded by
-:func:`pbs2pc.passes.kernels.mask_codes.encode`), its sign plane ``{"and_mask": mask name}`` (the build
+:func:`pbs2pc.passes.kernels.x86_avx512.mask_codes.encode`), its sign plane ``{"and_mask": mask name}`` (the build
 stores ``sign & mask``, which every kernel may read as the sign: where the mask is 0 the sign bit is never
 used, and the one-row GEMVs then need no mask for ``P``).
 
@@ -39,7 +39,7 @@ After::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.kernels import mask_codes
+from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 from pbs2pc.passes.lower_sparse_binary_linear import OPAQUE
 from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims,
                                                  uses_and_pbs2p_calls)

@@ -37,6 +37,9 @@ from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import lm_head_fp16
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
+#: Target families with an fp16 LM head kernel (pbs2pc.passes.kernels.lm_head_fp16 is a CPU loop nest).
+FP16_HEAD_FAMILIES = ("cpu",)
+
 _ASTYPE = tvm.ir.Op.get("relax.astype")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")

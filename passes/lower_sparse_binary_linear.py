@@ -27,11 +27,8 @@ After::
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.kernels import mask_codes
-from pbs2pc.passes.kernels import sparse_binary_gemm as lut_gemm
-from pbs2pc.passes.kernels import sparse_binary_gemv as lut_gemv
-from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as int8_gemm
-from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as int8_gemv
+from pbs2pc.passes.kernels import registry
+from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 from pbs2pc.passes.kernels.sparse_binary_linear import INFO_ATTR, pbs2p_info, sparse_binary_linear
 
 #: The attribute the frontend puts on each reference function (see pbs2pc.compiler.frontend), and its
@@ -57,12 +54,11 @@ def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, lut: bool = False, int8: bool = False):
+    def __init__(self, mod, kernels: list):
         super().__init__(mod)
         self.mod = mod
-        self.lut = lut
-        self.int8 = int8
-        self._kernels = {}  # (kernel, layout, optional inputs) -> GlobalVar of its PrimFunc
+        self.kernels = kernels
+        self._kernels = {}  # (registry entry, call) -> GlobalVar of its PrimFunc
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -106,9 +102,8 @@ class _Lowerer(relax.PyExprMutator):
         return op.reshape(y, lead + [out_features]) if len(lead) != 1 else y
 
     def _handwritten(self, x2, lead, k, out_features, g, planes, scales, bias):
-        """``call_tir`` of a hand-written kernel where the preset has one for this call, else None: the int8
-        GEMV or GEMM (``int8``: one row / several rows), or the fp32 lookup-table GEMV or GEMM (``lut``)."""
-        if not (self.lut or self.int8):
+        """``call_tir`` of the first kernel registry entry that covers this call, else None (the TE kernel)."""
+        if not self.kernels:
             return None
         try:
             n, k = int(out_features), int(k)
@@ -119,31 +114,26 @@ class _Lowerer(relax.PyExprMutator):
         except TypeError:  # a symbolic dimension: the prompt
             one_row = False
         sign_ty = planes[0].ty
-        interleave = int(sign_ty.shape[2]) if sign_ty.ndim == 3 else 0
         if (any(t.ty.ndim != 3 for t in planes + scales if t is not None)
                 or any(str(t.ty.dtype) != "float16" for t in scales if t is not None)
                 or (bias is not None and str(bias.ty.dtype) != "float32")):
             return None
-        layout = (n, k, g, interleave, str(sign_ty.dtype))
-        has = (planes[1] is not None, scales[1] is not None, bias is not None)
         coded = self._mask_codes(planes[1]) if one_row and planes[1] is not None else None
         codes, scheme = coded if coded else (None, None)
-        if self.int8 and one_row and int8_gemv.supported(*layout):
-            build, name = int8_gemv.gemv_int8, f"sparse_binary_gemv_int8_g{g}_"
-        elif self.int8 and int8_gemm.supported(*layout):  # any number of rows (one: a group the GEMV lacks)
-            build, name, scheme = int8_gemm.gemm_int8, f"sparse_binary_gemm_int8_g{g}_", None
-        elif one_row and self.lut and lut_gemv.supported(*layout, coded=scheme is not None):
-            build, name = lut_gemv.gemv_fp32, f"sparse_binary_gemv_g{g}_"
-        elif self.lut and lut_gemm.supported(*layout):  # any number of rows (one: a layer the GEMV lacks)
-            build, name, scheme = lut_gemm.gemm_fp32, f"sparse_binary_gemm_g{g}_", None
-        else:
+        call = registry.Call(n, k, g, one_row, int(sign_ty.shape[2]), str(sign_ty.dtype),
+                             planes[1] is not None, scales[1] is not None, bias is not None, scheme)
+        chosen = registry.select(self.kernels, call)
+        if chosen is None:
             return None
-        key = (name, *layout, *has, scheme)
+        entry, call = chosen
+        key = (entry.name, call)
         if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
-            kwargs = {"codes": scheme} if scheme else {}
-            self._kernels[key] = self.builder_.add_func(build(n, k, g, *has, **kwargs), name)
+            name = f"{entry.name.rsplit('.', 1)[-1]}_g{g}_".replace("gemv_fp32", "sparse_binary_gemv").replace(
+                "gemm_fp32", "sparse_binary_gemm").replace("gemv_int8", "sparse_binary_gemv_int8").replace(
+                "gemm_int8", "sparse_binary_gemm_int8")
+            self._kernels[key] = self.builder_.add_func(entry.build(call), name)
         gv = self._kernels[key]
-        mask = codes if scheme else planes[1]  # a one-row GEMV reads the codes, not their expansion
+        mask = codes if call.coded else planes[1]  # a one-row GEMV reads the codes, not their expansion
         args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias) if a is not None]
         rows = 1 if one_row else x2.ty.shape[0]
         return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
@@ -221,20 +211,18 @@ class _Lowerer(relax.PyExprMutator):
 class LowerSparseBinaryLinear:
     """Lower every pbs2p reference function call to a packed-bit kernel (see the module docstring).
 
-    Hand-written kernels replace the TE kernel where they cover the layer's layout: with ``int8=True``
-    (``pbs2pc compile --activations int8``) every call quantises its input to int8, one-row calls (the
-    ``decode`` entry) through :mod:`pbs2pc.passes.kernels.sparse_binary_gemv_int8` and the prompt's through
-    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm_int8`; otherwise ``lut=True`` (the x86 preset)
-    sends one-row calls to the fp32 :mod:`pbs2pc.passes.kernels.sparse_binary_gemv` and the prompt's to
-    :mod:`pbs2pc.passes.kernels.sparse_binary_gemm`.
+    ``kernels`` are the kernel registry's entries for the target and the compile options, in priority
+    order (:func:`pbs2pc.passes.kernels.registry.for_target`); the first that covers a call runs it (e.g.
+    on x86-avx512 the lookup-table GEMV for one-row calls, the GEMM for the prompt's; with
+    ``--activations int8`` the int8 ones first, the fp32 ones for calls they do not cover), and the TE
+    kernel (fp32) runs every call no entry covers. No entries: the TE kernel everywhere.
     """
 
-    def __init__(self, lut: bool = False, int8: bool = False):
-        self.lut = lut
-        self.int8 = int8
+    def __init__(self, kernels: list | None = None):
+        self.kernels = list(kernels or [])
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.lut, self.int8)
+        lowerer = _Lowerer(mod, self.kernels)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

@@ -23,7 +23,7 @@ import numpy as np
 from pbs2pc.errors import Pbs2pcError
 
 ALIGN = 64
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 def artifact_paths(library: str | os.PathLike) -> tuple[Path, Path, Path]:
@@ -77,3 +77,33 @@ def read_manifest(library: str | os.PathLike) -> dict:
         raise Pbs2pcError(f"{manifest_path} has manifest version {manifest.get('manifest_version')}, this pbs2pc "
                           f"reads {MANIFEST_VERSION}; compile the model again.")
     return manifest
+
+
+def check_host(manifest: dict, library: str | os.PathLike) -> None:
+    """Refuse, with one sentence, a library whose code this machine cannot execute: another architecture,
+    or CPU features (``manifest["cpu_features"]``) this CPU lacks. Runs before any kernel does, so a
+    mismatch is an error message instead of an illegal-instruction crash."""
+    from pbs2pc import cpu
+
+    name = Path(library).name
+    target = manifest.get("target", "?")
+    machine = manifest.get("machine")
+    here = cpu.architecture()
+    if machine and machine != here:
+        raise Pbs2pcError(f"{name} was built for {machine} (target {target}) and this machine is {here}; "
+                          "run it there, or compile the ONNX file again here with --target x86.")
+    lacking = cpu.missing(manifest.get("cpu_features", []))
+    if lacking:
+        raise Pbs2pcError(f"{name} was built for target {target}, which needs the CPU features "
+                          f"{', '.join(lacking)} that this CPU ({cpu.model_name()}) lacks; compile the ONNX file "
+                          f"again with {_fallback_target_hint()}.")
+
+
+def _fallback_target_hint() -> str:
+    """The ``--target`` that suits this machine, as a phrase."""
+    from pbs2pc import cpu
+
+    best = cpu.best_x86_target()
+    if best:
+        return f"--target {best} (or --target x86 on this machine)"
+    return "a target this CPU supports (pbs2pc compile --help lists them)"

@@ -15,23 +15,16 @@ from typing import Iterator
 
 import numpy as np
 
+from pbs2pc.cpu import cpu_threads
 from pbs2pc.errors import Pbs2pcError
 from pbs2pc.runtime import generate as gen
-from pbs2pc.runtime.artifact import artifact_paths, read_manifest, read_weights
+from pbs2pc.runtime.artifact import artifact_paths, check_host, read_manifest, read_weights
 from pbs2pc.runtime.generate import Generation, GenerationStats, Token
 from pbs2pc.runtime.sampling import SamplingParams
 
 
 #: TVM's environment variable for its CPU thread pool's size.
 THREADS_ENV = "TVM_NUM_THREADS"
-
-
-def cpu_threads() -> int:
-    """CPUs this process may run on (its affinity mask, which a container's cpuset also limits)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -82,7 +75,8 @@ class KVCache:
 
 
 class CompiledModel:
-    """A compiled causal LM: ``logits``, and text generation with a KV cache (``generate``, ``stream``).
+    """A compiled graph: ``run(feeds)`` for any graph; for a causal LM also ``logits``, and text generation
+    with a KV cache (``generate``, ``stream``).
 
     Parameters
     ----------
@@ -99,6 +93,8 @@ class CompiledModel:
     >>> model = pbs2pc.runtime.load("model.so")                                    # doctest: +SKIP
     >>> print(model.generate("The river", max_new_tokens=20).text)                 # doctest: +SKIP
     >>> for token in model.stream("The river", temperature=0.8, seed=0): ...       # doctest: +SKIP
+    >>> pbs2pc.runtime.load("layer.so").run({"x": x})                              # doctest: +SKIP
+    {'y': array(...)}
     """
 
     def __init__(self, library: str | os.PathLike, device: str = "cpu", threads: int | None = None):
@@ -106,6 +102,7 @@ class CompiledModel:
         self.manifest = read_manifest(lib)
         if not lib.exists():
             raise Pbs2pcError(f"{lib} does not exist; compile a model first.")
+        check_host(self.manifest, lib)  # before TVM loads any code: a missing CPU feature is an error, not SIGILL
         if not weights.exists():
             raise Pbs2pcError(f"{weights.name} is missing beside {lib.name}; compile the model again.")
         if device != "cpu":
@@ -140,6 +137,9 @@ class CompiledModel:
     # -- logits ------------------------------------------------------------------------------------------
 
     def _check_ids(self, ids, position_ids, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if not self.is_language_model:
+            raise Pbs2pcError(f"this graph is not a language model (it takes {', '.join(self.manifest['inputs'])}, "
+                              "not token ids); call run({name: array}) instead.")
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -194,6 +194,123 @@ class CompiledModel:
         ids, position_ids = self._check_ids(input_ids, position_ids)
         cache = KVCache(self, ids.shape[1], ids.shape[0]) if self.has_kv_cache else None
         return self._run(ids, position_ids, cache)
+
+    # -- any graph ---------------------------------------------------------------------------------------
+
+    @property
+    def outputs(self) -> list[str]:
+        """The graph's output names, in order (with a KV cache: without the ``present`` caches)."""
+        return list(self.manifest["outputs"])
+
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the graph takes token ids (``input_ids``, and at most ``attention_mask`` and
+        ``position_ids`` besides): what ``logits``, ``generate`` and ``stream`` need."""
+        inputs = set(self.manifest["inputs"])
+        return "input_ids" in inputs and inputs <= set(LM_INPUTS)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the compiled graph's ``main`` once: ``{input name: array}`` in, ``{output name: array}`` out.
+
+        Like onnxruntime's ``InferenceSession.run`` (every graph input must be given, with the dtype and
+        rank the graph takes; no conversion is made) but returning the outputs by name, all of them or
+        those in ``output_names``, in that order. A model with a KV cache runs on a fresh cache sized for
+        the sequence (as :meth:`logits`): ``attention_mask``, if the graph takes it, covers the new tokens
+        only, and the outputs are the non-cache ones (the logits).
+
+        Example
+        -------
+        >>> model = pbs2pc.runtime.load("layer.so")                                    # doctest: +SKIP
+        >>> model.run({"x": np.ones((2, 96), np.float32)})["y"].shape                  # doctest: +SKIP
+        """
+        arrays = self._check_feeds(feeds)
+        names = self._check_output_names(output_names)
+        extra = []
+        if self.has_kv_cache:
+            batch, sequence = self._check_sequence_feeds(arrays)
+            extra = KVCache(self, sequence, batch).tensors
+        self._check_index_feeds(arrays)
+        tensor = self._tvm.runtime.tensor
+        args = [tensor(arrays[name], self.device) for name in self.manifest["inputs"]]
+        try:
+            out = self.vm["main"](*args, *extra, *self._params)
+        except Exception as exc:  # TVM's checks of the arguments at main's entry: the feeds' dtypes and shapes
+            error = _feed_error(str(exc), arrays)
+            if error is None:
+                raise
+            raise error from None
+        results = [out] if hasattr(out, "numpy") else list(out)
+        produced = self.outputs
+        if len(results) < len(produced):
+            raise Pbs2pcError(f"main returned {len(results)} outputs but the manifest lists {len(produced)} "
+                              f"({', '.join(produced)}); compile the model again.")
+        by_name = dict(zip(produced, results))
+        return {name: by_name[name].numpy() for name in names}
+
+    def _check_feeds(self, feeds) -> dict[str, np.ndarray]:
+        """The feeds as contiguous native-byte-order arrays, after the checks that need no TVM."""
+        if not hasattr(feeds, "items"):
+            raise Pbs2pcError(f"run() takes a dict {{input name: array}}, got {type(feeds).__name__}.")
+        expected = list(self.manifest["inputs"])
+        takes = ", ".join(expected) or "no inputs"
+        unknown = [name for name in feeds if name not in expected]
+        if unknown:
+            raise Pbs2pcError(f"unknown input {unknown[0]!r}; the graph takes {takes}.")
+        missing = [name for name in expected if name not in feeds]
+        if missing:
+            raise Pbs2pcError(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                              f"the graph takes {takes}.")
+        specs = self.manifest.get(INPUT_TYPES_KEY) or {}
+        arrays, sizes = {}, {}
+        for name in expected:
+            array = np.asarray(feeds[name])
+            if array.dtype.kind not in "biuf":
+                raise Pbs2pcError(f"input {name!r} must be a numeric array, got dtype {array.dtype}.")
+            if not array.dtype.isnative:
+                array = array.astype(array.dtype.newbyteorder("="))
+            array = np.ascontiguousarray(array)
+            spec = specs.get(name)
+            if spec is not None:
+                _check_against_spec(name, array, spec, sizes)
+            arrays[name] = array
+        return arrays
+
+    def _check_output_names(self, output_names) -> list[str]:
+        produced = self.outputs
+        if output_names is None:
+            return produced
+        if isinstance(output_names, str):
+            output_names = [output_names]
+        for name in output_names:
+            if name not in produced:
+                raise Pbs2pcError(f"unknown output {name!r}; the graph's outputs are {', '.join(produced)}.")
+        return list(output_names)
+
+    def _check_sequence_feeds(self, arrays: dict[str, np.ndarray]) -> tuple[int, int]:
+        """``(batch, sequence)`` of a KV-cache model's feeds; the attention mask must cover the new tokens
+        exactly (a fresh cache holds no earlier ones, and the attention kernel trusts the mask's length)."""
+        ids = arrays.get("input_ids")
+        if ids is None or ids.ndim != 2 or ids.shape[1] == 0:
+            raise Pbs2pcError(f"input_ids must be a non-empty [batch, sequence] array, got shape "
+                              f"{None if ids is None else ids.shape}.")
+        mask = arrays.get("attention_mask")
+        if mask is not None and mask.shape != ids.shape:
+            raise Pbs2pcError(f"attention_mask must have the shape of input_ids {ids.shape} (run() starts a "
+                              f"fresh sequence: no earlier tokens), got {mask.shape}.")
+        if self.max_sequence and ids.shape[1] > self.max_sequence:
+            raise Pbs2pcError(f"the sequence has {ids.shape[1]} tokens, more than the model's {self.max_sequence}.")
+        return ids.shape[0], ids.shape[1]
+
+    def _check_index_feeds(self, arrays: dict[str, np.ndarray]) -> None:
+        """Token and position ids index tables with TVM's unchecked gathers: a bad one must never reach them."""
+        bounds = {"input_ids": self.vocab_size, "position_ids": self.max_sequence}
+        for name, bound in bounds.items():
+            array = arrays.get(name)
+            if array is None or not bound or array.size == 0 or array.dtype.kind not in "iu":
+                continue
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high >= int(bound):
+                raise Pbs2pcError(f"{name} must be in [0, {bound}), got {low}..{high}.")
 
     # -- the decoder interface (pbs2pc.runtime.generate) ---------------------------------------------
 
@@ -267,6 +384,77 @@ class CompiledModel:
         """Greedy continuation of ``prompt_ids`` (token ids in, token ids out)."""
         eos = () if eos_token_id is None else (eos_token_id,)
         return gen.generate(self, prompt_ids, max_new_tokens, SamplingParams(), eos).token_ids
+
+
+#: The inputs of a language model graph as pbs2pc exports it (``input_ids`` is the one always there).
+LM_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+#: The manifest entry (optional) with each graph input's dtype and shape, ``{name: {"dtype": "float32",
+#: "shape": ["batch", 3, 96]}}`` (a symbolic dimension as its name). With it, :meth:`CompiledModel.run`
+#: checks feeds before calling TVM; without it, TVM's own checks at ``main``'s entry are translated.
+INPUT_TYPES_KEY = "input_types"
+
+
+def _describe(dtype, shape) -> str:
+    return f"{dtype} [{', '.join(str(d) for d in shape)}]"
+
+
+def _check_against_spec(name: str, array: np.ndarray, spec: dict, sizes: dict) -> None:
+    """Check a feed against its manifest entry; ``sizes`` collects the symbolic dimensions seen so far."""
+    dtype, shape = spec.get("dtype"), list(spec.get("shape") or [])
+    wanted = _describe(dtype, shape)
+    got = _describe(array.dtype, array.shape)
+    if dtype and np.dtype(dtype) != array.dtype:
+        raise Pbs2pcError(f"input {name!r} must be {wanted} but has dtype {array.dtype} ({got}); "
+                          f"convert it with .astype(np.{np.dtype(dtype).name}).")
+    if spec.get("shape") is None:
+        return
+    if array.ndim != len(shape):
+        raise Pbs2pcError(f"input {name!r} must be {wanted} (rank {len(shape)}) but has rank {array.ndim} ({got}).")
+    for axis, (want, have) in enumerate(zip(shape, array.shape)):
+        if isinstance(want, int):
+            if want != have:
+                raise Pbs2pcError(f"input {name!r} must be {wanted} but its dimension {axis} is {have} ({got}).")
+        elif sizes.setdefault(want, (have, name))[0] != have:
+            first, where = sizes[want]
+            raise Pbs2pcError(f"input {name!r} has {want} = {have} ({got}) but input {where!r} has {want} = {first}.")
+
+
+#: TVM's check of an argument at a function's entry, e.g. ``ErrorContext(fn=main, loc=param[0], param=x,
+#: annotation=R.Tensor((batch, 3, 96), dtype="float32"))  expect Tensor with dtype float32 but get int64``.
+_ENTRY_CHECK = r"ErrorContext\(fn=\w+, loc=param\[\d+\], param=(?P<param>[^,]+), annotation=(?P<ann>.*?\))\)\s+(?P<why>.*)"
+
+
+def _feed_error(message: str, arrays: dict[str, np.ndarray]) -> Pbs2pcError | None:
+    """A one-sentence error for TVM's rejection of a feed, or ``None`` if ``message`` is about something else."""
+    import re
+
+    match = re.search(_ENTRY_CHECK, message)
+    if match is None or match["param"].strip() not in arrays:
+        return None
+    name, why = match["param"].strip(), match["why"]
+    array = arrays[name]
+    got = _describe(array.dtype, array.shape)
+    tensor = re.fullmatch(r'R\.Tensor\(\((?P<shape>[^)]*)\), dtype="(?P<dtype>\w+)"\)', match["ann"].strip())
+    if tensor is None:
+        return Pbs2pcError(f"input {name!r} must be {match['ann'].strip()}, got {got}.")
+    shape = [d.strip() for d in tensor["shape"].split(",") if d.strip()]
+    wanted = _describe(tensor["dtype"], shape)
+    if "dtype" in why:
+        return Pbs2pcError(f"input {name!r} must be {wanted} but has dtype {array.dtype} ({got}); "
+                           f"convert it with .astype(np.{tensor['dtype']}).")
+    if "ndim" in why:
+        return Pbs2pcError(f"input {name!r} must be {wanted} (rank {len(shape)}) but has rank {array.ndim} ({got}).")
+    axis = re.search(r"shape\[(\d+)\]", why)
+    if axis is not None:
+        axis = int(axis[1])
+        if axis >= array.ndim:
+            return Pbs2pcError(f"input {name!r} must be {wanted}, got {got}.")
+        want = shape[axis] if axis < len(shape) else "?"
+        reason = (f"its dimension {axis} is {array.shape[axis]}" if want.isdigit() else
+                  f"its dimension {axis} ({want} = {array.shape[axis]}) differs from {want} in another input")
+        return Pbs2pcError(f"input {name!r} must be {wanted} but {reason} ({got}).")
+    return Pbs2pcError(f"input {name!r} must be {wanted}, got {got}.")
 
 
 def _eos_ids(tokenizer) -> tuple[int, ...]:

@@ -26,8 +26,9 @@ def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(lib), "--layers"]) == 0
     out = capsys.readouterr().out
-    assert "compiled for x86" in out and "model.layers.1.mlp.down_proj" in out
-    assert re.search(r"bits per weight, compiled: 2\.[0-4]\d\d as the weights file stores them", out)  # mask codes
+    assert "compiled for x86-avx" in out and "model.layers.1.mlp.down_proj" in out
+    assert re.search(r"bits per weight, compiled: 2\.[0-5]\d\d as the weights file stores them", out)
+    assert re.search(r"needs a x86_64 CPU with .*avx2 .*fma", out)
     assert "KV cache: 2 layers x 2 kv heads x head_dim 16" in out and "'decode'" in out
     assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 0
     out = capsys.readouterr().out
@@ -37,7 +38,8 @@ def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
 def test_inspect_json(tiny_library, capsys):
     assert main(["inspect", str(tiny_library), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["target"] == "x86" and info["summary"]["layers"] == 14
+    assert info["target"] in ("x86-avx512", "x86-avx2") and info["summary"]["layers"] == 14
+    assert "avx2" in info["cpu_features"]
 
 
 def _assert_user_error(argv, capsys, match, tmp_path=None):

@@ -6,7 +6,38 @@ import functools
 
 import numpy as np
 
+#: ``--target x86``: this machine's best x86 preset (x86-avx512 or x86-avx2), what the suite's builds use.
 X86 = "x86"
+
+#: The x86 presets' TVM targets, with the 2 cores these machines have (compile-only tests name them;
+#: numerics run on :func:`host_target`).
+AVX512_TARGET = {"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vpopcntdq", "+avx512vbmi"],
+                 "num-cores": 2}
+AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "mattr": ["+avx2", "+fma", "+f16c"], "num-cores": 2}
+
+
+def host_lacks(preset_name: str) -> list[str]:
+    """The CPU features of the preset ``preset_name`` that this machine lacks (empty: it runs its code)."""
+    from pbs2pc import cpu
+    from pbs2pc.compiler.targets import PRESETS
+
+    return cpu.missing(PRESETS[preset_name].features)
+
+
+def requires(preset_name: str):
+    """A pytest mark that skips a test which runs ``preset_name``'s code on a CPU lacking its features."""
+    import pytest
+
+    lacking = host_lacks(preset_name)
+    return pytest.mark.skipif(bool(lacking), reason=f"this CPU lacks {', '.join(lacking[:4])}: {preset_name} code "
+                                                    "runs on a machine that has them (compile-only tests cover it here)")
+
+
+def host_target(num_cores: int = 2):
+    """The TVM target of this machine's best x86 preset (what numerics tests run on)."""
+    from pbs2pc.compiler.targets import get_preset
+
+    return get_preset("x86", num_cores=num_cores).tvm_target()
 
 
 def make_ids(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> np.ndarray:

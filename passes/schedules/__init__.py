@@ -5,4 +5,7 @@ from .cpu_fallback import Fallback
 from .cpu_matmul import Matmul
 from .cpu_pbs2p import SparseBinaryLinear
 
-__all__ = ["cpu_rules", "SparseBinaryLinear", "Matmul", "Fallback"]
+#: The schedule rules of each target family (a function returning them in priority order).
+SCHEDULE_RULES = {"cpu": cpu_rules}
+
+__all__ = ["SCHEDULE_RULES", "cpu_rules", "SparseBinaryLinear", "Matmul", "Fallback"]

@@ -6,12 +6,15 @@ import time
 
 
 def add_parser(sub):
-    from pbs2pc.compiler.targets import PRESETS  # no TVM import: --help stays fast
+    from pbs2pc.compiler.targets import PRESETS, TARGET_NAMES  # no TVM import: --help stays fast
 
     p = sub.add_parser("compile", help="compile an ONNX model with pbs2p ops for a target", description=__doc__)
     p.add_argument("model", help="the .onnx file (from pbs2pc export, or any file following the pbs2p op contract)")
     p.add_argument("-o", "--output", required=True, help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it")
-    p.add_argument("--target", default="x86", choices=list(PRESETS), help="target preset (default: x86)")
+    p.add_argument("--target", default="x86", choices=list(TARGET_NAMES),
+                   help="target preset (default: x86, this machine's best x86 target: x86-avx512 where the CPU "
+                        "has AVX-512 with VNNI and VBMI, else x86-avx2); "
+                        + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
     p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
                    help="fp32 (default), or int8: every sparse-binary linear layer quantises its input to int8 per "
@@ -31,22 +34,24 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
 
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.compiler.pipeline import phases
-    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.targets import CompileOptions, explain_host_choice, get_preset
 
     preset = get_preset(target).require()
+    options = CompileOptions(activations, lm_head).check(preset)
+    if target == "x86":
+        print(explain_host_choice(preset), flush=True)
     bar = None  # opened at the first compiler phase, so input errors print alone
 
     def progress(message: str) -> None:
         nonlocal bar
         if message.startswith("phase "):
             if bar is None:
-                bar = tqdm(total=len(phases(preset)) + 2, desc=f"compile ({target})", unit="phase")
+                bar = tqdm(total=len(phases(preset, options)) + 2, desc=f"compile ({preset.name})", unit="phase")
             bar.update(1)
             bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
-        return compile_model(model, output, target, dump_ir=dump_ir, activations=activations, progress=progress,
-                             lm_head=lm_head)
+        return compile_model(model, output, preset, dump_ir=dump_ir, progress=progress, options=options)
     finally:
         if bar is not None:
             bar.close()

@@ -27,6 +27,14 @@ def _bits_lines(summary: dict) -> list[str]:
           "(the target layout, e.g. masks as 5-bit pattern codes)"] if "bits_target" in summary else [])
 
 
+def _layout(layout: dict | None) -> str:
+    if not layout:
+        return "?"
+    parts = [f"u{layout['word_bits']} planes",
+             f"{layout['interleave']}-row interleave" if layout["interleave"] else "rows in order"]
+    return ", ".join(parts + (["5-bit mask pattern codes"] if layout.get("mask_codes") else []))
+
+
 def run(args) -> int:
     from pbs2pc.errors import Pbs2pcError
     from pbs2pc.models import report
@@ -61,13 +69,19 @@ def run(args) -> int:
             "target", "target_dict", "tvm_version", "pbs2pc_version", "format_version", "inputs", "outputs")},
             "sizes": sizes, "metadata": manifest.get("source", {}), "summary": summary,
             "functions": manifest.get("functions", ["main"]), "kv_cache": manifest.get("kv_cache"),
-            "activations": manifest.get("activations", "fp32"), "lm_head": manifest.get("lm_head", "fp32")}
+            "activations": manifest.get("activations", "fp32"), "lm_head": manifest.get("lm_head", "fp32"),
+            "isa": manifest.get("isa"), "machine": manifest.get("machine"),
+            "cpu_features": manifest.get("cpu_features", []), "layout": manifest.get("layout"),
+            "kernels": manifest.get("kernels", [])}
         cache = manifest.get("kv_cache")
         header = [
             f"{path} (compiled for {manifest['target']}: {json.dumps(manifest['target_dict'])})",
             f"library {sizes.get('library', 0) / 1e6:.1f} MB + weights {sizes.get('weights', 0) / 1e6:.1f} MB; "
             f"built by pbs2pc {manifest['pbs2pc_version']} with TVM {manifest['tvm_version']}, format v{manifest['format_version']}",
             f"inputs {manifest['inputs']} -> outputs {manifest['outputs']}; entry functions {info['functions']}",
+            f"needs a {info['machine']} CPU with {' '.join(info['cpu_features']) or 'no particular features'}",
+            f"weight layout {_layout(info['layout'])}; hand-written kernels "
+            f"{', '.join(info['kernels']) or 'none (the TE kernel everywhere)'}",
             f"activations of the sparse-binary layers {info['activations']}; LM head table {info['lm_head']}",
             f"KV cache: {cache['layers']} layers x {cache['kv_heads']} kv heads x head_dim {cache['head_dim']}, keys "
             f"{cache['key_layout']}, values {cache['value_layout']}, updated in place" if cache

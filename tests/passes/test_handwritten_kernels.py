@@ -25,11 +25,15 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import Pbs2pcError, UnsupportedError  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemm as g32  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemm_int8 as g8  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemv as k32  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as k8  # noqa: E402
-from testutil import X86, rel_err  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemm as g32  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemm_int8 as g8  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv as k32  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv_int8 as k8  # noqa: E402
+from testutil import rel_err, requires  # noqa: E402
+
+#: The numerics run the AVX-512 kernels: on a CPU without AVX-512 they skip (their assembly is still checked).
+runs_avx512 = requires("x86-avx512")
+AVX512 = "x86-avx512"
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vbmi"],
                             "num-cores": 2})
@@ -77,6 +81,7 @@ SHAPES = [
 ]
 
 
+@runs_avx512
 @pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
     (16, 48, 16, True, True, True),  # fp32 only: the smallest group (one plane byte per row), K = 3 groups
     (32, 24, 8, False, True, False),  # fp32 only: a group of 8
@@ -87,6 +92,7 @@ def test_fp32_matches_dense_product(n, k, g, has_mask, has_mu, has_bias):
     assert rel_err(got, _dense(*layer, g)) < 2e-6  # float32 sums of float32 subset sums
 
 
+@runs_avx512
 @pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES)
 def test_int8_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
     layer = _layer(n, k, g, has_mask, has_mu, has_bias)
@@ -97,6 +103,7 @@ def test_int8_matches_oracle_and_fp32(n, k, g, has_mask, has_mu, has_bias):
     assert 1e-6 < err < 2e-2
 
 
+@runs_avx512
 @pytest.mark.parametrize("rows", [1, 2, 3, 17])
 @pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
     (16, 48, 16, True, True, True),  # the smallest group (16): the GEMV lacks it, the GEMM has it
@@ -111,6 +118,7 @@ def test_int8_gemm_matches_oracle_row_by_row(rows, n, k, g, has_mask, has_mu, ha
     assert rel_err(got, want) < 1e-5
 
 
+@runs_avx512
 @pytest.mark.parametrize("n, k, g, has_mask, has_mu, has_bias", SHAPES + [
     (16, 48, 16, True, True, True),  # the smallest group with a mask, K = 3 groups
     (32, 24, 8, False, True, False),  # a group of 8 (one plane byte)
@@ -160,6 +168,7 @@ def _errors_on_this_process_threads():
     return errs
 
 
+@runs_avx512
 def test_parallel_kernels_match_their_oracles_on_three_threads(tmp_path):
     # The suite's own process runs TVM's default pool (one thread on a 2-CPU machine), where a parallel
     # loop is one task: here the tasks really are split over threads (the GEMVs' tasks read the tables the
@@ -184,6 +193,7 @@ def test_parallel_kernels_match_their_oracles_on_three_threads(tmp_path):
         assert err < 2e-6 if form.startswith("fp32") else err < 1e-5, f"{form}: {err}"
 
 
+@runs_avx512
 def test_int8_gemm_prompt_sized():
     layer = list(_layer(576, 1536, 64, True, True, True))
     layer[0] = np.random.default_rng(1).standard_normal((128, 1536)).astype(np.float32)
@@ -192,6 +202,7 @@ def test_int8_gemm_prompt_sized():
     assert rel_err(got, want) < 1e-5
 
 
+@runs_avx512
 def test_zero_group_quantises_to_zero():
     x, sign, mask, alpha, mu, bias = _layer(32, 256, 64, True, True, False)
     x[0, 64:128] = 0  # a group of zeros: scale 0, no division by zero
@@ -265,13 +276,14 @@ def test_supported_shapes():
 
 
 def test_presets_accept_int8_only_where_they_have_its_kernel():
-    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
 
-    assert get_preset("x86").with_activations("int8").activations == "int8"
-    with pytest.raises(UnsupportedError, match="no int8-activation kernels"):
-        get_preset("arm").with_activations("int8")
+    assert CompileOptions("int8").check(get_preset("x86-avx512")).activations == "int8"
+    for name in ("x86-avx2", "arm"):
+        with pytest.raises(UnsupportedError, match="no int8-activation kernels"):
+            CompileOptions("int8").check(get_preset(name))
     with pytest.raises(Pbs2pcError, match="choose fp32 or int8"):
-        get_preset("x86").with_activations("int4")
+        CompileOptions("int4")
 
 
 def _calls(dumped_ir, function, kernel):
@@ -281,11 +293,12 @@ def _calls(dumped_ir, function, kernel):
     return dumped_ir[start:end if end > 0 else None].count(f"cls.{kernel}")
 
 
-def test_compiled_model_uses_fp32_gemvs_in_decode_and_gemms_in_the_prompt(tiny_onnx, tiny_library, tmp_path):
+def test_avx512_model_uses_fp32_gemvs_in_decode_and_gemms_in_the_prompt(tiny_onnx, tmp_path):
+    """Compile-only (any host): which kernel the registry picks for each call of the x86-avx512 build."""
     from pbs2pc.compiler.build import compile_model
-    from pbs2pc.runtime import load
 
-    compile_model(tiny_onnx, tmp_path / "fp32.so", X86, dump_ir=tmp_path / "ir")
+    manifest = compile_model(tiny_onnx, tmp_path / "fp32.so", AVX512, dump_ir=tmp_path / "ir")
+    assert manifest["kernels"] == ["x86_avx512.gemm_fp32", "x86_avx512.gemv_fp32"]
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_g") == 14  # 7 linear layers x 2 decoder layers
     assert _calls(lowered, "main", "sparse_binary_gemv") == _calls(lowered, "prefill", "sparse_binary_gemv") == 0
@@ -296,18 +309,28 @@ def test_compiled_model_uses_fp32_gemvs_in_decode_and_gemms_in_the_prompt(tiny_o
     assert _calls(kept, "decode", "expand_mask_codes") == 0
     assert _calls(kept, "main", "expand_mask_codes") == _calls(kept, "prefill", "expand_mask_codes") == 14
 
-    # The decode step (the GEMVs) against the prompt path (the GEMMs) on the same tokens.
+
+@runs_avx512
+def test_avx512_model_decode_step_matches_its_prompt_path(tiny_onnx, tmp_path):
+    """The decode step (the GEMVs) against the prompt path (the GEMMs) on the same tokens."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.runtime import load
+
+    compile_model(tiny_onnx, tmp_path / "fp32.so", AVX512)
     ids = [5, 9, 100, 7]
-    stepped, whole = load(tiny_library), load(tiny_library)
+    stepped, whole = load(tmp_path / "fp32.so"), load(tmp_path / "fp32.so")
     stepped.prefill(ids[:3], 64)
     assert rel_err(stepped.step(ids[3]), whole.prefill(ids, 64)) < 1e-5
 
 
-def test_compiled_model_runs_every_linear_in_int8(tiny_onnx, tiny_library, tmp_path):
+@runs_avx512
+def test_compiled_model_runs_every_linear_in_int8(tiny_onnx, tmp_path):
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.runtime import load
 
-    manifest = compile_model(tiny_onnx, tmp_path / "int8.so", X86, dump_ir=tmp_path / "ir", activations="int8")
+    compile_model(tiny_onnx, tmp_path / "fp32.so", AVX512)
+    tiny_library = tmp_path / "fp32.so"
+    manifest = compile_model(tiny_onnx, tmp_path / "int8.so", AVX512, dump_ir=tmp_path / "ir", activations="int8")
     assert manifest["activations"] == "int8"
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_int8") == 14

@@ -21,12 +21,13 @@ from pbs2pc.models.simple import compress_weight  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels.sparse_binary_linear import pbs2p_info, sparse_binary_linear  # noqa: E402
 from pbs2pc.passes.schedules import cpu_rules  # noqa: E402
-from testutil import legalize_and_fuse  # noqa: E402
+from testutil import AVX2_TARGET, AVX512_TARGET, host_target, legalize_and_fuse  # noqa: E402
 from pbs2pc.passes.schedules.cpu_fallback import Fallback  # noqa: E402
 from pbs2pc.passes.schedules.cpu_matmul import Matmul  # noqa: E402
 from pbs2pc.passes.schedules.cpu_pbs2p import SparseBinaryLinear  # noqa: E402
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+#: Numerics run on this machine's best x86 target; the assembly tests name each ISA (compile-only).
+TARGET = host_target()
 TOL = 1e-5
 
 
@@ -66,15 +67,16 @@ def kernel_func(layer, rows, word="uint8", interleave=0):
     return func.with_attr("pbs2p_info", info)
 
 
-def schedule(mod):
-    with TARGET:
+def schedule(mod, target=None):
+    with target or TARGET:
         return dlight.ApplyDefaultSchedule(*cpu_rules())(mod)
 
 
-def build_kernel(layer, rows, word="uint8", interleave=0):
-    mod = schedule(tvm.IRModule({"main": kernel_func(layer, rows, word, interleave)}))
+def build_kernel(layer, rows, word="uint8", interleave=0, target=None):
+    target = target or TARGET
+    mod = schedule(tvm.IRModule({"main": kernel_func(layer, rows, word, interleave)}), target)
     assert mod["main"].attrs.get("tirx.is_scheduled"), "no rule scheduled the pbs2p kernel"
-    return tvm.compile(mod, target=TARGET)
+    return tvm.compile(mod, target=target)
 
 
 def run_kernel(ex, layer, rows, word="uint8", seed=1, interleave=0):
@@ -275,7 +277,8 @@ def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
     gather = r"vpgather|vpinsrw\s+\$\d+, -?\d*\(%"  # a gather, or a lane insert from memory
     layer = packed(256, 256, 6, 8, 64)
     for rows in (1, tirx.Var("m", "int64")):
-        asm = build_kernel(layer, rows, word=word, interleave=interleave).mod.inspect_source("asm")
+        asm = build_kernel(layer, rows, word=word, interleave=interleave,
+                           target=tvm.target.Target(AVX512_TARGET)).mod.inspect_source("asm")
         assert re.search(r"vptestn?m[bd]\s+.*%k\d", asm), "no bit test into a mask register"
         assert re.search(r"vblendmps\s+.*%zmm|vmovaps\s+%zmm\d+, %zmm\d+ \{%k\d\}", asm), "no masked blend"
         assert re.search(r"vfmadd\d+ps\s+.*%zmm", asm), "no 512-bit FMA"
@@ -289,6 +292,22 @@ def test_x86_assembly_uses_mask_registers_and_zmm(word, interleave):
             assert re.search(r"vcvtph2ps\s+-?\d*\(%\w+,%\w+(,\d)?\), %zmm", asm), "no fp16 scale vector load"
         elif word == "uint32" and rows == 1:
             assert re.search(gather, asm), "the row-major GEMV is expected to gather (test is stale)"
+
+
+@pytest.mark.parametrize("interleave", [0, 8])
+def test_x86_avx2_assembly_of_the_te_kernel(interleave):
+    """Compile-only, on any host: for the AVX2 target the TE kernel's schedules use ymm registers only
+    (no zmm, no mask registers: an AVX2 CPU would stop at them), test bits with ``vpand``/``vpcmpeqd`` or
+    ``vptest``, blend, and accumulate with 256-bit FMAs; fp16 scales widen with ``vcvtph2ps``."""
+    import re
+
+    layer = packed(256, 256, 6, 8, 64)
+    for rows in (1, tirx.Var("m", "int64")):
+        asm = build_kernel(layer, rows, interleave=interleave, target=tvm.target.Target(AVX2_TARGET)).mod.inspect_source("asm")
+        assert not re.search(r"%zmm|%k[1-7]\b", asm), "AVX-512 registers in an AVX2 build"
+        assert re.search(r"vfmadd\d+ps\s+.*%ymm", asm), "no 256-bit FMA"
+        assert re.search(r"vblendvps|vandps|vpand", asm), "no bit select"
+        assert re.search(r"vcvtph2ps", asm), "fp16 scales are not widened with F16C"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ integer oracle), with the weights given the way the build stores them (``sign & 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import numpy as np
@@ -19,10 +18,13 @@ pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import FormatError  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
-from pbs2pc.passes.kernels import mask_codes  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemv as k32  # noqa: E402
-from pbs2pc.passes.kernels import sparse_binary_gemv_int8 as k8  # noqa: E402
-from testutil import rel_err  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import mask_codes  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv as k32  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv_int8 as k8  # noqa: E402
+from testutil import rel_err, requires  # noqa: E402
+
+#: The numerics run the AVX-512 kernels: on a CPU without AVX-512 they skip (their assembly is still checked).
+runs_avx512 = requires("x86-avx512")
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512vnni", "+avx512vbmi"],
                             "num-cores": 2})
@@ -70,6 +72,7 @@ def test_encode_rejects_a_mask_outside_its_scheme():
         mask_codes.encode(mask, 6, 8)
 
 
+@runs_avx512
 @pytest.mark.parametrize("n_out, k, n, m", [(64, 256, 6, 8), (32, 96, 1, 4), (2048, 256, 7, 8)])
 def test_expansion_kernel_writes_the_interleaved_planes(n_out, k, n, m):
     # 2048 x 256: large enough to split its tiles over threads
@@ -110,6 +113,7 @@ CODED_SHAPES = [
 ]
 
 
+@runs_avx512
 @pytest.mark.parametrize("n_out, k, g, n, m, has_mu, has_bias", CODED_SHAPES)
 def test_coded_gemvs_match_their_oracles(n_out, k, g, n, m, has_mu, has_bias):
     layer = _coded_layer(n_out, k, g, n, m, has_mu, has_bias)
@@ -129,6 +133,7 @@ def test_coded_gemv_assembly_extracts_codes_and_looks_them_up():
     assert re.search(r"vperm[it]2b\s+.*%zmm", int8), "IM is not looked up by code with vpermi2b"
 
 
+@runs_avx512
 def test_coded_and_plane_gemvs_agree_on_the_same_layer():
     # the same weights through both layouts: the fp32 kernels sum in different orders, the int8 ones exactly
     layer = _coded_layer(96, 384, 128, 6, 8, True, True, seed=5)
@@ -143,9 +148,11 @@ def test_coded_and_plane_gemvs_agree_on_the_same_layer():
         assert rel_err(coded, tensors[-1].numpy()[0]) < tol
 
 
-def test_preset_applies_codes_only_to_interleaved_byte_planes():
-    from pbs2pc.compiler.targets import get_preset
+def test_the_avx512_kernels_choose_coded_interleaved_byte_planes():
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
+    from pbs2pc.passes.kernels import registry
 
-    x86 = get_preset("x86")
-    assert x86.mask_codes and x86.plane_word_bits == 8 and x86.plane_interleave == 16
-    assert dataclasses.replace(x86, plane_word_bits=32).mask_codes  # accepted; the build skips the codes
+    layout = registry.target_layout(get_preset("x86-avx512"), CompileOptions())
+    assert layout == registry.Layout(word_bits=8, interleave=16, mask_codes=True)
+    assert registry.target_layout(get_preset("x86-avx512"), CompileOptions("int8")) == layout
+    assert not registry.target_layout(get_preset("x86-avx2"), CompileOptions()).mask_codes  # VBMI expansion

@@ -7,8 +7,6 @@ with the numpy reference (``PackedLinear.matmul``) on random data.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -20,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from pbs2pc.compiler import frontend  # noqa: E402
 from pbs2pc.compiler.build import to_target_layout  # noqa: E402
 from pbs2pc.compiler.pipeline import make_pipeline  # noqa: E402
-from pbs2pc.compiler.targets import get_preset  # noqa: E402
+from pbs2pc.compiler.targets import CompileOptions, get_preset  # noqa: E402
 from pbs2pc.compiler.tvm_compat import relax, tvm  # noqa: E402
 from pbs2pc.models import onnx_op  # noqa: E402
 from pbs2pc.models.format import NMScheme  # noqa: E402
@@ -28,11 +26,21 @@ from pbs2pc.models.simple import compress_weight  # noqa: E402
 from pbs2pc.passes import InterleaveRows, LowerSparseBinaryLinear, PackPlanesAsWords  # noqa: E402
 from pbs2pc.passes.interleave_rows import deinterleave_array  # noqa: E402
 from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record  # noqa: E402
-from testutil import rel_err  # noqa: E402
+from pbs2pc.passes.kernels.registry import Layout  # noqa: E402
+from testutil import rel_err, requires  # noqa: E402
 
-#: The uint32-word layout with row interleaving (the x86 preset keeps byte planes, which measured faster once
-#: rows are interleaved; the word path is what these tests exercise).
-X86 = dataclasses.replace(get_preset("x86"), plane_word_bits=32)
+#: This machine's best x86 preset: the tests run what they build.
+HOST = get_preset("x86")
+
+
+def _opts(word_bits=32, interleave=16):
+    """Options forcing a layout (the registry's x86 layouts keep byte planes, which measured faster once rows
+    are interleaved; the word path is what these tests exercise)."""
+    return CompileOptions(layout=Layout(word_bits, interleave))
+
+
+#: The uint32-word layout with 16-row interleaving.
+WORDS = _opts()
 
 
 def _layers(specs, seed=0):
@@ -65,10 +73,10 @@ def _model(layers, rows="M"):
     return model
 
 
-def _compile_and_run(layers, preset, rows_list, static=None):
+def _compile_and_run(layers, preset, rows_list, static=None, options=None):
     imported = frontend.import_onnx(_model(layers, static or "M"))
-    mod, params = to_target_layout(imported.mod, imported.params, preset)
-    vm = relax.VirtualMachine(tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset)),
+    mod, params = to_target_layout(imported.mod, imported.params, preset, options)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=make_pipeline(preset, options)),
                               tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in params.values()]
     for rows in rows_list:
@@ -88,7 +96,7 @@ def test_params_transform_retypes_signature_and_arrays():
     """
     layers = _layers([(64, 256, 6, 8, 64, True), (32, 256, 8, 8, 128, False)])
     imported = frontend.import_onnx(_model(layers))
-    mod, params = to_target_layout(imported.mod, imported.params, X86)
+    mod, params = to_target_layout(imported.mod, imported.params, HOST, WORDS)
     types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in mod["main"].params[1:]}
     assert types["l0.sign"] == ("uint32", [4, 8, 16]) and types["l0.mask"] == ("uint32", [4, 8, 16])
     assert types["l1.sign"] == ("uint32", [2, 8, 16]) and "l1.mask" not in types  # 8:8 has no mask plane
@@ -102,10 +110,9 @@ def test_params_transform_retypes_signature_and_arrays():
         if len(shape) == 3:  # element [o, c] of the plain array sits at [o // 16, c, o % 16]
             assert params[name][1, 1, 3] == plain[1 * 16 + 3, 1]
     assert mod["main"].attrs is None or TRANSFORM_ATTR not in mod["main"].attrs
-    words_mod, words = to_target_layout(imported.mod, imported.params, dataclasses.replace(X86, plane_interleave=0))
+    words_mod, words = to_target_layout(imported.mod, imported.params, HOST, _opts(32, 0))
     assert words["l0.sign"].shape == (64, 8) and words["l0.alpha"] is imported.params["l0.alpha"]
-    same_mod, same = to_target_layout(imported.mod, imported.params,
-                                      dataclasses.replace(X86, plane_word_bits=8, plane_interleave=0))
+    same_mod, same = to_target_layout(imported.mod, imported.params, HOST, _opts(8, 0))
     assert all(same[n] is imported.params[n] for n in same) and same_mod.same_as(imported.mod)
 
 
@@ -156,8 +163,7 @@ def test_word_layouts_match_reference(word_bits, interleave):
     """
     layers = _layers([(96, 576, 6, 8, 64, True), (40, 576, 2, 4, 64, False), (72, 576, 5, 8, 64, True),
                       (48, 576, 4, 8, 64, False), (16, 576, 8, 8, 64, True)], seed=word_bits + interleave)
-    preset = dataclasses.replace(X86, plane_word_bits=word_bits, plane_interleave=interleave)
-    _, params = _compile_and_run(layers, preset, [1, 2, 3, 17, 128])
+    _, params = _compile_and_run(layers, HOST, [1, 2, 3, 17, 128], options=_opts(word_bits, interleave))
     assert str(params["l0.sign"].dtype) == f"uint{word_bits}"
     assert params["l0.sign"].ndim == (3 if interleave else 2) and params["l1.sign"].ndim == 2
 
@@ -166,17 +172,17 @@ def test_static_gemv_and_groups_a_word_would_straddle():
     """Static M == 1 (the GEMV schedule); G = 24 is not a multiple of 32, so those layers keep uint8
     planes (interleaved all the same where 16 divides N)."""
     layers = _layers([(64, 1088, 6, 8, 64, True), (64, 1088, 6, 8, 64, False)], seed=3)
-    _, params = _compile_and_run(layers, X86, [1], static=1)
+    _, params = _compile_and_run(layers, HOST, [1], static=1, options=WORDS)
     assert str(params["l0.sign"].dtype) == "uint32" and params["l0.sign"].shape == (4, 34, 16)
     odd = _layers([(40, 576, 6, 8, 24, True), (48, 576, 6, 8, 24, True)], seed=4)
-    _, params = _compile_and_run(odd, X86, [1, 5])
+    _, params = _compile_and_run(odd, HOST, [1, 5], options=WORDS)
     assert str(params["l0.sign"].dtype) == "uint8" and str(params["l0.mask"].dtype) == "uint8"
     assert params["l0.sign"].shape == (40, 72) and params["l1.sign"].shape == (3, 72, 16)
-    _compile_and_run(odd, X86, [1], static=1)
+    _compile_and_run(odd, HOST, [1], static=1, options=WORDS)
 
 
 # --------------------------------------------------------------------------------------------------------
-# EncodeMaskCodes: the x86 preset's masks as pattern codes (pbs2pc.passes.kernels.mask_codes)
+# EncodeMaskCodes: the x86 preset's masks as pattern codes (pbs2pc.passes.kernels.x86_avx512.mask_codes)
 
 CODED_SPECS = [(64, 256, 6, 8, 64, True),  # coded
                (32, 256, 2, 4, 64, False),  # 2:4: 36 patterns per byte, keeps its mask plane
@@ -187,11 +193,11 @@ CODED_SPECS = [(64, 256, 6, 8, 64, True),  # coded
 
 
 def test_mask_codes_params_transform():
-    from pbs2pc.passes.kernels import mask_codes
+    from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
     layers = _layers(CODED_SPECS, seed=7)
     imported = frontend.import_onnx(_model(layers))
-    mod, params = to_target_layout(imported.mod, imported.params, get_preset("x86"))
+    mod, params = to_target_layout(imported.mod, imported.params, get_preset("x86-avx512"))
     types = {p.name: (str(p.ty.dtype), [int(d) for d in p.ty.shape.values]) for p in mod["main"].params[1:]}
     width = mask_codes.code_width(256)
     assert types["l0.mask"] == ("uint8", [4, width]) and types["l5.mask"] == ("uint8", [6, width])
@@ -215,18 +221,19 @@ def test_mask_codes_params_transform():
 def test_one_row_calls_read_the_codes_and_others_the_expansion(activations):
     from pbs2pc.compiler.pipeline import phases
 
-    preset = get_preset("x86").with_activations(activations)
+    preset, options = get_preset("x86-avx512"), CompileOptions(activations)  # compile-only: any host
     for rows in (1, "M"):  # l0 and l5 are coded: one expansion each where rows are symbolic
         layers = _layers(CODED_SPECS, seed=8)
         imported = frontend.import_onnx(_model(layers, rows))
-        mod, _ = to_target_layout(imported.mod, imported.params, preset)
-        lower = dict(phases(preset))["lower_pbs2p"]
+        mod, _ = to_target_layout(imported.mod, imported.params, preset, options)
+        lower = dict(phases(preset, options))["lower_pbs2p"]
         text = relax.transform.DeadCodeElimination(["main"])(lower(mod))["main"].script()
         assert text.count("R.call_tir(expand_mask_codes_") == (0 if rows == 1 else 2), rows
 
 
+@requires("x86-avx512")
 def test_mask_codes_compile_and_match_reference():
     """Symbolic M (the expansion + the TE kernel) at 1, 2, 3, 17 rows, and static M = 1 (the coded GEMVs)."""
     layers = _layers(CODED_SPECS, seed=9)
-    _compile_and_run(layers, get_preset("x86"), [1, 2, 3, 17])
-    _compile_and_run(layers, get_preset("x86"), [1], static=1)
+    _compile_and_run(layers, get_preset("x86-avx512"), [1, 2, 3, 17])
+    _compile_and_run(layers, get_preset("x86-avx512"), [1], static=1)

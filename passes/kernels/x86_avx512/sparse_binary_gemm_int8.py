@@ -25,9 +25,9 @@ once per group. Rows past the last whole block run one at a time.
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, p_plane, plus_bias, row_plane,
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import (LANES, group_output, p_plane, plus_bias, row_plane,
                                                       spread_rows, tiles_per_task, without_absent)
-from pbs2pc.passes.kernels.sparse_binary_gemv_int8 import quantiser
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8 import quantiser
 
 #: Input rows per register block and 16-row output tiles per task: 2 x MR x R int32 accumulators. At
 #: 11008x4096, M = 128, 2 threads: MR 8 x R 1 31.2 ms, 6 x 2 32.0, 3 x 4 32.4, 4 x 2 34.0, 4 x 4 38.9.

@@ -111,12 +111,12 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
               has_bias: bool, codes: tuple[int, int] | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
 
-    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.mask_codes`) and the
+    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.x86_avx512.mask_codes`) and the
     sign plane as ``P = sign & mask``; ``XM`` is then one ``vpermi2ps`` per 16 rows and column byte, from a
     32-entry table per column byte (``XM`` of each pattern), indexed by the codes, instead of two
     ``vpermps`` of mask nibbles.
     """
-    from pbs2pc.passes.kernels import mask_codes
+    from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
     N, K, G = out_features, in_features, group_size
     R = tiles_per_task(N, TILES_PER_TASK)

@@ -39,8 +39,8 @@ process; docs/performance.md).
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels import mask_codes
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, plus_bias, task_loop, tiles_per_task,
+from pbs2pc.passes.kernels.x86_avx512 import mask_codes
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import (LANES, group_output, plus_bias, task_loop, tiles_per_task,
                                                       without_absent)
 
 #: Input columns per 64-byte plane load (4 column bytes x 8 bits): the group size must be a multiple.
@@ -104,7 +104,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
               has_bias: bool, codes: tuple[int, int] | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
 
-    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.mask_codes`, ``[N/16,
+    ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.x86_avx512.mask_codes`, ``[N/16,
     W]``) and the sign plane as ``P = sign & mask``; ``IM`` is then looked up per code: a 32-entry table per
     column byte (``IM`` of each pattern), 4 column bytes' tables in a 128-byte ``vpermi2b`` table per
     result byte, and the same ``vpdpbusd`` sums.

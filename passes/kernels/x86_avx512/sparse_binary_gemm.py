@@ -29,8 +29,8 @@ depends on the layer's size:
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels import sparse_binary_gemv
-from pbs2pc.passes.kernels.sparse_binary_gemv import (LANES, group_output, p_plane, row_plane, subset_sum,
+from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import (LANES, group_output, p_plane, row_plane, subset_sum,
                                                       tiles_per_task, vpermps, without_absent)
 
 #: Register block: input rows x 16-row tiles, ``2 MR RR`` accumulators (+ ``2 RR`` index registers).

@@ -1,0 +1,55 @@
+"""Hand-written kernels for x86-64 with AVX-512 (F, BW, VL, VBMI; VNNI for int8 activations).
+
+They read one layout (:data:`LAYOUT`): byte planes in 16-row blocks (the fp32 lanes of a zmm register) with
+6:8-style masks as 5-bit pattern codes (:mod:`.mask_codes`). ``KERNELS`` is this folder's part of the
+kernel registry (:mod:`pbs2pc.passes.kernels.registry`), in priority order: with ``--activations int8``
+the int8 GEMV (one row) and GEMM (any rows), else the fp32 lookup-table GEMV and GEMM.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
+
+from . import mask_codes
+from . import sparse_binary_gemm as gemm_fp32
+from . import sparse_binary_gemm_int8 as gemm_int8
+from . import sparse_binary_gemv as gemv_fp32
+from . import sparse_binary_gemv_int8 as gemv_int8
+
+ISA = "x86-avx512"
+#: 16-row interleaved byte planes (one zmm of fp32 per 16 rows) and mask pattern codes (17 % fewer weight
+#: bytes at 6:8; docs/performance.md).
+LAYOUT = Layout(word_bits=8, interleave=gemv_fp32.LANES, mask_codes=True)
+#: vpermb / vpermi2b / vpmultishiftqb (VBMI), byte and word ops on zmm (BW), 128/256-bit forms (VL).
+FP32_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi")
+INT8_FEATURES = FP32_FEATURES + ("avx512_vnni",)
+
+
+def _shape(call: Call) -> tuple:
+    return call.out_features, call.in_features, call.group_size, call.interleave, call.plane_dtype
+
+
+def _has(call: Call) -> tuple:
+    return call.has_mask, call.has_mu, call.has_bias
+
+
+def _codes(call: Call) -> dict:
+    return {"codes": call.coded} if call.coded else {}
+
+
+KERNELS = [
+    KernelEntry("x86_avx512.gemv_int8", "cpu", ISA, INT8_FEATURES, LAYOUT, "int8", "one",
+                covers=lambda c: gemv_int8.supported(*_shape(c)),
+                build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
+    KernelEntry("x86_avx512.gemm_int8", "cpu", ISA, INT8_FEATURES, LAYOUT, "int8", "any",
+                covers=lambda c: gemm_int8.supported(*_shape(c)),
+                build=lambda c: gemm_int8.gemm_int8(*_shape(c)[:3], *_has(c))),
+    KernelEntry("x86_avx512.gemv_fp32", "cpu", ISA, FP32_FEATURES, LAYOUT, "fp32", "one",
+                covers=lambda c: gemv_fp32.supported(*_shape(c), coded=c.coded is not None),
+                build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
+    KernelEntry("x86_avx512.gemm_fp32", "cpu", ISA, FP32_FEATURES, LAYOUT, "fp32", "any",
+                covers=lambda c: gemm_fp32.supported(*_shape(c)),
+                build=lambda c: gemm_fp32.gemm_fp32(*_shape(c)[:3], *_has(c))),
+]
+
+__all__ = ["ISA", "KERNELS", "LAYOUT", "mask_codes"]
