@@ -4,6 +4,7 @@
 >>> model = pbs2pc.runtime.load("model.so")                      # doctest: +SKIP
 >>> logits = model.logits([[1, 2, 3]])                           # doctest: +SKIP
 >>> print(model.generate("Once upon a time", max_new_tokens=32).text)   # doctest: +SKIP
+>>> outputs = pbs2pc.runtime.load("layer.so").run({"x": x})      # doctest: +SKIP
 """
 
 from pbs2pc.runtime.generate import Generation, GenerationStats, Token
