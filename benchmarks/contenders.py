@@ -1,4 +1,4 @@
-"""The contenders of the kernel benchmark (``kernels.py``): random 6:8 layers and, per format, a runner that
+"""The contenders of the kernel benchmark (``kernel_bench.py``): random 6:8 layers and, per format, a runner that
 builds the weights and returns a function running ``copies`` layers on one input.
 
 * pbs2pc: a ``copies``-node ONNX model compiled the way ``pbs2pc compile`` compiles (``pbs2pc_runner``),

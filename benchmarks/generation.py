@@ -19,6 +19,14 @@ In one process and one run, for each prompt length (real held-out English text, 
   i.e. without ``generate``'s per-token overhead: the fairest view of PyTorch's kernels.
 * **onnxruntime**: the original model exported by pbs2pc (dense fp32 ``MatMul``s, the same ``Attention``
   op with past/present) on onnxruntime's CPU provider, 2 intra-op threads, driven by the same loop.
+* **llama.cpp (Q4_1)**: the bundled GGUF file itself (SmolLM2-135M-Instruct, Q4_1 weights) in llama.cpp's
+  CPU backend, built from source with ``-DGGML_NATIVE=ON`` by ``benchmarks/llama_cpp.py`` (under
+  ``benchmarks/.llama.cpp/``; about 10 minutes on 2 cores, once), measured by its own ``llama-bench`` with
+  2 threads: prefill = one batch of the prompt's length from an empty cache; decode = ``--new-tokens``
+  tokens one at a time after a context of the prompt's length (``-d``); mean of ``--repeats``. Its prompt
+  is llama-bench's own random tokens, not the held-out text (speed does not depend on which tokens).
+  On by default when llama.cpp is built or can be built here (cmake and a C++ compiler); ``--no-llama-cpp``
+  skips it.
 
 Greedy decoding, no early stop (all runs produce exactly ``--new-tokens`` tokens). Every figure is the
 median of ``--repeats`` repeats. Beside the decode rates: the memory floor of one decode step (bytes of
@@ -32,22 +40,36 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from machine import read_bandwidth, timed
+import llama_cpp  # benchmarks/llama_cpp.py (this folder comes first on sys.path), not llama-cpp-python
+from machine import machine_record, read_bandwidth, timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "generation.json"
+LLAMA_CPP = "llama.cpp (Q4_1)"
 
 
 def build(workdir: Path, rebuild: bool):
-    """The original model (torch), its dense ONNX export, and the compiled 6:8 library."""
+    """The original model (torch), its dense ONNX export, and the compiled 6:8 libraries for this machine's
+    x86 target (with int8 activations only where the target has those kernels)."""
     from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.models import compress, export, hf
+    from pbs2pc.passes.kernels import registry
+
+    preset = get_preset("x86")
+
+    def stale(lib: Path) -> bool:  # missing, or built by another pbs2pc or for another target
+        from pbs2pc.runtime.artifact import read_manifest
+
+        try:
+            return rebuild or read_manifest(lib)["target"] != preset.name
+        except Exception:  # noqa: BLE001 - no artifact or an old manifest version
+            return True
 
     model, tokenizer, source = hf.load("smollm2-135m")
     model.eval()
@@ -55,22 +77,22 @@ def build(workdir: Path, rebuild: bool):
     if rebuild or not dense_onnx.exists():
         print("exporting the original model (dense fp32) ...", flush=True)
         export.export(model, dense_onnx, {"source_model": "smollm2-135m"})
-    if rebuild or not lib.exists():
-        print("compressing (6:8, simple), exporting and compiling ...", flush=True)
+    onnx = workdir / "pbs2p" / "model.onnx"
+    if rebuild or not onnx.exists():
+        print("compressing (6:8, simple) and exporting ...", flush=True)
         small = copy.deepcopy(model)
         info = compress.compress_model(small, "6:8", method="simple", progress=False)
-        export.export(small, workdir / "pbs2p" / "model.onnx", {"source_model": "smollm2-135m", **info})
-        compile_model(workdir / "pbs2p" / "model.onnx", lib, "x86")
+        export.export(small, onnx, {"source_model": "smollm2-135m", **info})
         del small
-    lib8 = workdir / "pbs2p-int8" / "model.so"
-    if rebuild or not lib8.exists():
-        print("compiling with int8 activations ...", flush=True)
-        compile_model(workdir / "pbs2p" / "model.onnx", lib8, "x86", activations="int8")
-    lib16 = workdir / "pbs2p-fp16-head" / "model.so"
-    if rebuild or not lib16.exists():
-        print("compiling with an fp16 LM head ...", flush=True)
-        compile_model(workdir / "pbs2p" / "model.onnx", lib16, "x86", lm_head="fp16")
-    return model, tokenizer, dense_onnx, {"pbs2pc": lib, "pbs2pc int8": lib8, "pbs2pc fp16 head": lib16}
+    libs = {"pbs2pc": (lib, CompileOptions())}
+    if "int8" in registry.activations_offered(preset):
+        libs["pbs2pc int8"] = (workdir / "pbs2p-int8" / "model.so", CompileOptions(activations="int8"))
+    libs["pbs2pc fp16 head"] = (workdir / "pbs2p-fp16-head" / "model.so", CompileOptions(lm_head="fp16"))
+    for name, (path, options) in libs.items():
+        if stale(path):
+            print(f"compiling {name} for {preset.name} ...", flush=True)
+            compile_model(onnx, path, preset, options=options)
+    return model, tokenizer, dense_onnx, {name: path for name, (path, _) in libs.items()}
 
 
 def prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
@@ -108,6 +130,49 @@ def torch_generate_rates(model, ids: list[int], new_tokens: int, repeats: int) -
     return {"prefill_s": one, "decode_tok_s": (new_tokens - 1) / max(full - one, 1e-9)}
 
 
+def llama_cpp_setup(args):
+    """Path of llama-bench (built now if need be), or None when llama.cpp is off or, in auto mode, cannot be
+    built (a one-line warning then; an explicit ``--llama-cpp`` fails instead, before anything is measured)."""
+    explicit = args.llama_cpp is True
+    if args.llama_cpp is None:
+        args.llama_cpp = llama_cpp.buildable()
+        if not args.llama_cpp:
+            print(f"llama.cpp skipped: {', '.join(llama_cpp.missing_tools())} not found "
+                  f"({llama_cpp.INSTALL_HINT})", flush=True)
+    if not args.llama_cpp:
+        return None
+    try:
+        return llama_cpp.build()
+    except llama_cpp.LlamaCppError as exc:
+        if explicit:
+            raise
+        print(f"llama.cpp skipped: {exc}", flush=True)
+        args.llama_cpp = False
+        return None
+
+
+def llama_cpp_rows(bench, args) -> tuple[dict, dict]:
+    """``({prompt length: row entry}, record for the JSON)`` from llama-bench on the bundled GGUF file.
+
+    Row entries have the keys of :func:`loop_rates` (``prefill_s``, ``decode_tok_s``), so the table handles
+    them like every other runtime's, plus llama-bench's own ``prefill_tok_s`` and standard deviations."""
+    gguf = llama_cpp.bundled_gguf("smollm2-135m")
+    print(f"llama.cpp: llama-bench on {gguf.name} ...", flush=True)
+    result = llama_cpp.bench(bench, gguf, threads=2, n_gen=args.new_tokens, n_prompt=tuple(args.prompt_lengths),
+                             repeats=args.repeats, depths=tuple(args.prompt_lengths))
+    entries = {}
+    for length in args.prompt_lengths:
+        pp, tg = result["prefill_tok_s"].get(length), result["decode_tok_s"].get(length)
+        if pp and tg:
+            entries[length] = {"prefill_s": length / pp, "decode_tok_s": tg, "prefill_tok_s": pp,
+                               "prefill_tok_s_sd": result["prefill_tok_s_sd"].get(length),
+                               "decode_tok_s_sd": result["decode_tok_s_sd"].get(length)}
+    record = {"version": llama_cpp.version(bench), "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+              "commands": result["commands"], "cmake_flags": list(llama_cpp.CMAKE_FLAGS),
+              "cpu_info": result["cpu_info"], "model_type": result["model_type"], "settings": result["settings"]}
+    return entries, record
+
+
 def run_benchmark(args) -> dict:
     import torch
 
@@ -116,6 +181,7 @@ def run_benchmark(args) -> dict:
     from pbs2pc.runtime.reference import OrtDecoder
 
     torch.set_num_threads(2)
+    llama_bench = llama_cpp_setup(args)  # built before anything is measured: the build takes all cores
     bandwidth = read_bandwidth()
     model, tokenizer, dense_onnx, libs = build(args.workdir, args.rebuild)
     compiled = {name: load(lib, threads=2) for name, lib in libs.items()}  # 2 threads, as torch and onnxruntime
@@ -138,20 +204,29 @@ def run_benchmark(args) -> dict:
         row["onnxruntime"] = loop_rates(ort, ids, args.new_tokens, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    llama_record = None
+    if llama_bench is not None:  # one llama-bench run covers every prompt length
+        entries, llama_record = llama_cpp_rows(llama_bench, args)
+        for row in rows:
+            if row["prompt_tokens"] in entries:
+                row[LLAMA_CPP] = entries[row["prompt_tokens"]]
+        weight_bytes[LLAMA_CPP] = llama_record["gguf_bytes"]  # the tied Q4_1 head reads (nearly) the whole file
+        print(json.dumps({"llama.cpp": entries}), flush=True)
     return {
         "command": "python benchmarks/generation.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
+        **machine_record(),
         "threads": 2,
         "read_bandwidth_gb_s": bandwidth,
         "weight_bytes_per_token": weight_bytes,
         "decode_floor_ms": {k: round(v / bandwidth / 1e6, 2) for k, v in weight_bytes.items()},
         "load_average": os.getloadavg()[0],
+        **({"llama_cpp": llama_record} if llama_record else {}),
         "rows": rows,
     }
 
 
-RUNTIMES = ("pbs2pc", "pbs2pc int8", "pbs2pc fp16 head", "torch generate", "torch loop", "onnxruntime")
+RUNTIMES = ("pbs2pc", "pbs2pc int8", "pbs2pc fp16 head", "torch generate", "torch loop", "onnxruntime", LLAMA_CPP)
 
 
 def table(data: dict) -> str:
@@ -175,6 +250,18 @@ def table(data: dict) -> str:
                     f"(floor {floor['pbs2pc fp16 head']} ms), " if "pbs2pc fp16 head" in floor else "") +
                  f"torch / onnxruntime fp32 {data['weight_bytes_per_token']['torch'] / 1e6:.0f} MB "
                  f"(floor {floor['torch']} ms). Load average at the end: {data['load_average']:.2f}.")
+    if data.get("llama_cpp"):
+        ll = data["llama_cpp"]
+        lines.append("")
+        lines.append(f"{LLAMA_CPP}: llama.cpp {ll['version']}, CPU backend built with "
+                     f"{' '.join(f for f in ll['cmake_flags'] if 'NATIVE' in f)}, measured by llama-bench "
+                     f"(2 threads; prefill = one batch from an empty cache, its time stands for the time to "
+                     f"first token; decode after a context of the prompt's length; mean of the repeats); "
+                     f"{ll['gguf']} is {ll['gguf_bytes'] / 1e6:.0f} MB"
+                     + (f" (floor {floor[LLAMA_CPP]} ms)." if LLAMA_CPP in floor else "."))
+    if "simd_features" in data:  # result files from before machine_record() lack it
+        simd = [f for f, on in data.get("simd_features", {}).items() if on]
+        lines.append(f"CPU: {data.get('cpu')}, pbs2pc target {data.get('x86_isa')}, SIMD: {' '.join(simd) or '?'}.")
     return "\n".join(lines)
 
 
@@ -188,6 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "pbs2pc-bench-generation")
     parser.add_argument("--rebuild", action="store_true", help="export and compile again even if present")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                        help="add llama.cpp (Q4_1, llama-bench) rows; default: on when llama.cpp is built or "
+                             "buildable here (benchmarks/llama_cpp.py builds it on first use, ~10 min)")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:

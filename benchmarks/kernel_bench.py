@@ -1,8 +1,8 @@
 """Single-layer kernel benchmark: pbs2pc's compiled sparse-binary linear against what a user would run.
 
-    python benchmarks/kernels.py                 # every shape, M = 1, 16, 128 (~15 min on 2 cores)
-    python benchmarks/kernels.py --quick         # smoke run: two shapes, M = 1, short buffers
-    python benchmarks/kernels.py --report-only   # markdown table + docs/kernels_roofline.png from the JSON
+    python benchmarks/kernel_bench.py                 # every shape, M = 1, 16, 128 (~15 min on 2 cores)
+    python benchmarks/kernel_bench.py --quick         # smoke run: two shapes, M = 1, short buffers
+    python benchmarks/kernel_bench.py --report-only   # markdown table + docs/kernels_roofline.png from the JSON
 
 In one process and one run, for every weight shape N x K and rows M:
 
@@ -54,7 +54,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from contenders import (NM, THREADS, group_size, ort_runner, ort_supports,  # noqa: E402
                         pbs2pc_runner, pbs2pc_variant, torch_runner)
-from machine import cpu_model, llc_bytes, stream, timed  # noqa: E402
+from machine import cpu_model, llc_bytes, machine_record, stream, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "kernels.json"
@@ -226,11 +226,11 @@ def run_benchmark(args) -> dict:
                       f"({100 * row['of_floor']:5.1f}%)  copies {copies}{' cache-resident' if resident else ''}",
                       flush=True)
     return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "llc_bytes": llc, "threads": THREADS,
+        **machine_record(), "cpu": cpu_model(), "cores": os.cpu_count(), "llc_bytes": llc, "threads": THREADS,
         "bandwidth": bw, "floor_bandwidth": "triad", "ort_nbits_cpu_bits": nbits,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": TVM_VERSION,
                      "python": platform.python_version()},
-        "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/kernel_bench.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats, "results": results,
     }
 

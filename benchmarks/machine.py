@@ -1,7 +1,8 @@
 """What the benchmarks measure about the machine: cache size, CPU model, memory bandwidth.
 
-Shared by ``kernels.py`` (floors: STREAM triad; the rotating read next to it) and ``generation.py``
+Shared by ``kernel_bench.py`` (floors: STREAM triad; the rotating read next to it) and ``generation.py``
 (decode floors: the 2 GiB read). Everything runs torch ops on 2 threads (the benchmarks' thread count).
+``machine_record()`` is what both write into their results about the CPU (model, ISA, SIMD features).
 """
 
 from __future__ import annotations
@@ -42,6 +43,29 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or "unknown"
+
+
+#: The SIMD features that decide which kernels run (pbs2pc's x86 targets; llama.cpp's -march=native).
+SIMD_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
+
+
+def machine_record() -> dict:
+    """The CPU a result was measured on: model, architecture, the x86 target pbs2pc's ``--target x86``
+    picks here, and which of ``SIMD_FEATURES`` the host has (``/proc/cpuinfo`` names)."""
+    from pbs2pc import cpu
+
+    arch = cpu.architecture()
+    model = cpu.model_name()
+    if not model or model == arch:  # archspec could not name it: lscpu's name is better than "x86_64"
+        model = cpu_model()
+    try:
+        from pbs2pc.compiler.targets import host_x86_preset
+
+        isa = host_x86_preset().name if arch == "x86_64" else None
+    except Exception:  # noqa: BLE001 - no pbs2pc x86 target runs here: say so, not fail the benchmark
+        isa = None
+    have = cpu.features()
+    return {"cpu": model, "arch": arch, "x86_isa": isa, "simd_features": {f: f in have for f in SIMD_FEATURES}}
 
 
 def stream(gib: float, repeats: int) -> dict:
