@@ -128,10 +128,7 @@ class _Lowerer(relax.PyExprMutator):
         entry, call = chosen
         key = (entry.name, call)
         if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
-            name = f"{entry.name.rsplit('.', 1)[-1]}_g{g}_".replace("gemv_fp32", "sparse_binary_gemv").replace(
-                "gemm_fp32", "sparse_binary_gemm").replace("gemv_int8", "sparse_binary_gemv_int8").replace(
-                "gemm_int8", "sparse_binary_gemm_int8")
-            self._kernels[key] = self.builder_.add_func(entry.build(call), name)
+            self._kernels[key] = self.builder_.add_func(entry.build(call), f"{entry.symbol}_g{g}_")
         gv = self._kernels[key]
         mask = codes if call.coded else planes[1]  # a one-row GEMV reads the codes, not their expansion
         args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias) if a is not None]

@@ -122,3 +122,20 @@ def test_demo_summary_reports_the_compiled_bits(tiny_library):
     text = format_result(DemoResult({"original (PyTorch)": 31.4}, {"compile": 1.0}, summary, 10, "", 1e-6))
     assert f"{summary['bits_interchange']:.3f} as stored in the ONNX file" in text
     assert f"{summary['bits_target']:.3f} in the compiled weights (target layout)" in text
+
+
+def test_compile_names_the_chosen_target_and_a_foreign_cpu_is_refused(tiny_onnx, tmp_path, capsys, monkeypatch):
+    """``--target x86`` prints what it resolved to; an x86-avx512 library on a CPU without AVX-512 (forced with
+    PBS2PC_CPU_FEATURES, so this runs on any host) exits 2 with one line naming the target to use."""
+    from pbs2pc.compiler.targets import PRESETS, get_preset
+    from pbs2pc.cpu import FEATURES_ENV
+
+    lib = tmp_path / "m.so"
+    assert main(["compile", str(tiny_onnx), "--target", "x86", "-o", str(lib)]) == 0
+    assert f"target x86 -> {get_preset('x86').name}" in capsys.readouterr().out
+    assert main(["compile", str(tiny_onnx), "--target", "x86-avx512", "-o", str(lib)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv(FEATURES_ENV, ",".join(PRESETS["x86-avx2"].features))
+    _assert_user_error(["run", str(lib), "--input-ids", "1,2"], capsys, "--target x86-avx2")
+    assert main(["inspect", str(lib)]) == 0  # inspecting needs no kernel
+    assert "avx512vbmi" in capsys.readouterr().out

@@ -76,7 +76,8 @@ class Call:
 class KernelEntry:
     """A hand-written kernel and what it needs (see the module docstring)."""
 
-    name: str
+    name: str  # "<folder>.<kernel>", e.g. "x86_avx2.gemv_fp32" (the manifest lists these)
+    symbol: str  # the PrimFunc's name prefix in the module, e.g. "sparse_binary_gemv"
     family: str  # "cpu" or "cuda": the preset family it runs on
     isa: str  # the instruction set it is written for, e.g. "x86-avx512"
     features: tuple[str, ...]  # CPU features it executes (``/proc/cpuinfo`` names)

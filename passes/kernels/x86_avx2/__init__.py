@@ -26,8 +26,8 @@ def _shape(call: Call) -> tuple:
 
 
 KERNELS = [
-    KernelEntry("x86_avx2.gemv_fp32", "cpu", ISA, FEATURES, LAYOUT, "fp32", "one",
-                covers=lambda c: gemv_fp32.supported(*_shape(c)),
+    KernelEntry("x86_avx2.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FEATURES, LAYOUT,
+                activations="fp32", rows="one", covers=lambda c: gemv_fp32.supported(*_shape(c)),
                 build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
 ]
 

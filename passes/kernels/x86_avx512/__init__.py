@@ -38,17 +38,18 @@ def _codes(call: Call) -> dict:
 
 
 KERNELS = [
-    KernelEntry("x86_avx512.gemv_int8", "cpu", ISA, INT8_FEATURES, LAYOUT, "int8", "one",
-                covers=lambda c: gemv_int8.supported(*_shape(c)),
+    KernelEntry("x86_avx512.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, INT8_FEATURES, LAYOUT,
+                activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
                 build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
-    KernelEntry("x86_avx512.gemm_int8", "cpu", ISA, INT8_FEATURES, LAYOUT, "int8", "any",
-                covers=lambda c: gemm_int8.supported(*_shape(c)),
+    KernelEntry("x86_avx512.gemm_int8", "sparse_binary_gemm_int8", "cpu", ISA, INT8_FEATURES, LAYOUT,
+                activations="int8", rows="any", covers=lambda c: gemm_int8.supported(*_shape(c)),
                 build=lambda c: gemm_int8.gemm_int8(*_shape(c)[:3], *_has(c))),
-    KernelEntry("x86_avx512.gemv_fp32", "cpu", ISA, FP32_FEATURES, LAYOUT, "fp32", "one",
+    KernelEntry("x86_avx512.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FP32_FEATURES, LAYOUT,
+                activations="fp32", rows="one",
                 covers=lambda c: gemv_fp32.supported(*_shape(c), coded=c.coded is not None),
                 build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
-    KernelEntry("x86_avx512.gemm_fp32", "cpu", ISA, FP32_FEATURES, LAYOUT, "fp32", "any",
-                covers=lambda c: gemm_fp32.supported(*_shape(c)),
+    KernelEntry("x86_avx512.gemm_fp32", "sparse_binary_gemm", "cpu", ISA, FP32_FEATURES, LAYOUT,
+                activations="fp32", rows="any", covers=lambda c: gemm_fp32.supported(*_shape(c)),
                 build=lambda c: gemm_fp32.gemm_fp32(*_shape(c)[:3], *_has(c))),
 ]
 
