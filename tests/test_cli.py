@@ -28,7 +28,7 @@ def test_export_compile_inspect_run(checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "compiled for x86-avx" in out and "model.layers.1.mlp.down_proj" in out
     assert re.search(r"bits per weight, compiled: 2\.[0-5]\d\d as the weights file stores them", out)
-    assert re.search(r"needs a x86_64 CPU with .*avx2 .*fma", out)
+    assert re.search(r"runs on x86_64 CPUs with .*avx2 .*fma", out)
     assert "KV cache: 2 layers x 2 kv heads x head_dim 16" in out and "'decode'" in out
     assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 0
     out = capsys.readouterr().out

@@ -79,7 +79,7 @@ def run(args) -> int:
             f"library {sizes.get('library', 0) / 1e6:.1f} MB + weights {sizes.get('weights', 0) / 1e6:.1f} MB; "
             f"built by pbs2pc {manifest['pbs2pc_version']} with TVM {manifest['tvm_version']}, format v{manifest['format_version']}",
             f"inputs {manifest['inputs']} -> outputs {manifest['outputs']}; entry functions {info['functions']}",
-            f"needs a {info['machine']} CPU with {' '.join(info['cpu_features']) or 'no particular features'}",
+            f"runs on {info['machine']} CPUs with {' '.join(info['cpu_features']) or 'no particular features'}",
             f"weight layout {_layout(info['layout'])}; hand-written kernels "
             f"{', '.join(info['kernels']) or 'none (the TE kernel everywhere)'}",
             f"activations of the sparse-binary layers {info['activations']}; LM head table {info['lm_head']}",

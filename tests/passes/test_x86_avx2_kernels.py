@@ -72,10 +72,6 @@ def _run(lib, x, sign, mask, alpha, mu, bias):
     return tensors[-1].numpy()[0]
 
 
-def _rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
-
-
 SHAPES = [
     # (N, K, G, mask, mu, bias)
     (16, 64, 64, "6:8", True, True),  # one tile of 16 rows, one group
@@ -97,7 +93,7 @@ def test_fp32_matches_dense_product(n, k, g, mask_kind, has_mu, has_bias):
     layer = _layer(n, k, g, mask_kind, has_mu, has_bias)
     got = _run(_build(n, k, g, mask_kind is not None, has_mu, has_bias), *layer)
     assert np.isfinite(got).all()
-    assert _rel_err(got, k2.reference(layer[0][0], *layer[1:], group_size=g)) < 1e-5
+    assert rel_err(got, k2.reference(layer[0][0], *layer[1:], group_size=g)) < 1e-5
 
 
 @needs_avx2
@@ -106,7 +102,7 @@ def test_tiles_per_task_do_not_change_the_result(tiles):
     # 6 tiles of 16 rows: tasks of 2 and 3 tiles; 4 does not divide 6 and falls back to 2
     layer = _layer(96, 256, 128, "6:8", True, True, seed=tiles)
     want = k2.reference(layer[0][0], *layer[1:], group_size=128)
-    assert _rel_err(_run(_build(96, 256, 128, True, True, True, tiles=tiles), *layer), want) < 1e-5
+    assert rel_err(_run(_build(96, 256, 128, True, True, True, tiles=tiles), *layer), want) < 1e-5
 
 
 @needs_avx2
@@ -122,7 +118,7 @@ def test_interleave_of_8(n, k, g, mask_kind, has_mu, has_bias, monkeypatch):
     assert k2.supported(n, k, g, 8, "uint8")
     layer = _layer(n, k, g, mask_kind, has_mu, has_bias, seed=n)
     got = _run(_build(n, k, g, mask_kind is not None, has_mu, has_bias), *layer)
-    assert _rel_err(got, k2.reference(layer[0][0], *layer[1:], group_size=g)) < 1e-5
+    assert rel_err(got, k2.reference(layer[0][0], *layer[1:], group_size=g)) < 1e-5
 
 
 @needs_avx2
@@ -134,7 +130,7 @@ def test_parallel_tasks_on_two_threads():
             "layer = t._layer(1536, 576, 64, '6:8', True, True, seed=5); "
             "got = t._run(t._build(1536, 576, 64, True, True, True), *layer); "
             "print(tvm_ffi.get_global_func('runtime.NumThreads')(), "
-            "t._rel_err(got, t.k2.reference(layer[0][0], *layer[1:], group_size=64)))")
+            "t.rel_err(got, t.k2.reference(layer[0][0], *layer[1:], group_size=64)))")
     done = subprocess.run([sys.executable, "-c", code, tests], env={**os.environ, "TVM_NUM_THREADS": "2"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -259,7 +255,7 @@ def _bench(argv):  # pragma: no cover - measurement, run by hand
                                                       [tensors(layer, args.te_interleave) for layer in layers])
         for name, (fn, cs) in runners.items():
             fn(*cs[0])
-            assert _rel_err(out.numpy()[0], want) < 1e-5, name
+            assert rel_err(out.numpy()[0], want) < 1e-5, name
         if "torch" in args.which:
             import torch
 
