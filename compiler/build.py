@@ -45,7 +45,8 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
     :mod:`pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
     fp32 everywhere. ``lm_head="fp16"`` stores the LM head's table rounded to fp16 (see
-    :mod:`pbs2pc.passes.store_lm_head_fp16`).
+    :mod:`pbs2pc.passes.store_lm_head_fp16`), ``lm_head="int8"`` as int8 rows with one fp32 scale each
+    (:mod:`pbs2pc.passes.store_lm_head_int8`).
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
@@ -150,8 +151,11 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
     ``[N/T, C, T]``) and record what they changed in ``main``'s ``pbs2pc.params_transform`` attribute
     (``{param name: {"and_mask": mask name, "mask_codes": 1, "n": n, "m": m, "dtype": new dtype,
     "interleave": T}}``, the keys that apply; with ``options.lm_head == "fp16"``, StoreLMHeadFP16 records
-    ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is); this function applies that
-    record to the numpy arrays and drops the attribute: first ``cast`` (a rounding ``astype``),
+    ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is; with ``"int8"``, StoreLMHeadInt8
+    records ``{"quantize": "int8"}``); this function applies that record to the numpy arrays and drops the
+    attribute: first ``cast`` (a rounding ``astype``) or ``quantize``
+    (:func:`pbs2pc.passes.kernels.lm_head_int8.quantize`: ``[V, H]`` float -> ``[V, H + 4]`` int8, codes and
+    each row's fp32 scale),
     ``and_mask`` (the sign plane ANDed with the interchange mask) and ``mask_codes``
     (:func:`pbs2pc.passes.kernels.x86_avx512.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
     reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
@@ -161,9 +165,9 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
     import numpy as np
 
     from pbs2pc.compiler.targets import CompileOptions
-    from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords, StoreLMHeadFP16
+    from pbs2pc.passes import EncodeMaskCodes, InterleaveRows, PackPlanesAsWords, StoreLMHeadFP16, StoreLMHeadInt8
     from pbs2pc.passes.interleave_rows import interleave_array
-    from pbs2pc.passes.kernels import registry
+    from pbs2pc.passes.kernels import lm_head_int8, registry
     from pbs2pc.passes.kernels.x86_avx512 import mask_codes
     from pbs2pc.passes.pack_planes_as_words import TRANSFORM_ATTR, read_record
     from pbs2pc.passes.store_lm_head_fp16 import the_head
@@ -174,8 +178,9 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
         mod = EncodeMaskCodes()(mod)
     mod = PackPlanesAsWords(layout.word_bits)(mod)
     mod = InterleaveRows(layout.interleave)(mod)
-    if options.lm_head == "fp16":
-        mod = StoreLMHeadFP16(the_head(mod["main"], vocab).name)(mod)  # no head table: one clear error
+    if options.lm_head in ("fp16", "int8"):  # no head table: one clear error
+        store = StoreLMHeadFP16 if options.lm_head == "fp16" else StoreLMHeadInt8
+        mod = store(the_head(mod["main"], vocab, options.lm_head).name)(mod)
     main = mod["main"]
     record = read_record(main)
     if not record:
@@ -187,6 +192,8 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
         if entry is not None:
             if "cast" in entry:
                 array = array.astype(np.dtype(entry["cast"]))
+            if entry.get("quantize") == "int8":
+                array = lm_head_int8.quantize(array)
             if "and_mask" in entry:
                 array = np.bitwise_and(array, params[entry["and_mask"]])
             if entry.get("mask_codes"):

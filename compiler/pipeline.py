@@ -52,9 +52,9 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None) -> list[
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels: the first kernel
         # registry entry for the target that covers the call (hand-written GEMVs and GEMMs), else the TE kernel.
         ("lower_pbs2p", LowerSparseBinaryLinear(kernels)),
-        # With --lm-head fp16: the token lookup reads the fp16 table's rows, the one-token entries' head the
-        # fp16 GEMV; neither converts the whole table per call.
-        ("lower_lm_head", LowerLMHead(enabled=options.lm_head == "fp16")),
+        # With --lm-head fp16 / int8: the token lookup reads the fp16 / int8 table's rows, the one-token
+        # entries' head the fp16 / int8 GEMV; neither converts the whole table per call.
+        ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32")),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),

@@ -83,13 +83,18 @@ class TargetPreset:
         return self
 
 
+#: ``--lm-head`` choices: the LM head table as exported, in fp16, or in int8 with one fp32 scale per row.
+LM_HEAD_TYPES = ("fp32", "fp16", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """What the user chooses on top of the target (recorded in the manifest beside it).
 
     ``activations``: ``"fp32"``, or ``"int8"`` (``--activations int8``: the sparse-binary layers quantise
     their inputs per scale group; targets whose registry has int8 kernels). ``lm_head``: ``"fp32"`` as
-    exported, or ``"fp16"`` (``--lm-head fp16``: the LM head's table stored rounded to fp16).
+    exported, ``"fp16"`` (``--lm-head fp16``: the LM head's table stored rounded to fp16) or ``"int8"``
+    (``--lm-head int8``: stored as int8 rows with one fp32 scale each).
     ``layout`` and ``kernels`` are for experiments and benchmarks: a weight layout instead of the
     registry's choice, and the names of the registry entries allowed (``()``: the TE kernel only).
     """
@@ -102,13 +107,13 @@ class CompileOptions:
     def __post_init__(self):
         if self.activations not in ("fp32", "int8"):
             raise Pbs2pcError(f"unknown activation type {self.activations!r}; choose fp32 or int8.")
-        if self.lm_head not in ("fp32", "fp16"):
-            raise Pbs2pcError(f"unknown LM head type {self.lm_head!r}; choose fp32 or fp16.")
+        if self.lm_head not in LM_HEAD_TYPES:
+            raise Pbs2pcError(f"unknown LM head type {self.lm_head!r}; choose fp32, fp16 or int8.")
 
     def check(self, preset: TargetPreset) -> "CompileOptions":
         """These options, or one clear error where ``preset`` has no kernels for them."""
         from pbs2pc.passes.kernels import registry
-        from pbs2pc.passes.lower_lm_head import FP16_HEAD_FAMILIES
+        from pbs2pc.passes.lower_lm_head import HEAD_KERNEL_FAMILIES
 
         offered = registry.activations_offered(preset)
         if self.activations not in offered:
@@ -116,8 +121,8 @@ class CompileOptions:
                                    f"use --activations {offered[0]}"
                                    + ("" if preset.isa != "x86-avx2" else " (int8 kernels need --target x86-avx512)")
                                    + ".")
-        if self.lm_head == "fp16" and preset.family not in FP16_HEAD_FAMILIES:
-            raise UnsupportedError(f"target {preset.name!r} has no fp16 LM head kernel; use --lm-head fp32.")
+        if self.lm_head != "fp32" and preset.family not in HEAD_KERNEL_FAMILIES:
+            raise UnsupportedError(f"target {preset.name!r} has no {self.lm_head} LM head kernel; use --lm-head fp32.")
         return self
 
     def record(self) -> dict:

@@ -10,6 +10,7 @@ from pbs2pc.passes.lower_lm_head import LowerLMHead
 from pbs2pc.passes.lower_sparse_binary_linear import LowerSparseBinaryLinear
 from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
 from pbs2pc.passes.store_lm_head_fp16 import StoreLMHeadFP16
+from pbs2pc.passes.store_lm_head_int8 import StoreLMHeadInt8
 
 __all__ = ["EncodeMaskCodes", "InterleaveRows", "LowerLMHead", "LowerSparseBinaryLinear", "PackPlanesAsWords",
-           "StoreLMHeadFP16", "UseKVCache"]
+           "StoreLMHeadFP16", "StoreLMHeadInt8", "UseKVCache"]

@@ -1,8 +1,9 @@
-"""LowerLMHead: run the one-token LM head on its fp16 table (after StoreLMHeadFP16), without a fp32 copy.
+"""LowerLMHead: run the one-token LM head on its fp16 or int8 table (after StoreLMHeadFP16 or
+StoreLMHeadInt8), without a fp32 copy.
 
 Where it runs: in the phase pipeline after ``lower_pbs2p`` and before ``fuse_transpose_matmul``. It does
-nothing unless the params transform stored the head's table in fp16
-(:class:`pbs2pc.passes.store_lm_head_fp16.StoreLMHeadFP16`, ``pbs2pc compile --lm-head fp16``), where
+nothing unless the params transform stored the head's table in fp16 or int8 (int8: at the end). In fp16
+(:class:`pbs2pc.passes.store_lm_head_fp16.StoreLMHeadFP16`, ``pbs2pc compile --lm-head fp16``)
 every read of the table ``W16`` goes through ``w = R.astype(W16, "float32")``. Taken literally that
 writes a float32 copy of the whole table on every call. This pass moves the conversion to what is read:
 
@@ -29,18 +30,28 @@ After::
     h2 = R.reshape(h, [1, 576])
     y = R.call_tir(lm_head_fp16, (h2, model_embed_tokens_weight), R.Tensor((1, 49152), "float32"))
     logits = R.reshape(y, [1, 1, 49152])
+
+With ``--lm-head int8`` (:class:`pbs2pc.passes.store_lm_head_int8.StoreLMHeadInt8`) every read of the
+int8 table ``W8`` (``[V, H + 4]``: codes, then each row's fp32 scale) goes through ``w = R.call_tir(
+lm_head_int8_dequantize, (W8,))``, and the same two rewrites apply: the lookup takes the int8 rows and
+dequantises only those (``call_tir(lm_head_int8_dequantize, (reshape(take(W8, ids), [-1, H + 4]),))``, the
+same PrimFunc on N rows instead of V), and the one-token head calls
+:func:`pbs2pc.passes.kernels.lm_head_int8.lm_head_int8`. ``main`` keeps one dequantisation of the table
+per call and its fp32 product.
 """
 
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.kernels import lm_head_fp16
+from pbs2pc.passes.kernels import lm_head_fp16, lm_head_int8
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
-#: Target families with an fp16 LM head kernel (pbs2pc.passes.kernels.lm_head_fp16 is a CPU loop nest).
-FP16_HEAD_FAMILIES = ("cpu",)
+#: Target families with the fp16 and int8 LM head kernels (pbs2pc.passes.kernels.lm_head_fp16 and
+#: lm_head_int8 are CPU loop nests).
+HEAD_KERNEL_FAMILIES = ("cpu",)
 
 _ASTYPE = tvm.ir.Op.get("relax.astype")
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _TAKE = tvm.ir.Op.get("relax.take")
@@ -53,7 +64,7 @@ class _Lowerer(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.head = False  # whether the function being visited is a one-token entry
-        self._kernels = {}  # (vocab, hidden) -> GlobalVar of its PrimFunc
+        self._kernels = {}  # (kernel name, vocab, hidden) -> GlobalVar of its PrimFunc
 
     def _bound(self, value):
         return self.lookup_binding(value) if isinstance(value, relax.Var) else None
@@ -70,13 +81,40 @@ class _Lowerer(relax.PyExprMutator):
             return None
         return source
 
+    def _int8_table(self, value):
+        """``(W8, dequantize GlobalVar)`` when ``value`` is ``call_tir(lm_head_int8_dequantize, (W8,))`` of a
+        2-D int8 tensor (StoreLMHeadInt8), else None."""
+        call = self._bound(value)
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)
+                and isinstance(call.args[0], relax.GlobalVar) and call.args[0].name_hint == lm_head_int8.DEQUANTIZE):
+            return None
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        ty = args[0].ty if len(args) == 1 else None
+        if not (isinstance(ty, relax.TensorType) and str(ty.dtype) == "int8" and ty.ndim == 2):
+            return None
+        return args[0], call.args[0]
+
+    def _take_int8(self, call, table, dequantize):
+        """The rows ``call`` (``take(w, ids)``) reads, taken from ``W8`` and dequantised."""
+        bb = self.builder_
+        width = int(table.ty.shape[1])
+        hidden = width - lm_head_int8.SCALE_BYTES
+        taken = bb.emit(relax.op.take(table, call.args[1], axis=0, mode=call.attrs.mode))
+        lead = list(taken.ty.shape)[:-1]
+        rows = bb.emit(relax.op.reshape(taken, [-1, width])) if len(lead) != 1 else taken
+        out = bb.emit(relax.call_tir(dequantize, [rows], relax.TensorType([rows.ty.shape[0], hidden], "float32")))
+        return relax.op.reshape(out, lead + [hidden]) if len(lead) != 1 else out
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if call.op.same_as(_TAKE):
+        if call.op.same_as(_TAKE) and int(call.attrs.axis) == 0:
             table = self._fp16_table(call.args[0])
-            if table is not None and int(call.attrs.axis) == 0:
+            if table is not None:
                 taken = self.builder_.emit(relax.op.take(table, call.args[1], axis=0, mode=call.attrs.mode))
                 return relax.op.astype(taken, "float32")
+            int8 = self._int8_table(call.args[0])
+            if int8 is not None:
+                return self._take_int8(call, *int8)
         if self.head and call.op.same_as(_MATMUL):
             lowered = self._head(call)
             return call if lowered is None else lowered
@@ -87,27 +125,35 @@ class _Lowerer(relax.PyExprMutator):
         if not (isinstance(perm, relax.Call) and perm.op.same_as(_PERMUTE)):
             return None
         axes = perm.attrs.axes
-        table = self._fp16_table(perm.args[0])
-        if table is None or not (axes is None or [int(a) for a in axes] == [1, 0]):
+        if not (axes is None or [int(a) for a in axes] == [1, 0]):
+            return None
+        table, kernels = self._fp16_table(perm.args[0]), lm_head_fp16
+        if table is None:
+            int8 = self._int8_table(perm.args[0])
+            table, kernels = (int8[0], lm_head_int8) if int8 is not None else (None, None)
+        if table is None:
             return None
         vocab, hidden = (int(d) for d in table.ty.shape.values)
+        if kernels is lm_head_int8:
+            hidden -= lm_head_int8.SCALE_BYTES
         x = call.args[0]
         lead = list(x.ty.shape)[:-1]
-        if not lm_head_fp16.supported(vocab, hidden) or int(x.ty.shape[-1]) != hidden or str(x.ty.dtype) != "float32":
+        if not kernels.supported(vocab, hidden) or int(x.ty.shape[-1]) != hidden or str(x.ty.dtype) != "float32":
             return None
         bb = self.builder_
-        if (vocab, hidden) not in self._kernels:
-            self._kernels[vocab, hidden] = bb.add_func(lm_head_fp16.lm_head_fp16(vocab, hidden), "lm_head_fp16")
+        name = kernels.__name__.rsplit(".", 1)[1]  # lm_head_fp16 / lm_head_int8: the PrimFunc's builder too
+        if (name, vocab, hidden) not in self._kernels:
+            self._kernels[name, vocab, hidden] = bb.add_func(getattr(kernels, name)(vocab, hidden), name)
         x2 = bb.emit(relax.op.reshape(x, [-1, hidden])) if len(lead) != 1 else x
-        y = bb.emit(relax.call_tir(self._kernels[vocab, hidden], [x2, table],
+        y = bb.emit(relax.call_tir(self._kernels[name, vocab, hidden], [x2, table],
                                    relax.TensorType([x2.ty.shape[0], vocab], "float32")))
         return relax.op.reshape(y, lead + [vocab]) if len(lead) != 1 else y
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLMHead")
 class LowerLMHead:
-    """Read an fp16 LM head table without a float32 copy (see the module docstring); ``enabled=False`` (an
-    fp32 head) leaves the module as it is."""
+    """Read an fp16 or int8 LM head table without a float32 copy (see the module docstring);
+    ``enabled=False`` (an fp32 head) leaves the module as it is."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled

@@ -54,14 +54,14 @@ def head_params(func: relax.Function, vocab: int) -> list:
     return heads
 
 
-def the_head(func: relax.Function, vocab: int | None) -> relax.Var:
-    """The one head table of ``func`` (see :func:`head_params`), or one clear error. Called outside the pass
-    (whose constructor takes its name): an error raised inside a TVM pass reaches the caller as a
-    RuntimeError."""
+def the_head(func: relax.Function, vocab: int | None, option: str = "fp16") -> relax.Var:
+    """The one head table of ``func`` (see :func:`head_params`), or one clear error naming ``--lm-head
+    option``. Called outside the pass (whose constructor takes its name): an error raised inside a TVM pass
+    reaches the caller as a RuntimeError."""
     heads = head_params(func, vocab) if vocab else []
     if len(heads) != 1:
         raise UnsupportedError(
-            "--lm-head fp16 needs one float32 [vocab, hidden] table that the logits are computed from "
+            f"--lm-head {option} needs one float32 [vocab, hidden] table that the logits are computed from "
             f"(logits = h @ Wᵀ); this model has {len(heads)}. Compile it with --lm-head fp32.")
     return heads[0]
 

@@ -6,7 +6,7 @@ import time
 
 
 def add_parser(sub):
-    from pbs2pc.compiler.targets import PRESETS, TARGET_NAMES  # no TVM import: --help stays fast
+    from pbs2pc.compiler.targets import LM_HEAD_TYPES, PRESETS, TARGET_NAMES  # no TVM import: --help stays fast
 
     p = sub.add_parser("compile", help="compile an ONNX model with pbs2p ops for a target", description=__doc__)
     p.add_argument("model", help="the .onnx file (from pbs2pc export, or any file following the pbs2p op contract)")
@@ -20,10 +20,11 @@ def add_parser(sub):
                    help="fp32 (default), or int8: every sparse-binary linear layer quantises its input to int8 per "
                         "scale group (faster decode and prompt; accuracy cost in "
                         "docs/performance.md)")
-    p.add_argument("--lm-head", choices=["fp32", "fp16"], default="fp32",
-                   help="fp32 (default: as exported), or fp16: store the LM head's table (the tied embedding) "
-                        "rounded to fp16, half the bytes of the largest read of a decode step (faster decode; "
-                        "accuracy cost in docs/performance.md)")
+    p.add_argument("--lm-head", choices=list(LM_HEAD_TYPES), default="fp32",
+                   help="fp32 (default: as exported); fp16: store the LM head's table (the tied embedding) "
+                        "rounded to fp16, half the bytes of the largest read of a decode step; or int8: each "
+                        "row of it as int8 with one fp32 scale, a quarter of the bytes (faster decode; "
+                        "accuracy cost of both in docs/performance.md)")
     return p
 
 

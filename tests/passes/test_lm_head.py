@@ -71,7 +71,7 @@ def test_presets_accept_fp16_head_on_cpus_only():
         assert CompileOptions(lm_head="fp16").check(get_preset(name)).lm_head == "fp16"
     with pytest.raises(UnsupportedError, match="no fp16 LM head kernel"):
         CompileOptions(lm_head="fp16").check(get_preset("cuda"))
-    with pytest.raises(Pbs2pcError, match="choose fp32 or fp16"):
+    with pytest.raises(Pbs2pcError, match="choose fp32, fp16 or int8"):
         CompileOptions(lm_head="bf16")
 
 
