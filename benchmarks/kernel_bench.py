@@ -148,7 +148,7 @@ def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -
 
 
 def int8_here() -> bool:
-    """Whether this machine's x86 target has int8-activation kernels (x86-avx512 does, x86-avx2 not yet)."""
+    """Whether this machine's x86 target has int8-activation kernels."""
     from pbs2pc.compiler.targets import get_preset
     from pbs2pc.passes.kernels import registry
 

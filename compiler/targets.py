@@ -118,9 +118,7 @@ class CompileOptions:
         offered = registry.activations_offered(preset)
         if self.activations not in offered:
             raise UnsupportedError(f"target {preset.name!r} has no {self.activations}-activation kernels; "
-                                   f"use --activations {offered[0]}"
-                                   + ("" if preset.isa != "x86-avx2" else " (int8 kernels need --target x86-avx512)")
-                                   + ".")
+                                   f"use --activations {offered[0]}.")
         if self.lm_head != "fp32" and preset.family not in HEAD_KERNEL_FAMILIES:
             raise UnsupportedError(f"target {preset.name!r} has no {self.lm_head} LM head kernel; use --lm-head fp32.")
         return self

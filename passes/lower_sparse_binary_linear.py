@@ -54,10 +54,11 @@ def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, kernels: list):
+    def __init__(self, mod, kernels: list, used: set | None):
         super().__init__(mod)
         self.mod = mod
         self.kernels = kernels
+        self.used = used
         self._kernels = {}  # (registry entry, call) -> GlobalVar of its PrimFunc
 
     def visit_call_(self, call):
@@ -126,6 +127,8 @@ class _Lowerer(relax.PyExprMutator):
         if chosen is None:
             return None
         entry, call = chosen
+        if self.used is not None:
+            self.used.add(entry.name)
         key = (entry.name, call)
         if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
             self._kernels[key] = self.builder_.add_func(entry.build(call), f"{entry.symbol}_g{g}_")
@@ -212,14 +215,16 @@ class LowerSparseBinaryLinear:
     order (:func:`pbs2pc.passes.kernels.registry.for_target`); the first that covers a call runs it (e.g.
     on x86-avx512 the lookup-table GEMV for one-row calls, the GEMM for the prompt's; with
     ``--activations int8`` the int8 ones first, the fp32 ones for calls they do not cover), and the TE
-    kernel (fp32) runs every call no entry covers. No entries: the TE kernel everywhere.
+    kernel (fp32) runs every call no entry covers. No entries: the TE kernel everywhere. ``used``, a set,
+    receives the names of the entries that ran a call (the manifest lists them).
     """
 
-    def __init__(self, kernels: list | None = None):
+    def __init__(self, kernels: list | None = None, used: set | None = None):
         self.kernels = list(kernels or [])
+        self.used = used
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.kernels)
+        lowerer = _Lowerer(mod, self.kernels, self.used)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

@@ -2,9 +2,10 @@
 
 They read one layout (:data:`LAYOUT`): byte planes in 16-row blocks (two ymm registers of fp32 rows) and
 mask bit planes (the AVX-512 layout's pattern codes need VBMI to expand). ``KERNELS`` is this folder's
-part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): the fp32 lookup-table GEMV for
-one-token calls; the prompt's calls run the TE kernel, which reads the same layout (its better one on AVX2,
-docs/avx2_gemv.md).
+part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): with ``--activations int8`` the int8
+GEMV for one-token calls (``vpshufb`` byte tables, the AVX-512 int8 kernel's quantisation), else the fp32
+lookup-table GEMV; the prompt's calls run the TE kernel in fp32 (no AVX2 int8 GEMM yet), which reads the
+same layout (its better one on AVX2, docs/avx2_gemv.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
 
 from . import sparse_binary_gemv as gemv_fp32
+from . import sparse_binary_gemv_int8 as gemv_int8
 
 ISA = "x86-avx2"
 #: 16-row interleaved byte planes, masks as bit planes: 5-10 % faster for the GEMV than 8 rows, and the TE
@@ -26,6 +28,9 @@ def _shape(call: Call) -> tuple:
 
 
 KERNELS = [
+    KernelEntry("x86_avx2.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, FEATURES, LAYOUT,
+                activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
+                build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
     KernelEntry("x86_avx2.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="one", covers=lambda c: gemv_fp32.supported(*_shape(c)),
                 build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
