@@ -6,12 +6,15 @@
 In one process and one run, for each prompt length (real held-out English text, the same tokens for all):
 
 * **pbs2pc**: SmolLM2 compressed at 6:8 (the simple compressor: speed does not depend on how the bits were
-  chosen), exported, compiled for x86, run through ``pbs2pc.runtime`` with its in-place KV cache: the
-  ``main`` function for the prompt, ``decode`` for each new token.
-* **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to every sparse-binary
-  linear layer, prompt and decode; accuracy cost in ``benchmarks/int8_accuracy.py``).
-* **pbs2pc fp16 head**: the same model compiled with ``--lm-head fp16`` (the tied embedding table stored in
-  fp16: half the bytes of the LM head; accuracy cost in ``benchmarks/lm_head_fp16_accuracy.py``).
+  chosen), exported, compiled for this machine's x86 target (``--target x86``: x86-avx512 or x86-avx2), run
+  through ``pbs2pc.runtime`` with its in-place KV cache: the ``main`` function for the prompt, ``decode``
+  for each new token.
+* **pbs2pc int8**: the same model compiled with ``--activations int8`` (int8 inputs to the sparse-binary
+  linear layers: prompt and decode on x86-avx512, decode on x86-avx2; accuracy cost in
+  ``benchmarks/int8_accuracy.py``), where the target has int8 kernels.
+* **pbs2pc fp16 head** / **pbs2pc int8 head**: the same model compiled with ``--lm-head fp16`` / ``int8``
+  (the tied embedding table stored in fp16 / int8: a half / about a quarter of the LM head's bytes;
+  accuracy cost in ``benchmarks/lm_head_accuracy.py``); **pbs2pc int8 + int8 head** both options.
 * **torch generate**: the original model in float32, ``model.generate(do_sample=False)`` with its default
   dynamic cache, 2 threads. Prefill = one call with ``max_new_tokens=1``; decode rate from the difference
   of two calls (``N`` and 1 new tokens, ``min_new_tokens`` set so both run to length).
@@ -88,6 +91,10 @@ def build(workdir: Path, rebuild: bool):
     if "int8" in registry.activations_offered(preset):
         libs["pbs2pc int8"] = (workdir / "pbs2p-int8" / "model.so", CompileOptions(activations="int8"))
     libs["pbs2pc fp16 head"] = (workdir / "pbs2p-fp16-head" / "model.so", CompileOptions(lm_head="fp16"))
+    libs["pbs2pc int8 head"] = (workdir / "pbs2p-int8-head" / "model.so", CompileOptions(lm_head="int8"))
+    if "int8" in registry.activations_offered(preset):
+        libs["pbs2pc int8 + int8 head"] = (workdir / "pbs2p-int8-int8-head" / "model.so",
+                                           CompileOptions(activations="int8", lm_head="int8"))
     for name, (path, options) in libs.items():
         if stale(path):
             print(f"compiling {name} for {preset.name} ...", flush=True)
@@ -188,7 +195,7 @@ def run_benchmark(args) -> dict:
     ort = OrtDecoder(dense_onnx, threads=2)
     torch_loop = TorchDecoder(model)
     weight_bytes = {name: sum(p["nbytes"] for p in c.manifest["params"]) for name, c in compiled.items()
-                    if name != "pbs2pc int8"}
+                    if name not in ("pbs2pc int8", "pbs2pc int8 + int8 head")}  # int8 activations: the same bytes
     weight_bytes["torch"] = sum(p.numel() * p.element_size() for p in model.parameters())
     weight_bytes["onnxruntime"] = weight_bytes["torch"]
     rows = []
@@ -226,7 +233,8 @@ def run_benchmark(args) -> dict:
     }
 
 
-RUNTIMES = ("pbs2pc", "pbs2pc int8", "pbs2pc fp16 head", "torch generate", "torch loop", "onnxruntime", LLAMA_CPP)
+RUNTIMES = ("pbs2pc", "pbs2pc int8", "pbs2pc fp16 head", "pbs2pc int8 head", "pbs2pc int8 + int8 head",
+            "torch generate", "torch loop", "onnxruntime", LLAMA_CPP)
 
 
 def table(data: dict) -> str:
@@ -246,8 +254,9 @@ def table(data: dict) -> str:
     lines.append("")
     lines.append(f"Read bandwidth {data['read_bandwidth_gb_s']} GB/s (2 threads). Weights read per decode step: "
                  f"pbs2pc {data['weight_bytes_per_token']['pbs2pc'] / 1e6:.0f} MB (floor {floor['pbs2pc']} ms), "
-                 + (f"with the fp16 head {data['weight_bytes_per_token']['pbs2pc fp16 head'] / 1e6:.0f} MB "
-                    f"(floor {floor['pbs2pc fp16 head']} ms), " if "pbs2pc fp16 head" in floor else "") +
+                 + "".join(f"with the {h} head {data['weight_bytes_per_token'][f'pbs2pc {h} head'] / 1e6:.0f} MB "
+                           f"(floor {floor[f'pbs2pc {h} head']} ms), " for h in ("fp16", "int8")
+                           if f"pbs2pc {h} head" in floor) +
                  f"torch / onnxruntime fp32 {data['weight_bytes_per_token']['torch'] / 1e6:.0f} MB "
                  f"(floor {floor['torch']} ms). Load average at the end: {data['load_average']:.2f}.")
     if data.get("llama_cpp"):
