@@ -338,7 +338,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 def test_avx2_model_with_int8_activations_quantises_decode_only(tiny_onnx, tmp_path):
     """Compile-only (any x86 host): ``--activations int8`` on x86-avx2 sends one-token calls to the int8
-    GEMV; the prompt's calls stay fp32 (the TE kernel: there is no AVX2 int8 GEMM)."""
+    GEMV; the prompt's calls stay fp32 (the fp32 GEMM: there is no AVX2 int8 GEMM)."""
     from pbs2pc.compiler.build import compile_model
 
     manifest = compile_model(tiny_onnx, tmp_path / "m.so", "x86-avx2", dump_ir=tmp_path / "ir", activations="int8")

@@ -282,25 +282,26 @@ def _calls(dumped_ir, function, kernel):
     return dumped_ir[start:end if end > 0 else None].count(f"cls.{kernel}")
 
 
-def test_avx2_model_uses_the_gemv_in_decode_and_the_te_kernel_in_the_prompt(tiny_onnx, tmp_path):
+def test_avx2_model_uses_the_gemv_in_decode_and_the_gemm_in_the_prompt(tiny_onnx, tmp_path):
     """Compile-only (any x86 host)."""
     from pbs2pc.compiler.build import compile_model
 
     manifest = compile_model(tiny_onnx, tmp_path / "m.so", "x86-avx2", dump_ir=tmp_path / "ir")
-    assert manifest["kernels"] == ["x86_avx2.gemv_fp32"] and manifest["isa"] == "x86-avx2"
+    assert manifest["kernels"] == ["x86_avx2.gemm_fp32", "x86_avx2.gemv_fp32"] and manifest["isa"] == "x86-avx2"
     assert manifest["layout"] == {"word_bits": 8, "interleave": 16, "mask_codes": False}
     assert not any(f.startswith("avx512") for f in manifest["cpu_features"])
     lowered = (tmp_path / "ir" / "02_lower_pbs2p.py").read_text()
     assert _calls(lowered, "decode", "sparse_binary_gemv_g") == 14  # 7 linear layers x 2 decoder layers
     assert _calls(lowered, "main", "sparse_binary_gemv") == _calls(lowered, "prefill", "sparse_binary_gemv") == 0
-    assert _calls(lowered, "main", "sparse_binary_linear") == _calls(lowered, "prefill", "sparse_binary_linear") == 14
+    assert _calls(lowered, "main", "sparse_binary_gemm_g") == _calls(lowered, "prefill", "sparse_binary_gemm_g") == 14
+    assert _calls(lowered, "main", "sparse_binary_linear") == 0
     asm = (tmp_path / "m.so").read_bytes()
     assert b"expand_mask_codes" not in asm  # no VBMI code expansion in an AVX2 library
 
 
 @needs_avx2
 def test_avx2_model_decode_step_matches_its_prompt_path_and_onnxruntime(tiny_onnx, tmp_path):
-    """The decode step (the AVX2 GEMVs) against the prompt path (the TE kernel) and onnxruntime."""
+    """The decode step (the AVX2 GEMVs) against the prompt path (the AVX2 GEMMs) and onnxruntime."""
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.runtime import load
     from testutil import ort_logits

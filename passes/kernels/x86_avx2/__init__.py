@@ -4,14 +4,16 @@ They read one layout (:data:`LAYOUT`): byte planes in 16-row blocks (two ymm reg
 mask bit planes (the AVX-512 layout's pattern codes need VBMI to expand). ``KERNELS`` is this folder's
 part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): with ``--activations int8`` the int8
 GEMV for one-token calls (``vpshufb`` byte tables, the AVX-512 int8 kernel's quantisation), else the fp32
-lookup-table GEMV; the prompt's calls run the TE kernel in fp32 (no AVX2 int8 GEMM yet), which reads the
-same layout (its better one on AVX2, docs/avx2_gemv.md).
+lookup-table GEMV; the prompt's calls run the fp32 GEMM (256-entry subset-sum tables over 16 input rows
+per column byte, looked up by a scalar plane byte: two ``vaddps`` per 8 weights and 16 rows), in fp32
+with ``--activations int8`` too (no AVX2 int8 GEMM yet). Measurements: docs/avx2_gemv.md.
 """
 
 from __future__ import annotations
 
 from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
 
+from . import sparse_binary_gemm as gemm_fp32
 from . import sparse_binary_gemv as gemv_fp32
 from . import sparse_binary_gemv_int8 as gemv_int8
 
@@ -34,6 +36,9 @@ KERNELS = [
     KernelEntry("x86_avx2.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="one", covers=lambda c: gemv_fp32.supported(*_shape(c)),
                 build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+    KernelEntry("x86_avx2.gemm_fp32", "sparse_binary_gemm", "cpu", ISA, FEATURES, LAYOUT,
+                activations="fp32", rows="any", covers=lambda c: gemm_fp32.supported(*_shape(c)),
+                build=lambda c: gemm_fp32.gemm_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
 ]
 
 __all__ = ["ISA", "KERNELS", "LAYOUT"]
