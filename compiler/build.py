@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import pbs2pc
-from pbs2pc.errors import Pbs2pcError, ToolchainError
+from pbs2pc.errors import Pbs2pcError, ToolchainError, UnsupportedError
 from pbs2pc.fileio import atomic_outputs
 from pbs2pc.models import report
 from pbs2pc.runtime.artifact import MANIFEST_VERSION, artifact_paths, write_weights
@@ -45,7 +45,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
     :mod:`pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
     fp32 everywhere. ``lm_head="fp16"`` stores the LM head's table rounded to fp16 (see
-    :mod:`pbs2pc.passes.store_lm_head_fp16`), ``lm_head="int8"`` as int8 rows with one fp32 scale each
+    :mod:`pbs2pc.passes.store_lm_head_fp16`), ``lm_head="int8"`` as int8 with one fp16 scale per 32 columns
     (:mod:`pbs2pc.passes.store_lm_head_int8`).
     """
     from pbs2pc.compiler import frontend
@@ -157,8 +157,8 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
     ``{"cast": "float16"}`` for the head's table, whose width ``vocab`` is; with ``"int8"``, StoreLMHeadInt8
     records ``{"quantize": "int8"}``); this function applies that record to the numpy arrays and drops the
     attribute: first ``cast`` (a rounding ``astype``) or ``quantize``
-    (:func:`pbs2pc.passes.kernels.lm_head_int8.quantize`: ``[V, H]`` float -> ``[V, H + 4]`` int8, codes and
-    each row's fp32 scale),
+    (:func:`pbs2pc.passes.kernels.lm_head_int8.quantize`: ``[V, H]`` float -> ``[V, H + H/16]`` int8, each row's codes
+    and then its fp16 scales, one per 32 columns),
     ``and_mask`` (the sign plane ANDed with the interchange mask) and ``mask_codes``
     (:func:`pbs2pc.passes.kernels.x86_avx512.mask_codes.encode`), then the dtype (a zero-copy ``view``: uint8 planes
     reinterpreted as little-endian words hold the same bytes), then the interleave (a permutation of rows,
@@ -183,7 +183,13 @@ def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None 
     mod = InterleaveRows(layout.interleave)(mod)
     if options.lm_head in ("fp16", "int8"):  # no head table: one clear error
         store = StoreLMHeadFP16 if options.lm_head == "fp16" else StoreLMHeadInt8
-        mod = store(the_head(mod["main"], vocab, options.lm_head).name)(mod)
+        head = the_head(mod["main"], vocab, options.lm_head)
+        rows, hidden = (int(d) for d in head.ty.shape.values)
+        if options.lm_head == "int8" and not lm_head_int8.supported(rows, hidden):
+            raise UnsupportedError(f"--lm-head int8 needs a head table whose width is a multiple of "
+                                   f"{lm_head_int8.GROUP} and whose rows are a multiple of 4, not {rows} x {hidden}; "
+                                   "use --lm-head fp16.")
+        mod = store(head.name)(mod)
     main = mod["main"]
     record = read_record(main)
     if not record:

@@ -83,7 +83,7 @@ class TargetPreset:
         return self
 
 
-#: ``--lm-head`` choices: the LM head table as exported, in fp16, or in int8 with one fp32 scale per row.
+#: ``--lm-head`` choices: the LM head table as exported, in fp16, or in int8 with an fp16 scale per 32 columns.
 LM_HEAD_TYPES = ("fp32", "fp16", "int8")
 
 
@@ -94,7 +94,7 @@ class CompileOptions:
     ``activations``: ``"fp32"``, or ``"int8"`` (``--activations int8``: the sparse-binary layers quantise
     their inputs per scale group; targets whose registry has int8 kernels). ``lm_head``: ``"fp32"`` as
     exported, ``"fp16"`` (``--lm-head fp16``: the LM head's table stored rounded to fp16) or ``"int8"``
-    (``--lm-head int8``: stored as int8 rows with one fp32 scale each).
+    (``--lm-head int8``: stored as int8 with one fp16 scale per 32 columns, GGUF's Q8_0).
     ``layout`` and ``kernels`` are for experiments and benchmarks: a weight layout instead of the
     registry's choice, and the names of the registry entries allowed (``()``: the TE kernel only).
     """

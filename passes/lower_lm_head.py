@@ -32,9 +32,9 @@ After::
     logits = R.reshape(y, [1, 1, 49152])
 
 With ``--lm-head int8`` (:class:`pbs2pc.passes.store_lm_head_int8.StoreLMHeadInt8`) every read of the
-int8 table ``W8`` (``[V, H + 4]``: codes, then each row's fp32 scale) goes through ``w = R.call_tir(
+int8 table ``W8`` (``[V, H + 2 * H / 32]``: codes, then each 32 columns' fp16 scale) goes through ``w = R.call_tir(
 lm_head_int8_dequantize, (W8,))``, and the same two rewrites apply: the lookup takes the int8 rows and
-dequantises only those (``call_tir(lm_head_int8_dequantize, (reshape(take(W8, ids), [-1, H + 4]),))``, the
+dequantises only those (``call_tir(lm_head_int8_dequantize, (reshape(take(W8, ids), [-1, H + 2 * H / 32]),))``, the
 same PrimFunc on N rows instead of V), and the one-token head calls
 :func:`pbs2pc.passes.kernels.lm_head_int8.lm_head_int8`. ``main`` keeps one dequantisation of the table
 per call and its fp32 product.
@@ -98,7 +98,7 @@ class _Lowerer(relax.PyExprMutator):
         """The rows ``call`` (``take(w, ids)``) reads, taken from ``W8`` and dequantised."""
         bb = self.builder_
         width = int(table.ty.shape[1])
-        hidden = width - lm_head_int8.SCALE_BYTES
+        hidden = lm_head_int8.hidden_of(width)
         taken = bb.emit(relax.op.take(table, call.args[1], axis=0, mode=call.attrs.mode))
         lead = list(taken.ty.shape)[:-1]
         rows = bb.emit(relax.op.reshape(taken, [-1, width])) if len(lead) != 1 else taken
@@ -135,7 +135,7 @@ class _Lowerer(relax.PyExprMutator):
             return None
         vocab, hidden = (int(d) for d in table.ty.shape.values)
         if kernels is lm_head_int8:
-            hidden -= lm_head_int8.SCALE_BYTES
+            hidden = lm_head_int8.hidden_of(hidden)
         x = call.args[0]
         lead = list(x.ty.shape)[:-1]
         if not kernels.supported(vocab, hidden) or int(x.ty.shape[-1]) != hidden or str(x.ty.dtype) != "float32":

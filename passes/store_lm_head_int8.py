@@ -1,18 +1,18 @@
-"""StoreLMHeadInt8: keep the LM head's table in int8, one fp32 scale per row (``pbs2pc compile --lm-head int8``).
+"""StoreLMHeadInt8: keep the LM head's table in int8, one fp16 scale per 32 columns (``pbs2pc compile --lm-head int8``).
 
 Where it runs: in the params transform (``pbs2pc.compiler.build.to_target_layout``), on ``main`` before
 the phase pipeline, like StoreLMHeadFP16; the build applies the record with
 :func:`pbs2pc.passes.kernels.lm_head_int8.quantize`. :class:`pbs2pc.passes.lower_lm_head.LowerLMHead` then
 gives the token lookup and the one-token head products the int8 kernels.
 
-The table becomes one int8 parameter ``[V, H + 4]`` of the same name: each row's codes
-``round(W[v] / s[v])`` (``s[v] = max|W[v]| / 127``) followed by the 4 bytes of ``s[v]``
-(:mod:`pbs2pc.passes.kernels.lm_head_int8`). One parameter rather than codes and scales apart: a lookup
+The table becomes one int8 parameter ``[V, H + 2 * H / 32]`` of the same name (GGUF's Q8_0): each row's
+codes ``round(W[v, k] / s[v, g])`` (``s[v, g] = fp16(max|W[v, group g]| / 127)``, groups of 32 columns)
+followed by the group scales as fp16 byte pairs (:mod:`pbs2pc.passes.kernels.lm_head_int8`). One parameter rather than codes and scales apart: a lookup
 takes a whole row with ``R.take``, and the record, the weights file and the manifest keep one entry per
 parameter (a second parameter would need the record to create arrays, not only re-encode them). Every read
 of the table goes through ``call_tir(lm_head_int8_dequantize, W8)`` (fp32 ``[V, H]``), so the module keeps
 its meaning with the quantised table: the only numerical change is the quantisation (at most half a step,
-``s[v] / 2``, per entry).
+``s[v, g] / 2``, per entry; none for a table that is Q8_0 already).
 
 Before::
 
@@ -23,7 +23,7 @@ Before::
 
 After, with ``main`` tagged ``pbs2pc.params_transform = {"model_embed_tokens_weight": {"quantize": "int8"}}``::
 
-    def main(ids, ..., model_embed_tokens_weight: R.Tensor((49152, 580), "int8"), ...):
+    def main(ids, ..., model_embed_tokens_weight: R.Tensor((49152, 612), "int8"), ...):
         w = R.call_tir(cls.lm_head_int8_dequantize, (model_embed_tokens_weight,), R.Tensor((49152, 576), "float32"))
         e = R.take(w, ids, axis=0)
         ...
@@ -53,7 +53,7 @@ class StoreLMHeadInt8:
         func = mod["main"]
         table = next(p for p in func.params if p.name == self.table)
         vocab, hidden = (int(d) for d in table.ty.shape.values)
-        new = relax.Var(table.name, relax.TensorType([vocab, hidden + lm_head_int8.SCALE_BYTES], "int8"))
+        new = relax.Var(table.name, relax.TensorType([vocab, lm_head_int8.row_bytes(hidden)], "int8"))
         holder = {}
 
         def float32_of(_bb, new_var, old_ty):

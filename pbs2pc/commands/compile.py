@@ -17,14 +17,14 @@ def add_parser(sub):
                         + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
     p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
-                   help="fp32 (default), or int8: every sparse-binary linear layer quantises its input to int8 per "
-                        "scale group (faster decode and prompt; accuracy cost in "
+                   help="fp32 (default), or int8: the sparse-binary linear layers quantise their inputs to int8 per "
+                        "scale group (x86-avx512: decode and prompt; x86-avx2: decode; faster; accuracy cost in "
                         "docs/performance.md)")
     p.add_argument("--lm-head", choices=list(LM_HEAD_TYPES), default="fp32",
                    help="fp32 (default: as exported); fp16: store the LM head's table (the tied embedding) "
-                        "rounded to fp16, half the bytes of the largest read of a decode step; or int8: each "
-                        "row of it as int8 with one fp32 scale, a quarter of the bytes (faster decode; "
-                        "accuracy cost of both in docs/performance.md)")
+                        "rounded to fp16, half the bytes of the largest read of a decode step; or int8: as int8 "
+                        "with one fp16 scale per 32 columns (GGUF's Q8_0), about a quarter of the bytes (faster "
+                        "decode; accuracy cost of both in docs/performance.md)")
     return p
 
 

@@ -279,10 +279,6 @@ def _bench(argv):  # pragma: no cover - measurement, run by hand
                   flush=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _bench(sys.argv[1:])
-
-
 # --------------------------------------------------------------------------------------------------------
 # In a compiled model, with the registry entry the integrator adds to passes/kernels/x86_avx2/__init__.py
 
@@ -314,3 +310,7 @@ def test_avx2_model_prompt_runs_the_gemm_and_matches_onnxruntime(tiny_onnx, tmp_
     ids = [5, 9, 100, 7, 3, 11, 42, 8, 1, 77, 31, 6, 2, 90, 15, 4, 60, 12]  # 18 rows: two row blocks
     model = load(tmp_path / "m.so")
     assert rel_err(model.prefill(ids, 64), ort_logits(tiny_onnx, [ids])[0, -1]) < 1e-5
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench(sys.argv[1:])

@@ -332,10 +332,6 @@ def _bench(argv):  # pragma: no cover - measurement, run by hand
                                                if name != "int8"), flush=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _bench(sys.argv[1:])
-
-
 def test_avx2_model_with_int8_activations_quantises_decode_only(tiny_onnx, tmp_path):
     """Compile-only (any x86 host): ``--activations int8`` on x86-avx2 sends one-token calls to the int8
     GEMV; the prompt's calls stay fp32 (the fp32 GEMM: there is no AVX2 int8 GEMM)."""
@@ -347,3 +343,7 @@ def test_avx2_model_with_int8_activations_quantises_decode_only(tiny_onnx, tmp_p
     decode = lowered[lowered.index("    def decode("):]
     decode = decode[:decode.find("\n    @") if "\n    @" in decode else None]
     assert decode.count("cls.sparse_binary_gemv_int8_g") == 14
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench(sys.argv[1:])

@@ -26,6 +26,8 @@ from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels.x86_avx2 import sparse_binary_gemv as k2  # noqa: E402
 
+if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from testutil import AVX2_TARGET, rel_err, requires  # noqa: E402
 
 #: The AVX2 target (Haswell: AVX2, FMA, F16C; no AVX-512).
@@ -268,10 +270,6 @@ def _bench(argv):  # pragma: no cover - measurement, run by hand
         print(f"{n}x{k} G={g}, {copies} copies of {weight_bytes / 1e6:.2f} MB: {line}", flush=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _bench(sys.argv[1:])
-
-
 # --------------------------------------------------------------------------------------------------------
 # In a compiled model: the registry sends one-token calls here and the prompt's to the TE kernel
 
@@ -313,3 +311,7 @@ def test_avx2_model_decode_step_matches_its_prompt_path_and_onnxruntime(tiny_onn
     step = stepped.step(ids[3])
     assert rel_err(step, whole.prefill(ids, 64)) < 1e-5
     assert rel_err(step, ort_logits(tiny_onnx, [ids])[0, -1]) < 1e-5
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _bench(sys.argv[1:])
