@@ -211,14 +211,15 @@ def explain_host_choice(preset: TargetPreset) -> str:
 
 def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
     """The preset called ``name`` (``x86``: this machine's best x86 preset), or one clear error listing the
-    known ones. CPU presets get ``num-cores`` in their TVM target: ``num_cores``, or this machine's CPUs."""
+    known ones. LLVM (CPU) targets get ``num-cores``: ``num_cores``, or this machine's CPUs (a board's count,
+    for a cross-compiled preset, is the caller's to give)."""
     if name == "x86":
         preset = host_x86_preset()
     elif name in PRESETS:
         preset = PRESETS[name]
     else:
         raise Pbs2pcError(f"unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}.")
-    if preset.family == "cpu":
+    if preset.target.get("kind") == "llvm":
         from pbs2pc.cpu import cpu_threads
 
         preset = preset.with_num_cores(num_cores or cpu_threads())
