@@ -93,13 +93,22 @@ def copies_for(bytes_per_copy: float, llc: int, cap: int) -> tuple[int, bool]:
 # formats: bytes per weight and copies (the contenders' runners are in contenders.py)
 
 
-def weight_bytes(fmt: str, n_out: int, k: int) -> float:
-    """Bytes of one layer's weights in a format (scales included)."""
+def layout_has_codes(isa: str | None) -> bool:
+    """Whether the x86 target ``isa`` (a run's ``x86_isa``; None: this machine's) stores masks as codes."""
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
+    from pbs2pc.passes.kernels import registry
+
+    return registry.target_layout(get_preset(isa or "x86"), CompileOptions()).mask_codes
+
+
+def weight_bytes(fmt: str, n_out: int, k: int, codes: bool = True) -> float:
+    """Bytes of one layer's weights in a format (scales included); ``codes``: the target's layout stores 6:8
+    masks as pattern codes (x86-avx512; x86-avx2 keeps mask planes)."""
     g = group_size(k)
     if fmt.startswith("pbs2pc"):
         from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
-        if pbs2pc_variant(fmt)[1] and mask_codes.supported(n_out, k, *NM) and g % 32 == 0:
+        if codes and pbs2pc_variant(fmt)[1] and mask_codes.supported(n_out, k, *NM) and g % 32 == 0:
             # sign bits, 5-bit mask codes (with each tile's tail bytes), fp16 alpha + mu per group
             return n_out * k * (1 + 32 / g) / 8 + n_out // mask_codes.ROWS * mask_codes.code_width(k)
         return n_out * k * (2 + 32 / g) / 8  # sign + mask bits, fp16 alpha + mu per group
@@ -116,8 +125,8 @@ def nbits_format(fmt: str) -> tuple[int, int | None]:
     return int(parts[1][5:]), block
 
 
-def bits_per_weight(fmt: str, n_out: int, k: int) -> float:
-    return 8 * weight_bytes(fmt, n_out, k) / (n_out * k)
+def bits_per_weight(fmt: str, n_out: int, k: int, codes: bool = True) -> float:
+    return 8 * weight_bytes(fmt, n_out, k, codes) / (n_out * k)
 
 
 def measure_in_rounds(runs: dict, copies: dict, repeats: int, budget_s: float) -> dict:
@@ -169,6 +178,7 @@ def run_benchmark(args) -> dict:
     print(f"bandwidth GB/s: copy {bw['copy']}, triad {bw['triad']}, read {bw['read']}, "
           f"read of rotating 16 MiB arrays {bw['read_rotating']}", flush=True)
     nbits = [b for b in (4, 2) if ort_supports(b)]
+    codes = layout_has_codes(None)  # this machine's x86 target: its layout decides pbs2pc's bytes
     formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
     formats += ["pbs2pc_u8_planes", "pbs2pc_te"] if 8 in args.layouts else []
     formats += ["pbs2pc_int8", "pbs2pc_int8_planes"] if args.int8 and int8_here() else []
@@ -189,7 +199,7 @@ def run_benchmark(args) -> dict:
                     continue  # planes instead of codes: a one-row comparison (the GEMMs read planes anyway)
                 if fmt in ("ort_nbits2_acc0", f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc0") and rows > 1:
                     continue  # ORT's fp32-compute paths: 2-bit ~100x slower than int8; block 32 at M = 1 only
-                wbytes = weight_bytes(fmt, n_out, k)
+                wbytes = weight_bytes(fmt, n_out, k, codes)
                 copies, resident = copies_for(wbytes, llc, args.max_copies)
                 t_build = time.perf_counter()
                 extra = {}
@@ -214,7 +224,7 @@ def run_benchmark(args) -> dict:
                 row = {
                     "N": n_out, "K": k, "label": label, "M": rows, "format": fmt,
                     "G": (nbits_format(fmt)[1] if fmt.startswith("ort_nbits") else None) or group_size(k),
-                    "bits_per_weight": round(bits_per_weight(fmt, n_out, k), 4), "us": round(seconds[fmt] * 1e6, 2),
+                    "bits_per_weight": round(bits_per_weight(fmt, n_out, k, codes), 4), "us": round(seconds[fmt] * 1e6, 2),
                     "floor_us": round(floor * 1e6, 2), "of_floor": round(floor / seconds[fmt], 3),
                     "GBps": round((wbytes + act) / seconds[fmt] / 1e9, 2),
                     "GFLOPs": round(2 * rows * n_out * k / seconds[fmt] / 1e9, 2),
@@ -243,9 +253,10 @@ def recompute_floors(data: dict) -> None:
     """Bits per weight, floors and fractions of the floor from ``data["bandwidth"]["triad"]`` (after a
     re-measurement, or a change of how a format's bytes are counted)."""
     bw = data["bandwidth"]["triad"] * 1e9
+    codes = layout_has_codes(data.get("x86_isa", "x86-avx512"))  # runs before the ISA was recorded: AVX-512
     for row in data["results"]:
-        row["bits_per_weight"] = round(bits_per_weight(row["format"], row["N"], row["K"]), 4)
-        moved = weight_bytes(row["format"], row["N"], row["K"]) + 4.0 * row["M"] * (row["K"] + row["N"])
+        row["bits_per_weight"] = round(bits_per_weight(row["format"], row["N"], row["K"], codes), 4)
+        moved = weight_bytes(row["format"], row["N"], row["K"], codes) + 4.0 * row["M"] * (row["K"] + row["N"])
         row["floor_us"] = round(moved / bw * 1e6, 2)
         row["of_floor"] = round(row["floor_us"] / row["us"], 3)
 
