@@ -68,3 +68,34 @@ def legalize_and_fuse(mod):
            relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
            relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
     return tvm.ir.transform.Sequential(seq)(mod)
+
+
+def mask_plane(rng, n: int, k: int, kind: str):
+    """uint8 ``[n, k/8]`` mask plane: ``"6:8"`` / ``"4:8"`` (that many kept of every 8 columns) or ``"random"``."""
+    if kind == "random":
+        return rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
+    kept = int(kind.split(":")[0])
+    bits = np.zeros((n, k // 8, 8), np.uint8)
+    bits[..., :kept] = 1
+    return np.packbits(rng.permuted(bits, axis=2), axis=2, bitorder="little").reshape(n, k // 8)
+
+
+def run_on_threads(module: str, expression: str, threads: int = 2) -> tuple[int, float]:
+    """``expression`` (a number, e.g. a kernel's relative error) evaluated in a child process whose TVM pool
+    has ``threads`` threads, with the test module ``module`` imported as ``t``; returns the pool's thread
+    count and the value. The suite's own process may run TVM's pool with one thread (half the CPUs of a
+    2-CPU machine), where a parallel loop is one task: here the tasks really split."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/passes']; "
+            f"import {module} as t, tvm_ffi; "
+            f"print(tvm_ffi.get_global_func('runtime.NumThreads')(), {expression})")
+    done = subprocess.run([sys.executable, "-c", code, str(tests)], env={**os.environ, "TVM_NUM_THREADS": str(threads)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, value = done.stdout.split()[-2:]
+    return int(count), float(value)

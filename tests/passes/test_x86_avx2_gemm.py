@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -31,22 +30,12 @@ from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import reference  # noq
 
 if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from testutil import AVX2_TARGET, requires  # noqa: E402
+from testutil import AVX2_TARGET, mask_plane, rel_err, requires, run_on_threads  # noqa: E402
 
 #: The AVX2 target (Haswell: AVX2, FMA, F16C; no AVX-512).
 TARGET = tvm.target.Target(AVX2_TARGET)
 #: The numerics run the compiled code: they skip on a host without the x86-avx2 preset's features.
 needs_avx2 = requires("x86-avx2")
-
-
-def _masks(rng, n, k, kind):
-    """uint8 ``[n, k/8]`` mask plane: ``"6:8"`` / ``"4:8"`` (that many kept of every 8 columns) or ``"random"``."""
-    if kind == "random":
-        return rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    kept = int(kind.split(":")[0])
-    bits = np.zeros((n, k // 8, 8), np.uint8)
-    bits[..., :kept] = 1
-    return np.packbits(rng.permuted(bits, axis=2), axis=2, bitorder="little").reshape(n, k // 8)
 
 
 def _layer(rows, n, k, g, mask_kind, has_mu, has_bias, seed=0):
@@ -55,7 +44,7 @@ def _layer(rows, n, k, g, mask_kind, has_mu, has_bias, seed=0):
     x[:, :g] *= 20  # groups with different ranges: per-group scales must not be mixed up
     x[rows // 2] *= 0.01  # rows with different ranges: rows must not be mixed up
     sign = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    mask = None if mask_kind is None else _masks(rng, n, k, mask_kind)
+    mask = None if mask_kind is None else mask_plane(rng, n, k, mask_kind)
     alpha = (rng.random((n, k // g)) + 0.5).astype(np.float16)
     mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
     bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
@@ -86,10 +75,6 @@ def _run(lib, *layer):
     return tensors[-1].numpy()
 
 
-def _rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
-
-
 SHAPES = [
     # (N, K, G, mask, mu, bias)
     (16, 64, 64, "6:8", True, True),  # one tile of 16 rows, one group
@@ -110,7 +95,7 @@ def test_fp32_matches_dense_product(n, k, g, mask_kind, has_mu, has_bias):
         layer = _layer(rows, n, k, g, mask_kind, has_mu, has_bias, seed=rows)
         got = _run(lib, *layer)
         assert np.isfinite(got).all(), rows
-        assert _rel_err(got, _want(*layer, g)) < 1e-5, rows
+        assert rel_err(got, _want(*layer, g)) < 1e-5, rows
 
 
 @needs_avx2
@@ -120,7 +105,7 @@ def test_tile_chunks_and_steps_do_not_change_the_result(chunk, rows, step):
     # output rows per lookup step
     layer = _layer(rows, 112, 256, 128, "6:8", True, True, seed=chunk)
     got = _run(_build(112, 256, 128, True, True, True, tiles_per_chunk=chunk, outputs_per_step=step), *layer)
-    assert _rel_err(got, _want(*layer, 128)) < 1e-5
+    assert rel_err(got, _want(*layer, 128)) < 1e-5
 
 
 @needs_avx2
@@ -130,20 +115,15 @@ def test_no_rows():
     assert _run(_build(32, 128, 64, True, True, True), np.zeros((0, 128), np.float32), *layer[1:]).shape == (0, 32)
 
 
+def _error_of_a_parallel_layer():
+    layer = _layer(37, 1536, 576, 64, "6:8", True, True, seed=5)
+    return rel_err(_run(_build(1536, 576, 64, True, True, True), *layer), _want(*layer, 64))
+
+
 @needs_avx2
 def test_parallel_tasks_on_two_threads():
-    # The suite's own process may run TVM's pool with one thread; here the tasks really split over two.
-    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/passes']; "
-            "import test_x86_avx2_gemm as t, tvm_ffi; "
-            "layer = t._layer(37, 1536, 576, 64, '6:8', True, True, seed=5); "
-            "got = t._run(t._build(1536, 576, 64, True, True, True), *layer); "
-            "print(tvm_ffi.get_global_func('runtime.NumThreads')(), t._rel_err(got, t._want(*layer, 64)))")
-    done = subprocess.run([sys.executable, "-c", code, tests], env={**os.environ, "TVM_NUM_THREADS": "2"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    threads, err = done.stdout.split()[-2:]
-    assert int(threads) == 2 and float(err) < 1e-5
+    threads, err = run_on_threads("test_x86_avx2_gemm", "t._error_of_a_parallel_layer()")
+    assert threads == 2 and err < 1e-5
 
 
 def test_assembly_is_avx2_table_lookups_without_avx512():
@@ -265,7 +245,7 @@ def _bench(argv):  # pragma: no cover - measurement, run by hand
             runners = {name: (fn, weights) for name, fn in fns.items()}
             for name, (fn, cs) in runners.items():
                 fn(*cs[0])
-                assert _rel_err(out.numpy()[:4], want) < 1e-5, name
+                assert rel_err(out.numpy()[:4], want) < 1e-5, name
             if "torch" in args.which:
                 dense = [torch.randn(n, k) for _ in range(max(1, min(8, -(-2 * llc // (4 * n * k)))))]
                 xx = torch.from_numpy(x)

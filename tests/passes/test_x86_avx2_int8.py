@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -31,22 +30,12 @@ from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv_int8 as k512  # 
 
 if __name__ == "__main__":  # run as a script (--bench): pytest puts tests/ on the path, do it here
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from testutil import AVX2_TARGET, rel_err, requires  # noqa: E402
+from testutil import AVX2_TARGET, mask_plane, rel_err, requires, run_on_threads  # noqa: E402
 
 #: The AVX2 target (Haswell: AVX2, FMA, F16C; no AVX-512).
 TARGET = tvm.target.Target(AVX2_TARGET)
 #: The numerics run the compiled code: they skip on a host without the x86-avx2 preset's features.
 needs_avx2 = requires("x86-avx2")
-
-
-def _masks(rng, n, k, kind):
-    """uint8 ``[n, k/8]`` mask plane: ``"6:8"`` / ``"4:8"`` (that many kept of every 8 columns) or ``"random"``."""
-    if kind == "random":
-        return rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    kept = int(kind.split(":")[0])
-    bits = np.zeros((n, k // 8, 8), np.uint8)
-    bits[..., :kept] = 1
-    return np.packbits(rng.permuted(bits, axis=2), axis=2, bitorder="little").reshape(n, k // 8)
 
 
 def _layer(n, k, g, mask_kind, has_mu, has_bias, seed=0, zero_group=False):
@@ -56,7 +45,7 @@ def _layer(n, k, g, mask_kind, has_mu, has_bias, seed=0, zero_group=False):
     if zero_group:
         x[0, g:2 * g] = 0  # a group of zeros: scale 0, q = 0
     sign = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    mask = None if mask_kind is None else _masks(rng, n, k, mask_kind)
+    mask = None if mask_kind is None else mask_plane(rng, n, k, mask_kind)
     alpha = (rng.random((n, k // g)) + 0.5).astype(np.float16)
     mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
     bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
@@ -154,20 +143,15 @@ def test_variants_do_not_change_the_result(kw):
     assert rel_err(_run(_build(96, 256, 64, True, True, True, **kw), *layer), _oracle(layer, 64)) < 1e-6
 
 
+def _error_of_a_parallel_layer():
+    layer = _layer(1536, 576, 64, "6:8", True, True, seed=5)
+    return rel_err(_run(_build(1536, 576, 64, True, True, True), *layer), _oracle(layer, 64))
+
+
 @needs_avx2
 def test_parallel_tasks_on_two_threads():
-    # The suite's own process may run TVM's pool with one thread; here the tasks really split over two.
-    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/passes']; "
-            "import test_x86_avx2_int8 as t, tvm_ffi; "
-            "layer = t._layer(1536, 576, 64, '6:8', True, True, seed=5); "
-            "got = t._run(t._build(1536, 576, 64, True, True, True), *layer); "
-            "print(tvm_ffi.get_global_func('runtime.NumThreads')(), t.rel_err(got, t._oracle(layer, 64)))")
-    done = subprocess.run([sys.executable, "-c", code, tests], env={**os.environ, "TVM_NUM_THREADS": "2"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    threads, err = done.stdout.split()[-2:]
-    assert int(threads) == 2 and float(err) < 1e-6
+    threads, err = run_on_threads("test_x86_avx2_int8", "t._error_of_a_parallel_layer()")
+    assert threads == 2 and err < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------------
