@@ -99,3 +99,21 @@ def run_on_threads(module: str, expression: str, threads: int = 2) -> tuple[int,
     assert done.returncode == 0, done.stderr[-2000:]
     count, value = done.stdout.split()[-2:]
     return int(count), float(value)
+
+
+def random_layer(rows: int, n: int, k: int, g: int, mask_kind: str | None, has_mu: bool, has_bias: bool, seed: int = 0):
+    """``(x [rows, K] f32, sign, mask or None, alpha, mu or None, bias or None)``: a random sparse-binary layer in
+    the interchange layout (random sign bits, ``mask_plane`` masks, fp16 scales) and its input. The first
+    group of inputs is 20x larger and, with several rows, the middle row 100x smaller, so a kernel that mixes
+    up groups or rows fails."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[:, :g] *= 20
+    if rows > 1:
+        x[rows // 2] *= 0.01
+    sign = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
+    mask = None if mask_kind is None else mask_plane(rng, n, k, mask_kind)
+    alpha = (rng.random((n, k // g)) + 0.5).astype(np.float16)
+    mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
+    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
+    return x, sign, mask, alpha, mu, bias

@@ -30,7 +30,7 @@ from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import reference  # noq
 
 if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from testutil import AVX2_TARGET, mask_plane, rel_err, requires, run_on_threads  # noqa: E402
+from testutil import AVX2_TARGET, random_layer, rel_err, requires, run_on_threads  # noqa: E402
 
 #: The AVX2 target (Haswell: AVX2, FMA, F16C; no AVX-512).
 TARGET = tvm.target.Target(AVX2_TARGET)
@@ -39,16 +39,7 @@ needs_avx2 = requires("x86-avx2")
 
 
 def _layer(rows, n, k, g, mask_kind, has_mu, has_bias, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    x[:, :g] *= 20  # groups with different ranges: per-group scales must not be mixed up
-    x[rows // 2] *= 0.01  # rows with different ranges: rows must not be mixed up
-    sign = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    mask = None if mask_kind is None else mask_plane(rng, n, k, mask_kind)
-    alpha = (rng.random((n, k // g)) + 0.5).astype(np.float16)
-    mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
-    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
-    return x, sign, mask, alpha, mu, bias
+    return random_layer(rows, n, k, g, mask_kind, has_mu, has_bias, seed)
 
 
 def _want(x, sign, mask, alpha, mu, bias, g):

@@ -27,7 +27,7 @@ from pbs2pc.passes.kernels.x86_avx2 import sparse_binary_gemv as k2  # noqa: E40
 
 if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from testutil import AVX2_TARGET, mask_plane, rel_err, requires, run_on_threads  # noqa: E402
+from testutil import AVX2_TARGET, random_layer, rel_err, requires, run_on_threads  # noqa: E402
 
 #: The AVX2 target (Haswell: AVX2, FMA, F16C; no AVX-512).
 TARGET = tvm.target.Target(AVX2_TARGET)
@@ -36,15 +36,7 @@ needs_avx2 = requires("x86-avx2")
 
 
 def _layer(n, k, g, mask_kind, has_mu, has_bias, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    x[0, :g] *= 20  # groups with different ranges: per-group scales must not be mixed up
-    sign = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
-    mask = None if mask_kind is None else mask_plane(rng, n, k, mask_kind)
-    alpha = (rng.random((n, k // g)) + 0.5).astype(np.float16)
-    mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
-    bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
-    return x, sign, mask, alpha, mu, bias
+    return random_layer(1, n, k, g, mask_kind, has_mu, has_bias, seed)
 
 
 def _build(n, k, g, has_mask, has_mu, has_bias, **kw):
