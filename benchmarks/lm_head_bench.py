@@ -28,43 +28,6 @@ import numpy as np  # noqa: E402
 V, H = 49152, 576
 
 
-def _fp32_kernel(vocab: int, hidden: int):
-    """The fp16 kernel's loops on a float32 table (a 64-byte line is one 16-lane vector)."""
-    from pbs2pc.compiler.tvm_compat import T
-    from pbs2pc.passes.kernels import lm_head_fp16 as f
-
-    RT = f._rows_per_task(vocab)
-    KU = next(u for u in f.K_UNROLL if (hidden // f.LANES) % u == 0)
-    L, S = f.LANES, f.STEP
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(var_x: T.handle, table: T.Buffer((vocab, hidden), "float32"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        M = T.int64()
-        x = T.match_buffer(var_x, (M, hidden), "float32")
-        y = T.match_buffer(var_y, (M, vocab), "float32")
-        for m in range(M):
-            for task in T.parallel(vocab // RT):
-                acc = T.alloc_buffer((S, L), "float32", scope="local")
-                for s in range(RT // S):
-                    for r in T.unroll(S):
-                        for l in T.vectorized(L):
-                            acc[r, l] = T.float32(0)
-                    for ko in range(hidden // L // KU):
-                        for line in T.unroll(KU):
-                            for r in T.unroll(S):
-                                f._prefetch(table, T.min(task * RT + s * S + r + S, vocab - 1), (ko * KU + line) * L)
-                        for ki in T.unroll(KU):
-                            for r in T.unroll(S):
-                                for l in T.vectorized(L):
-                                    acc[r, l] = acc[r, l] + x[m, (ko * KU + ki) * L + l] * table[
-                                        task * RT + s * S + r, (ko * KU + ki) * L + l]
-                    for r in T.unroll(S):
-                        y[m, task * RT + s * S + r] = f._sum_lanes(acc.vload([r, 0], "float32x16"))
-
-    return kernel
-
-
 def kernel_bench(calls: int) -> dict:
     from pbs2pc.compiler.tvm_compat import tvm
     from pbs2pc.passes.kernels import lm_head_fp16, lm_head_int8
@@ -74,7 +37,7 @@ def kernel_bench(calls: int) -> dict:
     rng = np.random.default_rng(0)
     base = (rng.standard_normal((V, H)) * 0.05).astype(np.float32)
     contenders = {
-        "fp32": (_fp32_kernel(V, H), base),
+        "fp32": (lm_head_fp16.lm_head_fp16(V, H, "float32"), base),
         "fp16": (lm_head_fp16.lm_head_fp16(V, H), base.astype(np.float16)),
         "int8": (lm_head_int8.lm_head_int8(V, H), lm_head_int8.quantize(base)),
     }

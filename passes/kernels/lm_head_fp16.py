@@ -49,9 +49,9 @@ def _rows_per_task(vocab: int) -> int:
     return next(r for r in (ROWS_PER_TASK, 32, 16, 8, 4) if vocab % r == 0)
 
 
-def _prefetch(table, row, col):
-    """Prefetch the cache line of ``table[row, col]`` into L2 (it never faults; ``row`` is kept in range)."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(table[row, col]), T.int32(0),
+def prefetch(buffer, *index):
+    """Prefetch the cache line of ``buffer[index]`` into L2 (it never faults; the index is kept in range)."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]), T.int32(0),
                                          T.int32(PREFETCH_LOCALITY), T.int32(1)))
 
 
@@ -63,14 +63,18 @@ def _sum_lanes(vector, lanes: int = LANES):
     return vector
 
 
-def lm_head_fp16(vocab: int, hidden: int):
-    """The PrimFunc ``(x [M, H] f32, table [V, H] f16, y [M, V] f32)``, M symbolic: ``y = x @ tableᵀ``."""
+def lm_head_fp16(vocab: int, hidden: int, dtype: str = "float16"):
+    """The PrimFunc ``(x [M, H] f32, table [V, H] f16, y [M, V] f32)``, M symbolic: ``y = x @ tableᵀ``.
+
+    ``dtype="float32"``: the same loops on a float32 table (the benchmarks' baseline for the fp16 one)."""
     V, H = vocab, hidden
     RT = _rows_per_task(V)
     KU = next(u for u in K_UNROLL if (H // LANES) % u == 0)
+    STRIDE = 64 // (int(dtype[5:]) // 8) // LANES  # vectors per 64-byte cache line: 2 of fp16, 1 of fp32
+    LINES = (KU + STRIDE - 1) // STRIDE  # lines of one unrolled K block of one row
 
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(var_x: T.handle, table: T.Buffer((V, H), "float16"), var_y: T.handle):
+    def kernel(var_x: T.handle, table: T.Buffer((V, H), dtype), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         M = T.int64()
         x = T.match_buffer(var_x, (M, H), "float32")
@@ -83,10 +87,10 @@ def lm_head_fp16(vocab: int, hidden: int):
                         for l in T.vectorized(LANES):
                             acc[r, l] = T.float32(0)
                     for ko in range(H // LANES // KU):
-                        for line in T.unroll((KU + 1) // 2):  # 64-byte lines: 2 vectors of fp16 each
+                        for line in T.unroll(LINES):
                             for r in T.unroll(STEP):
-                                _prefetch(table, T.min(task * RT + s * STEP + r + PREFETCH_ROWS, V - 1),
-                                          (ko * KU + 2 * line) * LANES)
+                                prefetch(table, T.min(task * RT + s * STEP + r + PREFETCH_ROWS, V - 1),
+                                         (ko * KU + STRIDE * line) * LANES)
                         for ki in T.unroll(KU):
                             for r in T.unroll(STEP):
                                 for l in T.vectorized(LANES):

@@ -31,7 +31,7 @@ once per call).
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.lm_head_fp16 import K_UNROLL, PREFETCH_LOCALITY, ROWS_PER_TASK, _sum_lanes
+from pbs2pc.passes.kernels.lm_head_fp16 import K_UNROLL, ROWS_PER_TASK, _sum_lanes, prefetch
 
 #: fp32 lanes of one vector of the sums (a zmm register; two ymm on AVX2).
 LANES = 16
@@ -78,12 +78,6 @@ def _scale(rows, row, hidden: int, group):
     return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_or(lo, hi))))
 
 
-def _prefetch(flat, index):
-    """Prefetch the cache line of ``flat[index]`` into L2 (it never faults; ``index`` is kept in range)."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(flat[index]), T.int32(0),
-                                         T.int32(PREFETCH_LOCALITY), T.int32(1)))
-
-
 def lm_head_int8(vocab: int, hidden: int):
     """The PrimFunc ``(x [M, H] f32, table [V, row_bytes(H)] i8, y [M, V] f32)``, M symbolic:
     ``y = x @ dequantize(table)ᵀ`` (see the module docstring)."""
@@ -127,7 +121,7 @@ def lm_head_int8(vocab: int, hidden: int):
                             acc[r, l] = T.float32(0)
                     for ko in range(BLOCKS):
                         for line in T.unroll(LINES):
-                            _prefetch(flat, T.min(row(task, s, PREFETCH_ROWS) * W, FIRST_MAX) + (ko * LINES + line) * 64)
+                            prefetch(flat, T.min(row(task, s, PREFETCH_ROWS) * W, FIRST_MAX) + (ko * LINES + line) * 64)
                         for gi in T.unroll(GU):
                             for r in T.unroll(STEP):
                                 for l in T.vectorized(LANES):
