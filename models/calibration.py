@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pbs2pc.errors import Pbs2pcError
-from pbs2pc.models.format import NMScheme, PackedLinear
+from pbs2pc.models.format import ARRAY_FIELDS, NMScheme, PackedLinear
 from pbs2pc.models.modules import SparseBinaryLinear, _decoder_layers, replace_linear
 
 
@@ -178,14 +178,14 @@ LayerCompressor = Callable[[int, dict, dict], tuple[dict, dict]]
 def _payload(replacement):
     if isinstance(replacement, PackedLinear):
         s = replacement.scheme
-        arrays = {k: getattr(replacement, k) for k in ("sign", "mask", "alpha", "mu", "bias")}
+        arrays = {k: getattr(replacement, k) for k in ARRAY_FIELDS}
         return {"kind": "packed", "scheme": [s.n, s.m, s.group_size], **{k: v for k, v in arrays.items() if v is not None}}
     return {"kind": "dense", "weight": replacement.detach().cpu().clone()}
 
 
 def _from_payload(p):
     if p["kind"] == "packed":
-        arrays = {k: p.get(k) for k in ("sign", "mask", "alpha", "mu", "bias")}
+        arrays = {k: p.get(k) for k in ARRAY_FIELDS}
         return PackedLinear(scheme=NMScheme(*p["scheme"]), **arrays)
     return p["weight"]
 

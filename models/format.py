@@ -1,4 +1,4 @@
-"""The pbs2p sparse-binary weight format (op contract version 1) and its numpy reference.
+"""The pbs2p sparse-binary weight format (op contract version 2) and its numpy reference.
 
 A compressed linear weight ``W`` of shape ``[N, K]`` (out x in) is stored as
 
@@ -11,6 +11,17 @@ A compressed linear weight ``W`` of shape ``[N, K]`` (out x in) is stored as
 and means ``W[o, j] = mask[o, j] * (alpha[o, j // G] * (2 * sign[o, j] - 1) + mu[o, j // G])``, with
 exactly ``n`` mask bits in every aligned group of ``m`` columns of every row. Bits are packed
 little-endian within a byte (``numpy.packbits(..., bitorder="little")``).
+
+Version 2 adds the BiLLM/ARB structure as two optional sets (with neither present a layer is exactly v1):
+
+- **magnitude groups**: ``group`` uint8 ``[N, K/8]`` (1 = the weight belongs to group 1) with
+  ``group_alpha``, ``group_mu`` float16 ``[N, K/G]``: group-1 weights use these scales instead of
+  ``alpha``, ``mu``;
+- **salient residual**: ``salient`` uint8 ``[1, K/8]`` (1 = a salient column, shared by all rows),
+  ``residual`` uint8 ``[N, ceil(S/8)]`` (the second sign plane of the ``S`` salient columns only, in
+  column order: bit ``t`` is the ``t``-th salient column) and ``residual_alpha``, ``residual_mu``
+  float16 ``[N, K/G]``; on a salient column a kept weight adds
+  ``residual_alpha[o, j // G] * (2 * r[o, j] - 1) + residual_mu[o, j // G]``.
 
 Everything numeric in pbs2pc (the PyTorch modules, the ONNX reference, the TVM kernels) is tested
 against the functions here. This module imports numpy only.
@@ -130,6 +141,11 @@ def check_nm_mask(mask_bits: np.ndarray, n: int, m: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 # A packed linear layer
 
+#: The optional inputs op contract v2 adds, in the op's input order (after ``bias``).
+V2_FIELDS = ("group", "group_alpha", "group_mu", "salient", "residual", "residual_alpha", "residual_mu")
+#: Every array a :class:`PackedLinear` may hold, in the op's input order.
+ARRAY_FIELDS = ("sign", "mask", "alpha", "mu", "bias", *V2_FIELDS)
+
 
 @dataclasses.dataclass
 class PackedLinear:
@@ -141,6 +157,33 @@ class PackedLinear:
     mu: np.ndarray | None
     scheme: NMScheme
     bias: np.ndarray | None = None
+    # op contract v2 (optional; see the module docstring)
+    group: np.ndarray | None = None
+    group_alpha: np.ndarray | None = None
+    group_mu: np.ndarray | None = None
+    salient: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    residual_alpha: np.ndarray | None = None
+    residual_mu: np.ndarray | None = None
+
+    @property
+    def has_groups(self) -> bool:
+        return self.group is not None
+
+    @property
+    def has_residual(self) -> bool:
+        return self.salient is not None
+
+    @property
+    def version(self) -> int:
+        """2 when any v2 input is present, else 1."""
+        return 2 if self.has_groups or self.has_residual else 1
+
+    def salient_columns(self) -> np.ndarray:
+        """Indices of the salient columns (empty without a residual)."""
+        if self.salient is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(unpack_bits(self.salient, self.in_features)[0])
 
     @property
     def out_features(self) -> int:
@@ -175,16 +218,54 @@ class PackedLinear:
                 raise FormatError(f"{name} must be float16 [{n_out}, {groups}], got {arr.dtype} {arr.shape}.")
         if self.bias is not None and self.bias.shape != (n_out,):
             raise FormatError(f"bias must have shape [{n_out}], got {self.bias.shape}.")
+        self._validate_v2(n_out, k, groups)
         return self
+
+    def _validate_v2(self, n_out: int, k: int, groups: int) -> None:
+        def scales(*names):
+            for name in names:
+                arr = getattr(self, name)
+                if arr is None or arr.dtype != np.float16 or arr.shape != (n_out, groups):
+                    got = "missing" if arr is None else f"{arr.dtype} {arr.shape}"
+                    raise FormatError(f"{name} must be float16 [{n_out}, {groups}], got {got}.")
+
+        group_set = (self.group, self.group_alpha, self.group_mu)
+        if any(a is not None for a in group_set):
+            if self.group is None or self.group.dtype != np.uint8 or self.group.shape != self.sign.shape:
+                got = "missing" if self.group is None else f"{self.group.dtype} {self.group.shape}"
+                raise FormatError(f"group must be uint8 {self.sign.shape} when group scales are given, got {got}.")
+            scales("group_alpha", "group_mu")
+        residual_set = (self.salient, self.residual, self.residual_alpha, self.residual_mu)
+        if any(a is not None for a in residual_set):
+            if self.salient is None or self.salient.dtype != np.uint8 or self.salient.shape != (1, k // 8):
+                got = "missing" if self.salient is None else f"{self.salient.dtype} {self.salient.shape}"
+                raise FormatError(f"salient must be uint8 [1, {k // 8}] when a residual is given, got {got}.")
+            count = len(self.salient_columns())
+            want = (n_out, max(1, -(-count // 8)))
+            if self.residual is None or self.residual.dtype != np.uint8 or self.residual.shape != want:
+                got = "missing" if self.residual is None else f"{self.residual.dtype} {self.residual.shape}"
+                raise FormatError(f"residual must be uint8 {list(want)} for {count} salient columns, got {got}.")
+            scales("residual_alpha", "residual_mu")
 
     def dense(self) -> np.ndarray:
         """The float32 ``[N, K]`` weight this layer means (the reference decode)."""
         g = self.scheme.group_size
+
+        def per_column(scale):
+            return np.repeat(scale.astype(np.float32), g, axis=1)
+
         sign = unpack_bits(self.sign).astype(np.float32) * 2.0 - 1.0
-        alpha = np.repeat(self.alpha.astype(np.float32), g, axis=1)
-        w = alpha * sign
-        if self.mu is not None:
-            w += np.repeat(self.mu.astype(np.float32), g, axis=1)
+        alpha = per_column(self.alpha)
+        mu = per_column(self.mu) if self.mu is not None else np.zeros_like(alpha)
+        if self.group is not None:
+            in_group = unpack_bits(self.group)
+            alpha = np.where(in_group, per_column(self.group_alpha), alpha)
+            mu = np.where(in_group, per_column(self.group_mu), mu)
+        w = alpha * sign + mu
+        if self.salient is not None:
+            cols = self.salient_columns()
+            r = unpack_bits(self.residual)[:, : len(cols)].astype(np.float32) * 2.0 - 1.0
+            w[:, cols] += per_column(self.residual_alpha)[:, cols] * r + per_column(self.residual_mu)[:, cols]
         if self.mask is not None:
             w *= unpack_bits(self.mask)
         return w
@@ -198,7 +279,9 @@ class PackedLinear:
 
     def bits(self) -> "BitsPerWeight":
         """Honest bits per weight of this layer (see :func:`bits_per_weight`)."""
-        return bits_per_weight(self.scheme, has_mu=self.mu is not None)
+        return bits_per_weight(self.scheme, has_mu=self.mu is not None, groups=self.has_groups,
+                               salient_fraction=len(self.salient_columns()) / self.in_features if self.has_residual else None,
+                               rows=self.out_features)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,11 +292,14 @@ class PackedLinear:
 class BitsPerWeight:
     """Storage cost of one weight, in bits, counted three ways.
 
-    ``interchange``: the ONNX form (1 sign bit + 1 mask bit when pruned + fp16 scales / G).
+    ``interchange``: the ONNX form (1 sign bit + 1 mask bit when pruned + fp16 scales / G; v2 adds 1
+    group bit, the residual plane of the salient columns and the salient-column bitmap).
     ``compact``: the best exact N:M encoding (ceil(log2 C(m, n)) pattern bits per group + n sign bits
-    per group + scales), which a target layout can reach.
-    ``paper``: what the PBS2P / STBLLM tables count: only the sign bits of kept weights (n / m); masks,
-    pattern indices and scales are left out. Reported for comparison, never as our cost.
+    per group + scales), which a target layout can reach; v2's group and residual bits are counted for
+    kept weights only.
+    ``paper``: what the PBS2P / STBLLM / BiLLM tables count: only the sign planes of kept weights
+    (``n / m`` times ``1 + salient fraction``); masks, pattern indices, group bitmaps and scales are left
+    out. Reported for comparison, never as our cost.
     """
 
     interchange: float
@@ -222,15 +308,26 @@ class BitsPerWeight:
     scales: float
 
 
-def bits_per_weight(scheme: NMScheme, has_mu: bool = True) -> BitsPerWeight:
-    """Bits per weight of ``scheme`` (scales in float16)."""
+def bits_per_weight(scheme: NMScheme, has_mu: bool = True, *, groups: bool = False,
+                    salient_fraction: float | None = None, rows: int | None = None,
+                    scale_bits: float = 16.0) -> BitsPerWeight:
+    """Bits per weight of ``scheme`` (scales of ``scale_bits`` each, float16 in the format).
+
+    ``groups``: a group bitmap with its alpha and mu; ``salient_fraction``: the share of columns with a
+    residual plane (``None``: no residual; with one, its alpha and mu and the salient-column bitmap,
+    ``1 / rows`` per weight, are counted too).
+    """
     n, m, g = scheme.n, scheme.m, scheme.group_size
-    scales = 16.0 * (2 if has_mu else 1) / g
+    count = (2 if has_mu else 1) + (2 if groups else 0) + (2 if salient_fraction is not None else 0)
+    scales = scale_bits * count / g
     mask_bits = 0.0 if scheme.dense else 1.0
     pattern = math.ceil(math.log2(math.comb(m, n))) if n < m else 0
+    density = n / m
+    frac = salient_fraction or 0.0
+    extra = (1.0 / rows if rows else 0.0) if salient_fraction is not None else 0.0
     return BitsPerWeight(
-        interchange=1.0 + mask_bits + scales,
-        compact=(pattern + n) / m + scales,
-        paper=n / m,
+        interchange=1.0 + mask_bits + (1.0 if groups else 0.0) + frac + extra + scales,
+        compact=pattern / m + density * (1.0 + (1.0 if groups else 0.0) + frac) + extra + scales,
+        paper=density * (1.0 + frac),
         scales=scales,
     )

@@ -19,11 +19,11 @@ from torch import nn
 
 from pbs2pc import FORMAT_VERSION
 from pbs2pc.errors import Pbs2pcError
-from pbs2pc.models.format import NMScheme, PackedLinear
+from pbs2pc.models.format import ARRAY_FIELDS, NMScheme, PackedLinear
 
 MANIFEST = "pbs2pc.json"
 WEIGHTS = "model.safetensors"
-PLANES = ("sign", "mask", "alpha", "mu", "bias")
+PLANES = ARRAY_FIELDS
 
 
 def _unpack_torch(packed: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,22 @@ class SparseBinaryLinear(nn.Module):
     def decode(self) -> torch.Tensor:
         """The float32 weight ``[N, K]`` (vectorised; matches :meth:`PackedLinear.dense`)."""
         g = self.scheme.group_size
+
+        def per_column(scale):
+            return scale.float().repeat_interleave(g, dim=1)
+
         sign = _unpack_torch(self.sign).float() * 2 - 1
-        w = sign * self.alpha.float().repeat_interleave(g, dim=1)
-        if self.mu is not None:
-            w = w + self.mu.float().repeat_interleave(g, dim=1)
+        alpha = per_column(self.alpha)
+        mu = per_column(self.mu) if self.mu is not None else torch.zeros_like(alpha)
+        if self.group is not None:
+            in_group = _unpack_torch(self.group)
+            alpha = torch.where(in_group, per_column(self.group_alpha), alpha)
+            mu = torch.where(in_group, per_column(self.group_mu), mu)
+        w = sign * alpha + mu
+        if self.salient is not None:
+            cols = torch.nonzero(_unpack_torch(self.salient)[0]).flatten()
+            r = _unpack_torch(self.residual)[:, : len(cols)].float() * 2 - 1
+            w[:, cols] += per_column(self.residual_alpha)[:, cols] * r + per_column(self.residual_mu)[:, cols]
         if self.mask is not None:
             w = w * _unpack_torch(self.mask)
         return w
@@ -138,10 +150,10 @@ def read_manifest(folder: str | Path) -> dict:
     if not is_compressed_dir(folder):
         raise Pbs2pcError(f"{folder} is not a compressed model folder (no {MANIFEST}); run pbs2pc compress first.")
     manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise Pbs2pcError(
-            f"{folder} uses format version {manifest.get('format_version')}, this pbs2pc reads {FORMAT_VERSION}; "
-            "compress the model again."
+            f"{folder} uses format version {manifest.get('format_version')}, this pbs2pc reads versions 1 to "
+            f"{FORMAT_VERSION}; compress the model again with this pbs2pc."
         )
     return manifest
 

@@ -10,5 +10,6 @@ Subpackages (each a top-level folder of the repository):
 
 __version__ = "0.1.0"
 
-#: Version of the ``pbs2p`` ONNX op contract (docs/format.md). Bump on any incompatible change.
-FORMAT_VERSION = 1
+#: Version of the ``pbs2p`` ONNX op contract (docs/format.md). Readers accept every version up to this one
+#: (v2 only adds optional inputs); bump on any change.
+FORMAT_VERSION = 2
