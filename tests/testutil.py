@@ -117,3 +117,25 @@ def random_layer(rows: int, n: int, k: int, g: int, mask_kind: str | None, has_m
     mu = (rng.standard_normal((n, k // g)) * 0.2).astype(np.float16) if has_mu else None
     bias = rng.standard_normal(n).astype(np.float32) if has_bias else None
     return x, sign, mask, alpha, mu, bias
+
+
+def random_structure(rng, n: int, k: int, g: int, groups: bool = True, salient: int = 4) -> dict:
+    """The op contract v2 inputs of a random layer ``[n, k]``: a random group bitmap with its fp16 scales
+    (``groups``) and a residual plane on ``salient`` random columns per ``g``-column block (0: none), as
+    keyword arguments of :class:`pbs2pc.models.format.PackedLinear`."""
+    out = {}
+    if groups:
+        out["group"] = rng.integers(0, 256, (n, k // 8), dtype=np.uint8)
+        out["group_alpha"] = (rng.random((n, k // g)) + 1.0).astype(np.float16)
+        out["group_mu"] = (rng.standard_normal((n, k // g)) * 0.3).astype(np.float16)
+    if salient:
+        cols = np.zeros(k, bool)
+        for start in range(0, k, g):
+            cols[start + rng.choice(g, min(salient, g), replace=False)] = True
+        out["salient"] = np.packbits(cols[None], axis=1, bitorder="little")
+        count = int(cols.sum())
+        r = rng.integers(0, 2, (n, -(-count // 8) * 8)).astype(bool)
+        out["residual"] = np.packbits(r, axis=1, bitorder="little")
+        out["residual_alpha"] = (rng.random((n, k // g)) * 0.5 + 0.1).astype(np.float16)
+        out["residual_mu"] = (rng.standard_normal((n, k // g)) * 0.1).astype(np.float16)
+    return out

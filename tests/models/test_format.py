@@ -93,3 +93,64 @@ def test_bits_per_weight_counts_masks_and_scales():
     assert four.compact == pytest.approx((7 + 4) / 8 + 0.125)  # 70 patterns -> 7 bits; alpha only
     dense = bits_per_weight(NMScheme(8, 8, 64))
     assert dense.interchange == pytest.approx(1 + 0.5) and dense.compact == pytest.approx(1.5)
+
+
+def _loop_decode(p: PackedLinear) -> np.ndarray:
+    """Op contract v2 written out weight by weight, as docs/format.md states it."""
+    g = p.scheme.group_size
+    sign, group = unpack_bits(p.sign), unpack_bits(p.group) if p.group is not None else None
+    keep = unpack_bits(p.mask) if p.mask is not None else np.ones_like(sign)
+    salient = unpack_bits(p.salient)[0] if p.salient is not None else np.zeros(p.in_features, bool)
+    res = unpack_bits(p.residual) if p.residual is not None else None
+    w = np.zeros((p.out_features, p.in_features))
+    for o in range(p.out_features):
+        t = 0
+        for j in range(p.in_features):
+            b = j // g
+            in_group = group is not None and group[o, j]
+            a = float(p.group_alpha[o, b] if in_group else p.alpha[o, b])
+            u = float(p.group_mu[o, b] if in_group else p.mu[o, b])
+            v = a * (2 * sign[o, j] - 1) + u
+            if salient[j]:
+                v += float(p.residual_alpha[o, b]) * (2 * res[o, t] - 1) + float(p.residual_mu[o, b])
+                t += 1
+            w[o, j] = v * keep[o, j]
+    return w
+
+
+@pytest.mark.parametrize("groups,salient", [(True, 4), (True, 0), (False, 3), (True, 1)])
+def test_v2_decode_matches_the_contract_weight_by_weight(groups, salient):
+    from testutil import random_layer, random_structure
+
+    rng = np.random.default_rng(3)
+    _, sign, mask, alpha, mu, bias = random_layer(1, 24, 128, 64, "5:8", True, True, seed=4)
+    p = PackedLinear(sign=sign, mask=mask, alpha=alpha, mu=mu, bias=bias, scheme=NMScheme(5, 8, 64),
+                     **random_structure(rng, 24, 128, 64, groups, salient)).validate()
+    assert p.version == 2
+    np.testing.assert_array_equal(p.dense(), _loop_decode(p).astype(np.float32))
+    from pbs2pc.models.modules import SparseBinaryLinear
+
+    np.testing.assert_array_equal(SparseBinaryLinear(p).decode().numpy(), p.dense())
+
+
+def test_v2_validation_names_the_bad_input():
+    from testutil import random_layer, random_structure
+
+    rng = np.random.default_rng(0)
+    _, sign, mask, alpha, mu, _ = random_layer(1, 16, 64, 64, "6:8", True, False)
+    st = random_structure(rng, 16, 64, 64, True, 2)
+    base = dict(sign=sign, mask=mask, alpha=alpha, mu=mu, scheme=NMScheme(6, 8, 64))
+    with pytest.raises(FormatError, match="group_mu must be float16"):
+        PackedLinear(**base, **{**st, "group_mu": None}).validate()
+    with pytest.raises(FormatError, match="residual must be uint8 \\[16, 1\\] for 2 salient columns"):
+        PackedLinear(**base, **{**st, "residual": np.zeros((16, 2), np.uint8)}).validate()
+    with pytest.raises(FormatError, match="salient must be uint8"):
+        PackedLinear(**base, **{**st, "salient": None}).validate()
+
+
+def test_v2_bits_count_groups_residual_and_scales():
+    b = bits_per_weight(NMScheme(6, 8, 64), groups=True, salient_fraction=4 / 64, rows=576)
+    assert b.scales == 16 * 6 / 64
+    assert abs(b.paper - 0.75 * (1 + 4 / 64)) < 1e-12  # 0.797: the 0.80 the PBS2P/STBLLM tables print
+    assert abs(b.interchange - (1 + 1 + 1 + 4 / 64 + 1 / 576 + 1.5)) < 1e-12
+    assert abs(b.compact - (5 / 8 + 0.75 * (2 + 4 / 64) + 1 / 576 + 1.5)) < 1e-12
