@@ -21,7 +21,8 @@ A prompt is run with empty past tensors (``past_sequence = 0``). Attention is th
 query ``q`` attends key ``k`` when ``cumsum(attention_mask)[k] - 1 <= position_ids[q]`` and
 ``attention_mask[k] == 1`` (causal by position, padding excluded), given as an explicit boolean mask.
 Every decoder-block linear that was compressed becomes a pbs2p node (the reference FunctionProtos are
-attached); the rest (embedding, norms, the LM head) stays float32. Weights go to external data
+attached; a layer with op contract version 2 structure passes its group and residual planes too, and
+then the file imports pbs2p opset 2 and records format version 2, otherwise opset 1 and version 1); the rest (embedding, norms, the LM head) stays float32. Weights go to external data
 (``model.onnx.data``).
 
 Correctness is tested against the PyTorch model: onnxruntime must reproduce its logits.
@@ -42,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pbs2pc
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.models import onnx_op
+from pbs2pc.models.format import V2_FIELDS
 from pbs2pc.models.modules import SparseBinaryLinear
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -120,9 +122,10 @@ class _LlamaExporter:
             p = module.packed()
             planes = {k: None if getattr(p, k) is None else g.init(f"{name}.{k}", getattr(p, k)) for k in onnx_op.INPUTS[1:]}
             out = g.fresh(name.rsplit(".", 1)[-1])
+            v2 = {k: planes[k] for k in V2_FIELDS}
             g.nodes.append(onnx_op.make_node(x, planes["sign"], planes["mask"], planes["alpha"], planes["mu"],
                                              planes["bias"], out, n=p.scheme.n, m=p.scheme.m,
-                                             group_size=p.scheme.group_size, name=name))
+                                             group_size=p.scheme.group_size, name=name, **v2))
             return out
         w = g.init(f"{name}.weight_t", _weight(module.weight).T)
         y = g.op("MatMul", [x, w])
@@ -224,8 +227,9 @@ def to_onnx(model, metadata: dict | None = None) -> onnx.ModelProto:
         graph, producer_name="pbs2pc", producer_version=pbs2pc.__version__, ir_version=10,
         opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)],
     )
-    onnx_op.attach_functions(onnx_model)
-    meta = {"pbs2p.format_version": str(pbs2pc.FORMAT_VERSION), **{k: _meta_str(v) for k, v in (metadata or {}).items()}}
+    onnx_op.attach_functions(onnx_model)  # also imports the pbs2p opset the layers need (1, or 2 with v2 inputs)
+    meta = {onnx_op.METADATA_KEY: str(onnx_op.contract_version(onnx_model)),
+            **{k: _meta_str(v) for k, v in (metadata or {}).items()}}
     helper.set_model_props(onnx_model, meta)
     return onnx_model
 
