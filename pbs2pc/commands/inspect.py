@@ -14,15 +14,29 @@ def add_parser(sub):
     return p
 
 
+def _structure_line(summary: dict) -> list[str]:
+    """The op contract version 2 structure of the compressed layers (nothing for a version-1 model)."""
+    groups, residual = summary.get("layers_with_groups", 0), summary.get("layers_with_residual", 0)
+    if not (groups or residual):
+        return []
+    return [f"op contract v2 structure: magnitude groups in {groups} of {summary['layers']} layers, a salient "
+            f"residual in {residual} ({summary['salient_columns']:,} salient columns, "
+            f"{100 * summary['salient_fraction']:.2f}% of the compressed weights)"]
+
+
 def _bits_lines(summary: dict) -> list[str]:
     if not summary.get("weights"):
         return ["compressed layers: none"]
+    v2 = bool(summary.get("layers_with_groups") or summary.get("layers_with_residual"))
     return [
         f"compressed layers: {summary['layers']} ({summary['weights']:,} weights), schemes: {', '.join(summary['schemes'])}",
-        f"bits per weight, honest: {summary['bits_interchange']:.3f} as stored (1 sign + 1 mask + scales), "
+        *_structure_line(summary),
+        f"bits per weight, honest: {summary['bits_interchange']:.3f} as stored (1 sign + 1 mask + scales"
+        f"{'; v2 layers add a group bit, residual signs and the salient bitmap' if v2 else ''}), "
         f"{summary['bits_compact']:.3f} with an exact N:M code (pattern index + kept signs + scales); "
         f"scales alone {summary['bits_scales']:.3f}",
-        f"bits per weight, paper-style: {summary['bits_paper']:.3f} (signs of kept weights only; no mask, index or scales)",
+        f"bits per weight, paper-style: {summary['bits_paper']:.3f} (signs of kept weights only"
+        f"{', residual signs included' if v2 else ''}; no mask, index or scales)",
     ] + ([f"bits per weight, compiled: {summary['bits_target']:.3f} as the weights file stores them "
           "(the target layout, e.g. masks as 5-bit pattern codes)"] if "bits_target" in summary else [])
 
@@ -44,7 +58,7 @@ def run(args) -> int:
         from pbs2pc.models.onnx_file import load_onnx
 
         model = load_onnx(path, load_external_data=False)
-        layers = report.onnx_layers(model)
+        layers = report.onnx_layers(model, base_dir=path.parent)
         summary = report.summarize(layers)
         data = path.with_name(path.name + ".data")
         info = {
