@@ -34,12 +34,17 @@ from onnx import numpy_helper
 from pbs2pc.errors import FormatError, Pbs2pcError, UnsupportedError
 from pbs2pc.models import onnx_op
 from pbs2pc.models.onnx_file import load_onnx
-from pbs2pc.models.format import NMScheme, PackedLinear
+from pbs2pc.models.format import ARRAY_FIELDS, NMScheme, PackedLinear
 from pbs2pc.compiler.tvm_compat import onnx_frontend, relax, tirx
 
 #: attribute carried by the private Relax function of every pbs2p op (matched by the lowering pass).
 OP_ATTR = "pbs2p.op"
 _DENSE_PARAM_DTYPES = {np.dtype("float32"), np.dtype("float16")}
+#: The op's inputs in order (op contract v2: v1's six, then the optional magnitude groups and salient
+#: residual, ``pbs2pc.models.format.ARRAY_FIELDS``); omitted optional inputs are empty names.
+INPUTS = ("X", *ARRAY_FIELDS)
+#: The pbs2p opset versions this compiler reads: 1 (v1 files) and 2 (files with any v2 input).
+OPSET_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -69,9 +74,12 @@ def _check_pbs2p_node(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> N
     missing = [a for a in ("n", "m", "group_size") if a not in attrs]
     if missing:
         raise FormatError(f"{where}: attribute(s) {', '.join(missing)} missing; SparseBinaryLinear needs n, m and group_size.")
-    names = list(node.input) + [""] * (len(onnx_op.INPUTS) - len(node.input))
+    if len(node.input) > len(INPUTS):
+        raise FormatError(f"{where}: {len(node.input)} inputs, SparseBinaryLinear takes at most {len(INPUTS)} "
+                          f"({', '.join(INPUTS)}).")
+    names = list(node.input) + [""] * (len(INPUTS) - len(node.input))
     arrays = {}
-    for role, name in zip(onnx_op.INPUTS[1:], names[1:]):
+    for role, name in zip(INPUTS[1:], names[1:]):
         if not name:
             continue
         if name not in weights:
@@ -84,9 +92,8 @@ def _check_pbs2p_node(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> N
         raise FormatError(f"{where}: bias must be float32 or float16, got {arrays['bias'].dtype}.")
     try:
         PackedLinear(
-            sign=arrays["sign"], mask=arrays.get("mask"), alpha=arrays["alpha"], mu=arrays.get("mu"),
             scheme=NMScheme(int(attrs["n"]), int(attrs["m"]), int(attrs["group_size"])),
-            bias=arrays.get("bias"),
+            **{role: arrays.get(role) for role in ARRAY_FIELDS},
         ).validate()
     except FormatError as exc:
         raise FormatError(f"{where}: {exc}") from None
@@ -95,10 +102,10 @@ def _check_pbs2p_node(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> N
 def check_model(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Check that pbs2pc can compile ``model``; return its initializers. Raises one clear error otherwise."""
     domains = {o.domain: o.version for o in model.opset_import}
-    if onnx_op.DOMAIN in domains and domains[onnx_op.DOMAIN] != onnx_op.OPSET_VERSION:
+    if onnx_op.DOMAIN in domains and domains[onnx_op.DOMAIN] not in OPSET_VERSIONS:
         raise UnsupportedError(
-            f"the file uses pbs2p opset {domains[onnx_op.DOMAIN]}, this pbs2pc compiles opset {onnx_op.OPSET_VERSION}; "
-            "re-export it with this version."
+            f"the file uses pbs2p opset {domains[onnx_op.DOMAIN]}, this pbs2pc compiles opsets "
+            f"{' and '.join(map(str, OPSET_VERSIONS))}; re-export it with this version."
         )
     weights = _initializers(model)
     known = onnx_frontend._get_convert_map()
@@ -121,7 +128,14 @@ def check_model(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _reference_function(x_ty, n: int, m: int, group_size: int, present: dict[str, object]) -> relax.Function:
-    """The op's meaning in plain Relax ops, as a private function (leading dims of X stay symbolic)."""
+    """The op's meaning in plain Relax ops, as a private function (leading dims of X stay symbolic).
+
+    Parameters are named by role (``x``, then the present ones of ``ARRAY_FIELDS`` in order). Version 2:
+    group-1 weights take ``group_alpha``/``group_mu`` (a ``where`` on the group bits), and a salient
+    column's residual bit is found by the column's rank among the salient columns (an exclusive
+    ``cumsum`` of the salient bits, a ``take`` from the unpacked residual plane), its term added where the
+    column is salient; the mask multiplies last, as in ``PackedLinear.dense``.
+    """
     lead = [tirx.Var(f"d{i}", "int64") for i in range(len(x_ty.shape) - 1)]
     k = int(x_ty.shape[-1])
     bb = relax.BlockBuilder()
@@ -130,21 +144,44 @@ def _reference_function(x_ty, n: int, m: int, group_size: int, present: dict[str
     for role, ty in present.items():
         params[role] = relax.Var(role, ty)
     op = relax.op
+    gs = k // group_size
     with bb.function("pbs2p_sparse_binary_linear", list(params.values()), private=True):
         with bb.dataflow():
             e = bb.emit  # every intermediate is bound, so each op sees typed inputs
             f32 = lambda value: relax.const(np.float32(value))  # noqa: E731
 
-            def unpack(plane):  # uint8 [N, K/8] -> float32 0/1 [N, K]
+            def bits(plane, width=k):  # uint8 [R, width/8] -> uint8 0/1 [R, width]
                 shifted = e(op.right_shift(e(op.expand_dims(plane, -1)), relax.const(np.arange(8, dtype=np.uint8))))
-                bits = e(op.bitwise_and(shifted, relax.const(np.uint8(1))))
-                return e(op.astype(e(op.reshape(bits, [-1, k])), "float32"))
+                return e(op.reshape(e(op.bitwise_and(shifted, relax.const(np.uint8(1)))), [-1, width]))
+
+            def unpack(plane, width=k):  # uint8 [R, width/8] -> float32 0/1 [R, width]
+                return e(op.astype(bits(plane, width), "float32"))
+
+            def grouped(plane):  # [N, K] -> [N, K/G, G]
+                return e(op.reshape(plane, [-1, gs, group_size]))
+
+            def scale(role):  # fp16 [N, K/G] -> float32 [N, K/G, 1]
+                return e(op.expand_dims(e(op.astype(params[role], "float32")), -1))
 
             pm1 = e(op.subtract(e(op.multiply(unpack(params["sign"]), f32(2))), f32(1)))
-            grouped = e(op.reshape(pm1, [-1, k // group_size, group_size]))
-            w = e(op.multiply(grouped, e(op.expand_dims(e(op.astype(params["alpha"], "float32")), -1))))
-            if "mu" in params:
-                w = e(op.add(w, e(op.expand_dims(e(op.astype(params["mu"], "float32")), -1))))
+            alpha = scale("alpha")
+            mu = scale("mu") if "mu" in params else None
+            if "group" in params:
+                in_group = grouped(e(op.astype(bits(params["group"]), "bool")))
+                alpha = e(op.where(in_group, scale("group_alpha"), alpha))
+                mu = e(op.where(in_group, scale("group_mu"), mu if mu is not None else f32(0)))
+            w = e(op.multiply(grouped(pm1), alpha))
+            if mu is not None:
+                w = e(op.add(w, mu))
+            if "salient" in params:
+                salient = e(op.reshape(e(op.astype(bits(params["salient"]), "int32")), [k]))
+                rank = e(op.subtract(e(op.cumsum(salient, axis=0, dtype="int32")), salient))
+                width = 8 * int(params["residual"].ty.shape[1])
+                rank = e(op.minimum(rank, relax.const(np.int32(width - 1))))  # non-salient columns: any bit
+                r = e(op.take(unpack(params["residual"], width), rank, axis=1))  # [N, K]
+                r_pm1 = e(op.subtract(e(op.multiply(r, f32(2))), f32(1)))
+                extra = e(op.add(e(op.multiply(grouped(r_pm1), scale("residual_alpha"))), scale("residual_mu")))
+                w = e(op.add(w, e(op.multiply(extra, e(op.reshape(e(op.astype(salient, "float32")), [1, gs, group_size]))))))
             w = e(op.reshape(w, [-1, k]))
             if "mask" in params:
                 w = e(op.multiply(w, unpack(params["mask"])))
@@ -163,7 +200,7 @@ class SparseBinaryLinearConverter(onnx_frontend.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x = bb.normalize(inputs[0])  # converters may receive unnormalised expressions without types
-        roles = list(onnx_op.INPUTS[1:])
+        roles = list(INPUTS[1:])
         present = {role: value for role, value in zip(roles, list(inputs[1:])) if value is not None}
         name = attr.get("tvm_custom", {}).get("name") or "SparseBinaryLinear"
         if x.ty.dtype not in ("float32", "float16"):

@@ -12,8 +12,8 @@ one by one. Interleaved, element ``[o, c]`` lives at ``[o // T, c, o % T]``: the
 for a tile of ``T`` rows are contiguous, and so are the scales of one group, and each becomes one vector
 load. It is a pure permutation of bytes (the same bits per weight); only the order on disk changes.
 
-Which inputs: the sign and mask planes (after PackPlanesAsWords they are uint32 words) and the ``alpha`` /
-``mu`` scales of pbs2p calls, when they are static 2-D parameters of ``main`` with ``T`` dividing ``N`` and
+Which inputs: the sign and mask planes (after PackPlanesAsWords they are uint32 words), the ``alpha`` /
+``mu`` scales and the v2 per-row inputs (group plane and scales, residual plane and scales) of pbs2p calls, when they are static 2-D parameters of ``main`` with ``T`` dividing ``N`` and
 nothing but pbs2p ops reads them (directly, or through the uint8 ``R.memory.view`` PackPlanesAsWords
 left). Anything else keeps its layout (odd ``N`` falls back to the plain layout).
 
@@ -43,8 +43,9 @@ from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.pack_planes_as_words import (TRANSFORM_ATTR, ReplaceParams, merge_record, static_dims,
                                                  uses_and_pbs2p_calls)
 
-#: The pbs2p reference-function parameters this pass may re-lay out.
-ROLES = ("sign", "mask", "alpha", "mu")
+#: The pbs2p reference-function parameters this pass may re-lay out: every per-row input (op contract v2's
+#: group plane and scales, residual plane and scales too; ``salient``, one row shared by all, stays ``[1, K/8]``).
+ROLES = ("sign", "mask", "alpha", "mu", "group", "group_alpha", "group_mu", "residual", "residual_alpha", "residual_mu")
 _VIEW = tvm.ir.Op.get("relax.memory.view")
 
 

@@ -26,9 +26,12 @@ After::
 
 from __future__ import annotations
 
+import numpy as np
+
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import registry
 from pbs2pc.passes.kernels.x86_avx512 import mask_codes
+from pbs2pc.models.format import ARRAY_FIELDS
 from pbs2pc.passes.kernels.sparse_binary_linear import INFO_ATTR, pbs2p_info, sparse_binary_linear
 
 #: The attribute the frontend puts on each reference function (see pbs2pc.compiler.frontend), and its
@@ -39,7 +42,10 @@ OP_TYPE = "SparseBinaryLinear"
 
 def _is_linear(func) -> bool:
     return isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get(OP_ATTR) == OP_TYPE
-ROLES = ("x", "sign", "mask", "alpha", "mu", "bias")
+#: The reference function's parameters: ``x``, then the op's arrays (v1's five, then the v2 groups and residual).
+ROLES = ("x", *ARRAY_FIELDS)
+GROUP_ROLES = ("group", "group_alpha", "group_mu")
+RESIDUAL_ROLES = ("residual", "residual_alpha", "residual_mu")  # with "salient" (plain) and the computed rank
 _VIEW = tvm.ir.Op.get("relax.memory.view")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -48,8 +54,10 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 OPAQUE = 8
 
 
-def _kernel(x, sign, mask, alpha, mu, bias, n, m, group_size):
-    return sparse_binary_linear(x, sign, mask, alpha, mu, bias, n=n, m=m, group_size=group_size)
+def _kernel(x, sign, mask, alpha, mu, bias, group, group_alpha, group_mu, salient, rank, residual, residual_alpha,
+            residual_mu, n, m, group_size):
+    return sparse_binary_linear(x, sign, mask, alpha, mu, bias, group, group_alpha, group_mu, salient, rank, residual,
+                                residual_alpha, residual_mu, n=n, m=m, group_size=group_size)
 
 
 @relax.expr_functor.mutator
@@ -84,15 +92,22 @@ class _Lowerer(relax.PyExprMutator):
         x2 = bb.emit(op.reshape(x, [-1, k])) if len(lead) != 1 else x
         if x_ty.dtype != "float32":
             x2 = bb.emit(op.astype(x2, "float32"))
-        info = pbs2p_info(n, m, g, "mask" in roles, "mu" in roles, "bias" in roles)
+        has_groups, has_residual = "group" in roles, "salient" in roles
+        info = pbs2p_info(n, m, g, "mask" in roles, "mu" in roles, "bias" in roles, has_groups, has_residual)
         planes = [self._target_input(roles[r]) if r in roles else None for r in ("sign", "mask")]
         if planes[1] is not None and str(planes[0].ty.dtype) != str(planes[1].ty.dtype):
             planes = [roles["sign"], roles["mask"]]  # mixed widths: give the kernel the uint8 views
         scales = [self._target_input(roles[r]) if r in roles else None for r in ("alpha", "mu")]
-        handwritten = self._handwritten(x2, lead, k, out_features, g, planes, scales, roles.get("bias"))
+        # v2 inputs in the target layout (InterleaveRows may store them [N/T, C, T]; salient stays [1, K/8])
+        v2 = {r: self._target_input(roles[r]) if r in roles else None for r in GROUP_ROLES + RESIDUAL_ROLES}
+        v2["salient"] = roles.get("salient")
+        handwritten = self._handwritten(x2, lead, k, out_features, g, planes, scales, roles.get("bias"), v2)
+        rank = self._salient_rank(v2["salient"], int(k)) if handwritten is None and has_residual else None
         y = handwritten if handwritten is not None else bb.emit(
             bb.call_te(
                 _kernel, x2, planes[0], planes[1], scales[0], scales[1], roles.get("bias"),
+                v2["group"], v2["group_alpha"], v2["group_mu"], v2["salient"], rank, v2["residual"],
+                v2["residual_alpha"], v2["residual_mu"],
                 n, m, g,
                 primfunc_name_hint=f"sparse_binary_linear_{n}of{m}_g{g}_",
                 primfunc_attrs={INFO_ATTR: info, "op_pattern": OPAQUE},
@@ -102,8 +117,11 @@ class _Lowerer(relax.PyExprMutator):
             y = bb.emit(op.astype(y, x_ty.dtype))
         return op.reshape(y, lead + [out_features]) if len(lead) != 1 else y
 
-    def _handwritten(self, x2, lead, k, out_features, g, planes, scales, bias):
-        """``call_tir`` of the first kernel registry entry that covers this call, else None (the TE kernel)."""
+    def _handwritten(self, x2, lead, k, out_features, g, planes, scales, bias, v2):
+        """``call_tir`` of the first kernel registry entry that covers this call, else None (the TE kernel).
+
+        ``v2``: the op contract v2 inputs by role (None where absent); the call records which sets exist
+        (and the residual plane's width), so entries that do not read them never claim the call."""
         if not self.kernels:
             return None
         try:
@@ -115,14 +133,20 @@ class _Lowerer(relax.PyExprMutator):
         except TypeError:  # a symbolic dimension: the prompt
             one_row = False
         sign_ty = planes[0].ty
-        if (any(t.ty.ndim != 3 for t in planes + scales if t is not None)
+        rows_of_v2 = [v2[r] for r in GROUP_ROLES + RESIDUAL_ROLES if v2[r] is not None]
+        if (any(t.ty.ndim != 3 for t in planes + scales + rows_of_v2 if t is not None)
                 or any(str(t.ty.dtype) != "float16" for t in scales if t is not None)
+                or any(int(t.ty.shape[2]) != int(sign_ty.shape[2]) for t in rows_of_v2)
+                or (v2["group"] is not None and str(v2["group"].ty.dtype) != "uint8")
                 or (bias is not None and str(bias.ty.dtype) != "float32")):
             return None
         coded = self._mask_codes(planes[1]) if one_row and planes[1] is not None else None
         codes, scheme = coded if coded else (None, None)
+        residual_bytes = int(v2["residual"].ty.shape[1]) if v2["residual"] is not None else 0
         call = registry.Call(n, k, g, one_row, int(sign_ty.shape[2]), str(sign_ty.dtype),
-                             planes[1] is not None, scales[1] is not None, bias is not None, scheme)
+                             planes[1] is not None, scales[1] is not None, bias is not None, scheme,
+                             has_groups=v2["group"] is not None, has_residual=v2["salient"] is not None,
+                             residual_bytes=residual_bytes)
         chosen = registry.select(self.kernels, call)
         if chosen is None:
             return None
@@ -134,9 +158,21 @@ class _Lowerer(relax.PyExprMutator):
             self._kernels[key] = self.builder_.add_func(entry.build(call), f"{entry.symbol}_g{g}_")
         gv = self._kernels[key]
         mask = codes if call.coded else planes[1]  # a one-row GEMV reads the codes, not their expansion
-        args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias) if a is not None]
+        args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias, *(v2[r] for r in ARRAY_FIELDS[5:]))
+                       if a is not None]
         rows = 1 if one_row else x2.ty.shape[0]
         return self.builder_.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+
+    def _salient_rank(self, salient, k: int):
+        """int32 ``[K]``: the salient columns before each column (an exclusive prefix count of the salient
+        bits), what the TE kernel reads to find a salient column's residual bit. Plain Relax ops (unpack,
+        ``cumsum``): ``K`` integers per call, a few microseconds beside the layer."""
+        bb, op = self.builder_, relax.op
+        shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(salient, -1)),
+                                         relax.const(np.arange(8, dtype=np.uint8))))
+        bits = bb.emit(op.bitwise_and(shifted, relax.const(np.uint8(1))))
+        flat = bb.emit(op.astype(bb.emit(op.reshape(bits, [k])), "int32"))
+        return bb.emit(op.subtract(bb.emit(op.cumsum(flat, axis=0, dtype="int32")), flat))
 
     def _mask_codes(self, planes):
         """``(codes, (n, m))`` when the mask planes are ``call_tir`` of a pattern-code expansion (see

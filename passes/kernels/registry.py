@@ -70,6 +70,18 @@ class Call:
     has_bias: bool
     #: ``(n, m)`` when the mask reaches the kernel as pattern codes (one-row calls on a coded layout).
     coded: tuple[int, int] | None = None
+    #: Op contract v2 structure: magnitude groups (``group``, ``group_alpha``, ``group_mu`` in the target
+    #: layout), a salient residual (``salient`` ``[1, K/8]``, ``residual`` with ``residual_bytes`` bytes per
+    #: row, ``residual_alpha``, ``residual_mu``). A v1 call has neither.
+    has_groups: bool = False
+    has_residual: bool = False
+    residual_bytes: int = 0
+
+    @property
+    def structure(self) -> frozenset:
+        """The v2 sets the call has: a subset of ``{"groups", "residual"}`` (empty for v1)."""
+        return frozenset(name for name, present in (("groups", self.has_groups), ("residual", self.has_residual))
+                         if present)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +97,15 @@ class KernelEntry:
     activations: str  # "fp32" or "int8"
     rows: str  # "one": one-token calls only; "any": any number of rows
     covers: Callable[[Call], bool]
-    #: ``build(call) -> PrimFunc`` with parameters ``x, sign, [mask], alpha, [mu], [bias], y``.
+    #: ``build(call) -> PrimFunc`` with parameters ``x, sign, [mask], alpha, [mu], [bias], y``, and for an
+    #: entry that reads v2, the call's v2 inputs before ``y`` (``[group, group_alpha, group_mu]``,
+    #: ``[salient, residual, residual_alpha, residual_mu]``).
     build: Callable[[Call], object]
     #: whether it reads a coded mask as codes (one-row GEMVs); else it reads the expanded planes.
     reads_codes: bool = False
+    #: the op contract v2 sets it implements (``"groups"``, ``"residual"``): it is never given a call with
+    #: another (a v1 kernel, ``()``, only v1 calls), whatever its ``covers`` says.
+    structure: tuple[str, ...] = ()
 
     def serves(self, preset, options) -> bool:
         """Whether the entry runs on ``preset`` and computes what ``options`` ask for (fp32 kernels serve
@@ -98,7 +115,7 @@ class KernelEntry:
                 and (options.kernels is None or self.name in options.kernels))
 
     def accepts(self, call: Call) -> bool:
-        return (call.one_row or self.rows == "any") and self.covers(call)
+        return (call.one_row or self.rows == "any") and call.structure <= set(self.structure) and self.covers(call)
 
 
 #: Folders of hand-written kernels, each a module with a ``KERNELS`` list, in priority order.

@@ -1,4 +1,4 @@
-"""TE compute for the ``pbs2p.SparseBinaryLinear`` op (format version 1) and its PrimFunc description.
+"""TE compute for the ``pbs2p.SparseBinaryLinear`` op (op contract v2) and its PrimFunc description.
 
 The kernel is written as two TE stages, following mlc-llm's decode-then-matmul idea:
 
@@ -16,6 +16,15 @@ The Relax lowering creates the PrimFunc with
 pbs2p_info(...)})``. Schedule rules recognise the kernel by its structure (bit-plane decode feeding a
 reduction), cross-checked against that attribute, never by its name; FuseTIR drops attributes when it
 fuses epilogues into the kernel, so structure is what survives.
+
+Op contract v2 (``pbs2pc.models.format``) adds two optional sets, read in the same ``decode`` stage:
+magnitude groups (a ``group`` plane in the sign plane's layout; group-1 weights take ``group_alpha`` /
+``group_mu`` instead of ``alpha`` / ``mu``: one more bit test and blend of the two scale pairs), and a
+salient residual (``salient`` ``[1, K/8]``, ``residual`` ``[N, ceil(S/8)]`` in salient-column order with
+``residual_alpha`` / ``residual_mu``). The residual bit of column ``j`` is bit ``rank[j]`` of the row's
+residual bits, where ``rank`` (int32 ``[K]``, the number of salient columns before ``j``) is computed once
+per call from the salient plane by the lowering (an exclusive ``cumsum``): a prefix count needs a scan,
+which a TE ``decode`` expression cannot hold, and ``K`` integers are a few microseconds against the layer.
 
 The bit planes may also be passed as uint16 or uint32 words (``plane.view(np.uint32)``: the same bits,
 since the packing is little-endian and x86/AArch64 are little-endian machines); the compute reads bit
@@ -43,14 +52,16 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import te, tirx
 
-#: Version of the op contract this kernel implements (architecture.md §2).
-FORMAT_VERSION = 1
+#: Version of the op contract this kernel implements (architecture.md §2; v1 layers are v2 layers without
+#: the optional groups and residual).
+FORMAT_VERSION = 2
 
 #: Name of the PrimFunc attribute that marks the kernel for schedule rules.
 INFO_ATTR = "pbs2p_info"
 
 
-def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool) -> dict:
+def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
+               has_groups: bool = False, has_residual: bool = False) -> dict:
     """Describe a sparse-binary linear kernel for the ``pbs2p_info`` PrimFunc attribute.
 
     Parameters
@@ -61,12 +72,15 @@ def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, ha
         Columns sharing one ``alpha`` / ``mu`` scale.
     has_mask, has_mu, has_bias : bool
         Which optional inputs the PrimFunc takes (in the order x, sign, mask, alpha, mu, bias).
+    has_groups, has_residual : bool
+        The v2 structure: magnitude groups (``group``, ``group_alpha``, ``group_mu`` follow) and a salient
+        residual (``salient``, ``rank``, ``residual``, ``residual_alpha``, ``residual_mu`` follow).
 
     Returns
     -------
     dict
         Plain ints only (TVM stores it as a ``Map``): ``format_version``, ``n``, ``m``, ``group_size``,
-        ``has_mask``, ``has_mu``, ``has_bias``.
+        ``has_mask``, ``has_mu``, ``has_bias``, ``has_groups``, ``has_residual``.
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -76,6 +90,8 @@ def pbs2p_info(n: int, m: int, group_size: int, has_mask: bool, has_mu: bool, ha
         "has_mask": int(bool(has_mask)),
         "has_mu": int(bool(has_mu)),
         "has_bias": int(bool(has_bias)),
+        "has_groups": int(bool(has_groups)),
+        "has_residual": int(bool(has_residual)),
     }
 
 
@@ -122,7 +138,9 @@ def _bit_set(plane: te.Tensor, o, j):
     return (_at(plane, o, j // bits) & bit) != tirx.const(0, dtype)
 
 
-def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, group_size: int) -> te.Tensor:
+def sparse_binary_linear(x, sign, mask, alpha, mu, bias, group=None, group_alpha=None, group_mu=None, salient=None,
+                         rank=None, residual=None, residual_alpha=None, residual_mu=None, *, n: int, m: int,
+                         group_size: int) -> te.Tensor:
     """``Y = X @ Wᵀ (+ bias)`` reading the packed sparse-binary weight directly.
 
     Parameters
@@ -141,6 +159,13 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
         float16 ``[N, K/G]`` offsets.
     bias : te.Tensor or None
         float32 ``[N]``.
+    group, group_alpha, group_mu : te.Tensor or None
+        v2 magnitude groups: a plane in ``sign``'s dtype or uint8 (plain or row-interleaved) and fp16
+        ``[N, K/G]`` scales for the weights whose group bit is set; all three or none.
+    salient, rank, residual, residual_alpha, residual_mu : te.Tensor or None
+        v2 salient residual: uint8 ``[1, K/8]`` salient columns, int32 ``[K]`` ranks (salient columns
+        before each column), uint8 ``[N, ceil(S/8)]`` residual bits in salient-column order and fp16
+        ``[N, K/G]`` scales (each plain or row-interleaved); all five or none.
     n, m, group_size : int
         The scheme; ``group_size`` is ``G``.
 
@@ -163,17 +188,35 @@ def sparse_binary_linear(x, sign, mask, alpha, mu, bias, *, n: int, m: int, grou
     g = group_size
     if mask is not None and mask.dtype != sign.dtype:
         raise ValueError(f"sign and mask must share a word type, got {sign.dtype} and {mask.dtype}")
+    groups = [group, group_alpha, group_mu]
+    residuals = [salient, rank, residual, residual_alpha, residual_mu]
+    for name, tensors in (("group", groups), ("residual", residuals)):
+        if any(t is None for t in tensors) and any(t is not None for t in tensors):
+            raise ValueError(f"the {name} inputs must be given all together or not at all")
+    has_groups, has_residual = group is not None, salient is not None
 
     def decode(o, j):
         # W = alpha * (2s - 1) + mu is written as select(s, mu + alpha, mu - alpha): the same float32
         # values (one rounding either way), but both arms depend on the group only, so a schedule that
         # loops over the bits of a group hoists them and a weight costs one bit test and one blend.
         a = _at(alpha, o, j // g).astype("float32")
-        if mu is None:
+        u = None if mu is None else _at(mu, o, j // g).astype("float32")
+        if has_groups:
+            in_group = _bit_set(group, o, j)
+            a = tirx.Select(in_group, _at(group_alpha, o, j // g).astype("float32"), a)
+            u = tirx.Select(in_group, _at(group_mu, o, j // g).astype("float32"),
+                            u if u is not None else tirx.const(0.0, "float32"))
+        if u is None:
             w = tirx.Select(_bit_set(sign, o, j), a, -a)
         else:
-            u = _at(mu, o, j // g).astype("float32")
             w = tirx.Select(_bit_set(sign, o, j), u + a, u - a)
+        if has_residual:
+            t = rank[j]
+            r_bit = (_at(residual, o, t // 8) >> (t % 8).astype("uint8")) & tirx.const(1, "uint8")
+            ra = _at(residual_alpha, o, j // g).astype("float32")
+            ru = _at(residual_mu, o, j // g).astype("float32")
+            extra = tirx.Select(r_bit != tirx.const(0, "uint8"), ru + ra, ru - ra)
+            w = tirx.Select(_bit_set(salient, 0, j), w + extra, w)
         if mask is not None:
             w = tirx.Select(_bit_set(mask, o, j), w, tirx.const(0.0, "float32"))
         return w
