@@ -11,8 +11,6 @@ one wrong weight of 192 moves the output by ~1e-2).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -101,6 +99,9 @@ def test_v2_file_compiles_and_matches_the_oracle(tmp_path, n, k, g, nm, groups, 
     x = rng.standard_normal((1, k)).astype(np.float32)
     got = one(x)
     assert np.isfinite(got).all() and rel_err(got, layer.matmul(x)) < TOLERANCE
+    # the one-token call runs the hand-written v2 GEMV where N has 16-row tiles, else the TE kernel
+    assert manifest1["kernels"] == (["x86_avx2.gemv_v2_fp32"] if n % 16 == 0 else [])
+    assert "x86_avx2.gemm_fp32" not in manifest["kernels"]  # a v1 kernel never claims a v2 call
     # the v2 inputs ship in the weights file, per-row ones in the target layout (16-row blocks where N allows)
     by_name = {p["name"]: p for p in manifest1["params"]}
     t = manifest1["layout"]["interleave"] if n % 16 == 0 else 0
@@ -161,12 +162,12 @@ def test_reference_function_and_kernel_carry_the_structure():
     assert int(info["has_groups"]) == 0 and int(info["has_residual"]) == 0
 
 
-def test_manifest_lists_no_v1_kernel_for_a_v2_prompt(tmp_path):
-    """The symbolic-row call of a v2 layer: no v1 hand-written kernel claims it (the TE kernel runs it)."""
+def test_x86_avx512_build_runs_the_avx2_v2_gemv_on_expanded_masks(tmp_path):
+    """Compile only (LLVM cross-generates): the AVX-512 layout stores 6:8 masks as codes; a v2 one-token call
+    has no AVX-512 kernel yet and runs the AVX2 v2 GEMV on the expanded planes (AVX-512 CPUs run AVX2 code)."""
     from pbs2pc.compiler.build import compile_model
 
     path = tmp_path / "m.onnx"
-    onnx.save(single_node_model(v2_layer(32, 128, 64)), str(path))
-    manifest = compile_model(path, tmp_path / "m.so", "x86-avx2")
-    assert "x86_avx2.gemm_fp32" not in manifest["kernels"]
-    assert json.loads((tmp_path / "m.manifest.json").read_text())["kernels"] == manifest["kernels"]
+    onnx.save(single_node_model(v2_layer(32, 128, 64), rows=1), str(path))
+    manifest = compile_model(path, tmp_path / "m.so", "x86-avx512")
+    assert manifest["kernels"] == ["x86_avx2.gemv_v2_fp32"] and manifest["layout"]["mask_codes"]

@@ -6,7 +6,10 @@ part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): with ``--ac
 GEMV for one-token calls (``vpshufb`` byte tables, the AVX-512 int8 kernel's quantisation), else the fp32
 lookup-table GEMV; the prompt's calls run the fp32 GEMM (256-entry subset-sum tables over 16 input rows
 per column byte, looked up by a scalar plane byte: two ``vaddps`` per 8 weights and 16 rows), in fp32
-with ``--activations int8`` too (no AVX2 int8 GEMM yet). Measurements: docs/avx2_gemv.md.
+with ``--activations int8`` too (no AVX2 int8 GEMM yet). One-token calls of op contract v2 layers (magnitude
+groups, salient residual) run the v2 fp32 GEMV (:mod:`.sparse_binary_gemv_v2`: the same tables, four sums
+per column byte with groups, the salient columns walked per tile), with ``--activations int8`` too; their
+prompt calls run the TE kernel. Measurements: docs/avx2_gemv.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
 from . import sparse_binary_gemm as gemm_fp32
 from . import sparse_binary_gemv as gemv_fp32
 from . import sparse_binary_gemv_int8 as gemv_int8
+from . import sparse_binary_gemv_v2 as gemv_v2
 
 ISA = "x86-avx2"
 #: 16-row interleaved byte planes, masks as bit planes: 5-10 % faster for the GEMV than 8 rows, and the TE
@@ -33,6 +37,13 @@ KERNELS = [
     KernelEntry("x86_avx2.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, FEATURES, LAYOUT,
                 activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
                 build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+    # op contract v2 layers (groups, residual or both), one-token calls; v1 calls never reach it (covers)
+    KernelEntry("x86_avx2.gemv_v2_fp32", "sparse_binary_gemv_v2", "cpu", ISA, FEATURES, LAYOUT,
+                activations="fp32", rows="one",
+                covers=lambda c: gemv_v2.supported(*_shape(c), c.has_groups, c.has_residual),
+                build=lambda c: gemv_v2.gemv_v2(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups,
+                                                c.has_residual, c.residual_bytes),
+                structure=("groups", "residual")),
     KernelEntry("x86_avx2.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="one", covers=lambda c: gemv_fp32.supported(*_shape(c)),
                 build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
