@@ -40,6 +40,27 @@ def random_layer(n_out: int, k: int, g: int, rng) -> Layer:
     return Layer(sign, mask, alpha, mu)
 
 
+#: The v2 structure of the ``pbs2pc_v2`` format: 2 magnitude groups (a random group bitmap, half the weights
+#: in each) and a residual on SALIENT of every SALIENT_OF columns (BiLLM-style: 4 of 64).
+SALIENT, SALIENT_OF = 4, 64
+
+
+def random_structure(n_out: int, k: int, g: int, rng) -> dict:
+    """The op contract v2 arrays of a ``pbs2pc_v2`` layer (see ``SALIENT``), by role."""
+    cols = np.zeros(k, bool)
+    for start in range(0, k, SALIENT_OF):
+        cols[start + rng.choice(SALIENT_OF, SALIENT, replace=False)] = True
+    count = int(cols.sum())
+    scale = lambda lo, hi: rng.uniform(lo, hi, (n_out, k // g)).astype(np.float16)  # noqa: E731
+    return {
+        "group": rng.integers(0, 256, (n_out, k // 8), dtype=np.uint8),
+        "group_alpha": scale(0.05, 0.1), "group_mu": scale(-0.005, 0.005),
+        "salient": np.packbits(cols[None], axis=1, bitorder="little"),
+        "residual": rng.integers(0, 256, (n_out, -(-count // 8)), dtype=np.uint8),
+        "residual_alpha": scale(0.01, 0.02), "residual_mu": scale(-0.002, 0.002),
+    }
+
+
 def group_size(k: int) -> int:
     return 128 if k % 128 == 0 else 64
 
@@ -47,8 +68,11 @@ def group_size(k: int) -> int:
 def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
     """``(plane word bits, mask codes, activations, lookup-table kernels)`` of a pbs2pc format: ``pbs2pc_u8``
     (the x86 preset: byte planes, masks as pattern codes), ``pbs2pc_u8_planes`` (mask planes instead),
-    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at every M, mask planes), ``pbs2pc_int8[_planes]``."""
+    ``pbs2pc_u32``, ``pbs2pc_te`` (the TE kernel at every M, mask planes), ``pbs2pc_int8[_planes]``,
+    ``pbs2pc_v2`` (op contract v2 layers, ``random_structure``, in the x86 preset's layout)."""
     planes = fmt.endswith("_planes")
+    if fmt == "pbs2pc_v2":
+        return 8, True, "fp32", True
     if fmt == "pbs2pc_te":
         return 8, False, "fp32", False
     if fmt.startswith("pbs2pc_int8"):
@@ -58,11 +82,12 @@ def pbs2pc_variant(fmt: str) -> tuple[int, bool, str, bool]:
 
 
 def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, activations="fp32", lut=True,
-                  mask_codes=True):
+                  mask_codes=True, v2=False):
     """Build a ``copies``-node ONNX model and compile it the way ``pbs2pc compile`` does; return a runner.
     ``lut=False`` runs every call on the TE kernel instead of the kernel registry's hand-written GEMV and
     GEMM; ``mask_codes=False`` keeps mask planes where the target's layout would store pattern codes;
-    ``interleave=None`` keeps the target layout's row interleave."""
+    ``interleave=None`` keeps the target layout's row interleave; ``v2``: the layers carry the op contract v2
+    structure of ``random_structure`` (pbs2p opset 2)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from pbs2pc.compiler import frontend
@@ -77,16 +102,20 @@ def pbs2pc_runner(n_out, k, rows, copies, layout_bits, rng, interleave=None, act
     nodes, inits, outputs = [], [], []
     for c in range(copies):
         layer = random_layer(n_out, k, g, rng)
-        names = {role: f"w{c}.{role}" for role in ("sign", "mask", "alpha", "mu")}
+        arrays = {role: getattr(layer, role) for role in ("sign", "mask", "alpha", "mu")}
+        arrays.update(random_structure(n_out, k, g, rng) if v2 else {})
+        names = {role: f"w{c}.{role}" for role in arrays}
         for role, name in names.items():
-            inits.append(numpy_helper.from_array(getattr(layer, role), name))
+            inits.append(numpy_helper.from_array(arrays[role], name))
+        structure = {role: name for role, name in names.items() if role not in ("sign", "mask", "alpha", "mu")}
         nodes.append(onnx_op.make_node("X", names["sign"], names["mask"], names["alpha"], names["mu"], None, f"Y{c}",
-                                       n=NM[0], m=NM[1], group_size=g, name=f"linear{c}"))
+                                       n=NM[0], m=NM[1], group_size=g, name=f"linear{c}", **structure))
         outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [rows, n_out]))
     graph = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
                               outputs, inits)
+    opset = onnx_op.OPSET_VERSION_V2 if v2 else onnx_op.OPSET_VERSION
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
-                                                    helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)])
+                                                    helper.make_opsetid(onnx_op.DOMAIN, opset)])
     onnx_op.attach_functions(model)
     preset = get_preset("x86")  # this machine's best x86 target
     chosen = registry.target_layout(preset, CompileOptions(activations))

@@ -19,6 +19,10 @@ In one process and one run, for every weight shape N x K and rows M:
 * **pbs2pc_int8** / **pbs2pc_int8_planes**: compiled with ``--activations int8``, with mask codes / planes
   (M = 1: the lookup-table int8 GEMV, M > 1: the VNNI GEMM; the accuracy cost is measured by
   ``benchmarks/int8_accuracy.py``).
+* **pbs2pc_v2**: the same layers with the op contract v2 structure (``contenders.random_structure``: 2
+  magnitude groups, a residual on 4 of every 64 columns) in the x86 preset's layout; M = 1 runs the v2
+  lookup-table GEMV on x86-avx2 (``x86_avx2/sparse_binary_gemv_v2.py``), M > 1 the TE kernel. Its bytes
+  are honest: every stored input (group plane and scales, residual plane and scales, salient bitmap) counts.
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.
 * **onnxruntime MatMulNBits** (``com.microsoft``) at 4 bits (and 2 bits when this ORT runs it on CPU),
@@ -52,7 +56,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from contenders import (NM, THREADS, group_size, ort_runner, ort_supports,  # noqa: E402
+from contenders import (NM, SALIENT, SALIENT_OF, THREADS, group_size, ort_runner, ort_supports,  # noqa: E402
                         pbs2pc_runner, pbs2pc_variant, torch_runner)
 from machine import cpu_model, llc_bytes, machine_record, stream, timed  # noqa: E402
 
@@ -105,6 +109,10 @@ def weight_bytes(fmt: str, n_out: int, k: int, codes: bool = True) -> float:
     """Bytes of one layer's weights in a format (scales included); ``codes``: the target's layout stores 6:8
     masks as pattern codes (x86-avx512; x86-avx2 keeps mask planes)."""
     g = group_size(k)
+    if fmt == "pbs2pc_v2":  # v1's bytes + group plane and scales, residual plane and scales, salient bitmap
+        salient = k // SALIENT_OF * SALIENT
+        return (weight_bytes("pbs2pc_u8", n_out, k, codes) + n_out * k * (1 + 64 / g) / 8
+                + n_out * -(-salient // 8) + k / 8)
     if fmt.startswith("pbs2pc"):
         from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
@@ -181,6 +189,7 @@ def run_benchmark(args) -> dict:
     codes = layout_has_codes(None)  # this machine's x86 target: its layout decides pbs2pc's bytes
     formats = [f"pbs2pc_u{bits}" for bits in args.layouts]
     formats += ["pbs2pc_u8_planes", "pbs2pc_te"] if 8 in args.layouts else []
+    formats += ["pbs2pc_v2"] if args.v2 else []
     formats += ["pbs2pc_int8", "pbs2pc_int8_planes"] if args.int8 and int8_here() else []
     formats += ["torch_fp32", "ort_fp32"] + [f"ort_nbits{b}_acc{lvl}" for b in nbits for lvl in (0, 4)]
     formats += [f"ort_nbits4_b{NBITS_DEFAULT_BLOCK}_acc{lvl}" for lvl in (0, 4)] if 4 in nbits else []
@@ -204,9 +213,10 @@ def run_benchmark(args) -> dict:
                 t_build = time.perf_counter()
                 extra = {}
                 if fmt.startswith("pbs2pc"):
-                    bits, codes, activations, lut = pbs2pc_variant(fmt)
+                    # (not ``codes``: that is the target layout's, which weight_bytes of later formats reads)
+                    bits, fmt_codes, activations, lut = pbs2pc_variant(fmt)
                     run, extra = pbs2pc_runner(n_out, k, rows, copies, bits, rng, args.interleave, activations=activations,
-                                               lut=lut, mask_codes=codes)
+                                               lut=lut, mask_codes=fmt_codes, v2=fmt == "pbs2pc_v2")
                 elif fmt == "torch_fp32":
                     run, extra = torch_runner(n_out, k, rows, copies, rng)
                 elif fmt == "ort_fp32":
@@ -368,6 +378,8 @@ def main(argv=None) -> int:
                              "(on a shared machine the first measurement can be depressed by other load)")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8-activation kernels (pbs2pc_int8)")
+    parser.add_argument("--no-v2", dest="v2", action="store_false",
+                        help="skip the op contract v2 layers (pbs2pc_v2: 2 groups, 4 of 64 salient columns)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
