@@ -4,8 +4,8 @@
   no calibration, no compensation (calibration inputs are used only to *measure* its layer error). Base
   op form, n == m (the mask is omitted; ``--nm`` only supplies M).
 - ``billm``: BiLLM (Huang et al. 2024) dense binarization inside the same OBS block loop: per block, the
-  Hessian-salient columns (``sum_rows w^2 / U_jj^2``; count searched over 1..49) get order-2 residual
-  binarization; the other weights are split at a magnitude threshold (searched over 81 percentiles) into
+  Hessian-salient columns (``sum_rows w^2 / U_jj^2``; count searched over 1..49 by binarizing the saliency
+  matrix, as BiLLM's ``structural_searching``) get order-2 residual binarization; the other weights are split at a magnitude threshold (searched over 81 percentiles) into
   two groups, each with its own alpha and mu. Plain BiLLM start (no refinement).
 - ``arb``: ARB-LLM-style: the same structure with the ARB alternating refinement (15 rounds) in every
   group (ARB-LLM's ARB variant, not its RC or X variants, and without CGB).
@@ -28,6 +28,7 @@ import math
 import torch
 
 from pbs2pc.models.binarize import arb_fit, residual_fit
+from pbs2pc.models.structure import search_salient
 from pbs2pc.models.format import NMScheme, PackedLinear, pack_bits
 from pbs2pc.models.pbs2p import bits_dict, layer_errors, obs_quantize, prepare_hessian, run_calibrated
 
@@ -51,38 +52,27 @@ def sign_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, bias=None):
     return packed, stats
 
 
-#: salient-column counts tried (BiLLM tries every k in 1..49; this grid is ~4x cheaper, see the docstring)
-SALIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 49)
-
-
 def billm_block(wb: torch.Tensor, d2: torch.Tensor, iters: int, percentiles: int = 41, search_rows: int = 256,
                 keep: torch.Tensor | None = None):
     """BiLLM/ARB structure for one block ``[rows, B]``; returns ``(Q, k)`` (k = salient columns).
 
-    Both searches are vectorised over their candidates and use the plain BiLLM start (iters=0); the final
-    fit uses ``iters`` refinement rounds. For speed on a 2-core CPU they differ from BiLLM's code in three
-    documented ways: the salient count is searched on the grid :data:`SALIENT_COUNTS` (not every k < 50),
-    the split threshold over 41 percentiles in [0.1, 0.9] (not 81), and both errors are evaluated on at most
-    ``search_rows`` evenly spaced rows (the choice is shared by all rows of the block anyway). Errors are
-    measured on the weights (BiLLM measures them on the saliency matrix). With ``keep`` (an N:M mask) the
-    structure is fitted on the kept weights only and the pruned ones are exactly zero.
+    The salient columns come from BiLLM's search on the saliency matrix ``s = w^2 / U_jj^2``
+    (:func:`pbs2pc.models.structure.search_salient`: candidate counts scored by binarizing ``s`` itself),
+    which keeps a few percent of the columns salient, as ARB-LLM's 1.06-1.11 bits show. The magnitude
+    split of the other weights is searched on ``w`` over ``percentiles`` quantiles in [0.1, 0.9] (BiLLM: 81
+    on ``s``; see :func:`pbs2pc.models.structure.search_split`), on at most ``search_rows`` evenly spaced
+    rows, with the plain BiLLM start (iters=0); the final fit uses ``iters`` refinement rounds. With
+    ``keep`` (an N:M mask) the structure is fitted on the kept weights only and the pruned ones are
+    exactly zero.
     """
     rows, width = wb.shape
     if keep is None:
         keep = torch.ones_like(wb, dtype=torch.bool)
     wb = wb * keep
-    col = (wb.square() / d2).sum(0)
-    rank = torch.empty_like(col, dtype=torch.long)
-    rank[col.argsort(descending=True)] = torch.arange(width, device=wb.device)
     pick = torch.linspace(0, rows - 1, min(rows, search_rows), device=wb.device).long()
     ws, ks_keep = wb[pick], keep[pick]
-    ks = torch.tensor([k for k in SALIENT_COUNTS if k < width], device=wb.device)
-    sal = (rank[None, :] < ks[:, None])[:, None, :].expand(len(ks), *ws.shape)
-    wk = ws.expand(len(ks), *ws.shape)
-    parts = [*residual_fit(wk, sal & ks_keep, 0), *residual_fit(wk, ~sal & ks_keep, 0)]
-    err = (wk - sum(p.dense() for p in parts)).square().sum((1, 2))
-    k = int(ks[int(err.argmin())])
-    salient = rank < k
+    salient = search_salient(wb.square() / d2, keep, search_rows)
+    k = int(salient.sum())
     rest_s = ~salient.expand_as(ws) & ks_keep
     qs = torch.linspace(0.1, 0.9, percentiles, device=wb.device)
     thresholds = torch.quantile(ws.abs()[rest_s], qs)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from pbs2pc.errors import Pbs2pcError
+from pbs2pc.models import structure
 from pbs2pc.models.binarize import Binary, arb_fit, nm_keep_from_scores, nm_ranks, sq_error
 from pbs2pc.models.format import NMScheme, PackedLinear, bits_per_weight, pack_bits
 
@@ -138,6 +139,32 @@ def spbo(w: torch.Tensor, score: torch.Tensor, n: int, m: int, steps: int | None
     return b, errs
 
 
+def spbo_structured(w: torch.Tensor, score: torch.Tensor, n: int, m: int, group: torch.Tensor,
+                    salient: torch.Tensor, steps: int | None = None, iters: int = 15, progressive: bool = True,
+                    keep: torch.Tensor | None = None):
+    """SPBO with the BiLLM/ARB structure (:mod:`.structure`): the same steps as :func:`spbo`, and after
+    every step *every* group and the residual are re-fitted (warm-started ARB updates).
+
+    ``keep`` (optional) is a final mask chosen elsewhere (N:M-then-binarize); then there are no steps.
+    Returns the final :class:`~.structure.Structured` and the block's squared error after every step.
+    """
+    tau = m - n
+    if keep is not None or not progressive or tau == 0:
+        if keep is None:
+            keep = nm_keep_from_scores(score, n, m) if tau else torch.ones_like(w, dtype=torch.bool)
+        st = structure.fit(w, keep, group, salient, iters)
+        return st, [float(sq_error(w, st.dense()).sum())]
+    st = structure.fit(w, torch.ones_like(w, dtype=torch.bool), group, salient, iters)
+    errs = [float(sq_error(w, st.dense()).sum())]
+    ranks = nm_ranks(score, m)
+    pruned = 0
+    for count in step_counts(tau, steps):
+        pruned += count
+        st = structure.fit(w, ranks >= pruned, group, salient, iters, warm=st)
+        errs.append(float(sq_error(w, st.dense()).sum()))
+    return st, errs
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CFS coarse stage
 
@@ -177,8 +204,15 @@ def layer_importance(cosines) -> list[float]:
 
 def compress_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, *, spbo_on: bool = True,
                     steps: int | None = None, iters: int = 15, percdamp: float = 0.01, compensate: bool = True,
-                    rescore: bool = False, mask_first: bool = False, bias=None):
+                    rescore: bool = False, mask_first: bool = False, groups: bool = True, residual: bool = True,
+                    bias=None):
     """Compress one linear with PBS2P (or, with ``mask_first``, N:M-then-binarize); ``(PackedLinear, stats)``.
+
+    ``groups`` / ``residual`` switch the two parts of the BiLLM/ARB structure (:mod:`.structure`, op
+    contract v2); with both off every kept weight of a row and block shares one ``alpha B + mu`` (the
+    single-plane variant, ``pbs2p-1plane``, op contract v1). Per block of the compensated weights, the
+    salient columns are searched on the saliency matrix ``s = w^2 / U_jj^2`` and the magnitude split on
+    the weights, both once on the dense block, before SPBO prunes.
 
     ``mask_first=True`` is the STBLLM ordering: the N:M mask of the whole matrix is chosen first from the
     original weights (same OBS saliency), then the kept weights are binarized once, block by block, with
@@ -188,31 +222,26 @@ def compress_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, *, spbo
     w, u = prepare_hessian(w0, h, percdamp)
     dinv = torch.diagonal(u).square()
     fixed_keep = nm_keep_from_scores(w.square() / dinv, n, m) if mask_first and n < m else None
+    structured = groups or residual
 
     def quantize(bi, wb, du):
         d2 = du.square()
-        if fixed_keep is not None:
-            keep = fixed_keep[:, bi * g : (bi + 1) * g]
+        score = wb.square() / d2
+        keep = fixed_keep[:, bi * g : (bi + 1) * g] if fixed_keep is not None else None
+        if structured:
+            sal = structure.search_salient(score) if residual else torch.zeros(wb.shape[1], dtype=torch.bool)
+            grp = (wb.abs() >= structure.search_split(wb, ~sal.expand_as(wb))) if groups else torch.zeros_like(wb, dtype=torch.bool)
+            b, errs = spbo_structured(wb, score, n, m, grp, sal, steps, iters, progressive=spbo_on, keep=keep)
+        elif keep is not None:
             b = arb_fit(wb, keep, iters)
             errs = [float(sq_error(wb, b.dense()).sum())]
         else:
-            b, errs = spbo(wb, wb.square() / d2, n, m, steps, iters, progressive=spbo_on,
-                           rescore_diag=d2 if rescore else None)
+            b, errs = spbo(wb, score, n, m, steps, iters, progressive=spbo_on, rescore_diag=d2 if rescore else None)
         return b.dense(), (b, errs, float(wb.square().sum()))
 
     q, infos = obs_quantize(w, u, g, quantize, compensate)
-    alpha = torch.stack([i[0].alpha for i in infos], 1)
-    mu = torch.stack([i[0].mu for i in infos], 1)
-    sign = torch.cat([i[0].sign for i in infos], 1)
-    keep = torch.cat([i[0].keep for i in infos], 1)
-    packed = PackedLinear(
-        sign=pack_bits(sign.cpu().numpy()),
-        mask=None if scheme.dense else pack_bits(keep.cpu().numpy()),
-        alpha=alpha.to(torch.float16).cpu().numpy(),
-        mu=mu.to(torch.float16).cpu().numpy(),
-        scheme=scheme,
-        bias=None if bias is None else bias.detach().float().cpu().numpy(),
-    ).validate()
+    blocks = [i[0] for i in infos]
+    packed = pack_structured(blocks, scheme, bias) if structured else pack_single(blocks, scheme, bias)
     # errors of what is actually stored (fp16 scales), against the original weights
     stored = torch.from_numpy(packed.dense()).to(w0.device)
     stats = layer_errors(w0.float(), stored, h)
@@ -220,8 +249,56 @@ def compress_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, *, spbo
     norm = sum(i[2] for i in infos)
     stats["step_w_err"] = [float(e) / norm for e in step_errs]  # block-local weight error after each SPBO step
     stats["n"] = n
-    stats["bits"] = bits_dict(scheme)
+    b = packed.bits()
+    stats["bits"] = {"interchange": b.interchange, "compact": b.compact, "paper": b.paper}
+    if packed.has_residual:
+        stats["salient_fraction"] = round(len(packed.salient_columns()) / packed.in_features, 4)
     return packed, stats
+
+
+def _half(t: torch.Tensor):
+    return t.to(torch.float16).cpu().numpy()
+
+
+def pack_single(blocks: list[Binary], scheme: NMScheme, bias=None) -> PackedLinear:
+    """Per-block single planes -> an op contract v1 :class:`PackedLinear`."""
+    return PackedLinear(
+        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
+        mask=None if scheme.dense else pack_bits(torch.cat([b.keep for b in blocks], 1).cpu().numpy()),
+        alpha=_half(torch.stack([b.alpha for b in blocks], 1)),
+        mu=_half(torch.stack([b.mu for b in blocks], 1)),
+        scheme=scheme,
+        bias=None if bias is None else bias.detach().float().cpu().numpy(),
+    ).validate()
+
+
+def pack_structured(blocks: list, scheme: NMScheme, bias=None) -> PackedLinear:
+    """Per-block :class:`~.structure.Structured` fits -> an op contract v2 :class:`PackedLinear`."""
+    keep = torch.cat([b.keep for b in blocks], 1)
+    extra = {}
+    if any(bool(b.group.any()) for b in blocks):
+        extra.update(group=pack_bits((torch.cat([b.group for b in blocks], 1) & keep).cpu().numpy()),
+                     group_alpha=_half(torch.stack([b.first[1].alpha for b in blocks], 1)),
+                     group_mu=_half(torch.stack([b.first[1].mu for b in blocks], 1)))
+    if any(b.residual is not None for b in blocks):
+        rows = keep.shape[0]
+        zeros = torch.zeros(rows)
+        salient = torch.cat([b.salient for b in blocks])
+        rsign = torch.cat([b.residual.sign[:, b.salient] for b in blocks if b.residual is not None], 1)
+        padded = torch.zeros(rows, max(8, -(-rsign.shape[1] // 8) * 8), dtype=torch.bool)
+        padded[:, : rsign.shape[1]] = rsign
+        extra.update(salient=pack_bits(salient[None].cpu().numpy()), residual=pack_bits(padded.cpu().numpy()),
+                     residual_alpha=_half(torch.stack([b.residual.alpha if b.residual is not None else zeros for b in blocks], 1)),
+                     residual_mu=_half(torch.stack([b.residual.mu if b.residual is not None else zeros for b in blocks], 1)))
+    return PackedLinear(
+        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
+        mask=None if scheme.dense else pack_bits(keep.cpu().numpy()),
+        alpha=_half(torch.stack([b.first[0].alpha for b in blocks], 1)),
+        mu=_half(torch.stack([b.first[0].mu for b in blocks], 1)),
+        scheme=scheme,
+        bias=None if bias is None else bias.detach().float().cpu().numpy(),
+        **extra,
+    ).validate()
 
 
 def bits_dict(scheme: NMScheme, has_mu: bool = True) -> dict:
@@ -307,19 +384,23 @@ def summarize(result: dict, settings: dict) -> dict:
     return info
 
 
-def make_method(name: str, spbo_on: bool = True, cfs: bool = True, mask_first: bool = False):
+def make_method(name: str, spbo_on: bool = True, cfs: bool = True, mask_first: bool = False,
+                groups: bool = True, residual: bool = True):
     """A ``compress_model`` method: PBS2P or one of its ablations / the N:M-then-binarize baseline."""
 
     def method(model, scheme: NMScheme, *, steps: int | None = None, iters: int = 15, percdamp: float = 0.01,
                rescore: bool = False, compensate: bool = True, **options) -> dict:
         def one(w, h, layer_scheme, bias):
             return compress_linear(w, h, layer_scheme, spbo_on=spbo_on, steps=steps, iters=iters, percdamp=percdamp,
-                                   compensate=compensate, rescore=rescore, mask_first=mask_first, bias=bias)
+                                   compensate=compensate, rescore=rescore, mask_first=mask_first, groups=groups,
+                                   residual=residual, bias=bias)
 
         settings = {"steps": steps, "iters": iters, "percdamp": percdamp, "rescore": rescore,
-                    "compensate": compensate, "spbo": spbo_on, "mask_first": mask_first}
+                    "compensate": compensate, "spbo": spbo_on, "mask_first": mask_first, "groups": groups,
+                    "residual": residual}
         return run_calibrated(model, scheme, one, method=name, cfs=cfs, settings=settings, **options)
 
     method.__name__ = name.replace("-", "_")
-    method.__doc__ = f"{name}: spbo={spbo_on}, cfs={cfs}, mask_first={mask_first} (see :mod:`.pbs2p`)."
+    method.__doc__ = (f"{name}: spbo={spbo_on}, cfs={cfs}, mask_first={mask_first}, groups={groups}, "
+                      f"residual={residual} (see :mod:`.pbs2p`).")
     return method
