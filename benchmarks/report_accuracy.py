@@ -8,6 +8,7 @@ from pathlib import Path
 from pbs2pc.models.layer_error import per_layer, spbo_vs_plain
 
 FP_BITS = {"smollm2-135m": 5.0, "gemma3-270m": 4.85}  # Q4_1: 20 bytes / 32 weights; Q4_K_M: ~4.85
+DENSE = ("sign", "billm", "arb", "gptq-w2", "gptq-w3")  # methods that prune nothing: --nm does not apply
 
 
 def load(results: Path) -> list[dict]:
@@ -17,7 +18,7 @@ def load(results: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     out = ["| model | method | N:M | calib | PPL | bits honest (interchange) | bits honest (compact) | bits as the paper counts | mean layer out-err | compress s | command |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["fp", "sign", "billm", "arb", "nm-then-binarize", "pbs2p-nospbo", "pbs2p-nocfs", "pbs2p", "pbs2p-rescore"]
+    order = ["fp", "sign", "billm", "arb", "gptq-w2", "gptq-w3", "nm-then-binarize", "pbs2p-nospbo", "pbs2p-nocfs", "pbs2p", "pbs2p-rescore"]
     rows = sorted(rows, key=lambda r: (r["model"], order.index(r["method"]) if r["method"] in order else 99, r["nm"]))
     for r in rows:
         b = r.get("bits_per_weight")
@@ -27,7 +28,9 @@ def table(rows: list[dict]) -> str:
         else:
             bits = (f"{b['interchange']:.3f}", f"{b['compact']:.3f}", f"{b['paper']:.3f}")
             calib, err, sec = f"{r['nsamples']}x{r['seqlen']}", f"{r['mean_out_err']:.4f}", f"{r['compress_seconds']:.0f}"
-            nm = r["nm"] if r["method"] not in ("sign", "billm", "arb") else "dense"
+            nm = r["nm"] if r["method"] not in DENSE else "dense"
+            if r["method"].startswith("gptq"):
+                nm += f", g{r['settings']['group_size']}"
         out.append(f"| {r['model']} | {r['method']} | {nm} | {calib} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | {bits[2]} | {err} | {sec} | `{r['command']}` |")
     return "\n".join(out)
 
@@ -50,13 +53,13 @@ def plot(rows: list[dict], path: Path):
                             xycoords=("axes fraction", "data"), fontsize=8, color="gray")
                 continue
             x = r["bits_per_weight"]["compact"]
-            marker = {"pbs2p": "o", "sign": "s", "billm": "^", "arb": "v"}.get(r["method"], "D")
-            color = "C3" if r["method"] == "pbs2p" else ("C0" if r["method"] in ("sign", "billm", "arb") else "C2")
+            marker = {"pbs2p": "o", "sign": "s", "billm": "^", "arb": "v", "gptq-w2": "P", "gptq-w3": "P"}.get(r["method"], "D")
+            color = "C3" if r["method"] == "pbs2p" else ("C0" if r["method"] in DENSE else "C2")
             ax.scatter(x, r["ppl"], marker=marker, color=color)
-            label = r["method"] + ("" if r["method"] in ("sign", "billm", "arb") else f" {r['nm']}")
+            label = r["method"] + ("" if r["method"] in DENSE else f" {r['nm']}")
             ax.annotate(label, (x, r["ppl"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
         ax.set_yscale("log")
-        ax.set_xlabel("honest bits per weight (compact: sign + N:M pattern index + fp16 scales)")
+        ax.set_xlabel("honest bits per weight (compact: every stored plane, pattern index, scale and zero)")
         ax.set_ylabel("perplexity, lee.cor, 512-token windows (log)")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)

@@ -59,12 +59,16 @@ def _register_calibrated():
     METHODS["billm"] = baselines.billm_method
     METHODS["arb"] = baselines.arb_method
     METHODS["arb-nm"] = baselines.arb_nm_method  # experiment: N:M + ARB structure (PyTorch-only)
+    from pbs2pc.models import gptq
+
+    METHODS["gptq-w2"] = gptq.make_method(2)  # GPTQ 2-bit, groups of 128 (PyTorch-only; ignores N:M)
+    METHODS["gptq-w3"] = gptq.make_method(3)
 
 
 _register_calibrated()
 
 #: methods whose output is a PyTorch-only evaluation model (not the op contract): export refuses them
-PYTORCH_ONLY = ("billm", "arb", "arb-nm")
+PYTORCH_ONLY = ("billm", "arb", "arb-nm", "gptq-w2", "gptq-w3")
 
 
 def compress_model(model, nm: str = "6:8", group_size: int | None = None, method: str = "simple", **options) -> dict:
