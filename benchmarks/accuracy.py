@@ -37,10 +37,13 @@ def run(args) -> dict:
             options["rescore"] = True
         info = compress_model(model, args.nm, None, args.method, **options)
     seconds = time.perf_counter() - t0
+    if args.scale_bits < 16:
+        info["bits_per_weight"] = quantize_model_scales(model, args.scale_bits)
     ppl = perplexity(torch_logits_fn(model), windows)
-    tag = f"{args.model}_{args.method}{'-rescore' if args.rescore else ''}_{args.nm.replace(':', 'of')}_n{args.nsamples}"
+    suffix = ("-rescore" if args.rescore else "") + (f"-s{args.scale_bits}" if args.scale_bits < 16 else "")
+    tag = f"{args.model}_{args.method}{suffix}_{args.nm.replace(':', 'of')}_n{args.nsamples}"
     result = {
-        "model": args.model, "method": args.method + ("-rescore" if args.rescore else ""), "nm": args.nm,
+        "model": args.model, "method": args.method + suffix, "nm": args.nm,
         "nsamples": args.nsamples, "seqlen": args.seqlen, "ppl": ppl, "eval_windows": int(windows.shape[0]),
         "eval_seqlen": args.eval_seqlen, "seconds": round(seconds, 1), "source_note": source.note,
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **info,
@@ -49,6 +52,25 @@ def run(args) -> dict:
     (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"{tag}: ppl {ppl:.3f}  bits {info.get('bits_per_weight')}  {seconds:.0f}s")
     return result
+
+
+def quantize_model_scales(model, bits: int) -> dict:
+    """Round every compressed layer's scales to ``bits``-bit integers under per-row fp16 scales
+    (:func:`pbs2pc.models.format.quantize_scales`) in place; the honest bits per weight that storage gives."""
+    from pbs2pc.models.format import quantize_scales
+    from pbs2pc.models.modules import SparseBinaryLinear, decoder_linears, replace_linear
+
+    totals, count = {"interchange": 0.0, "compact": 0.0, "paper": 0.0}, 0
+    for name, module in decoder_linears(model).items():
+        if not isinstance(module, SparseBinaryLinear):
+            raise SystemExit(f"--scale-bits needs a method that writes the pbs2p format; {name} is dense.")
+        packed = quantize_scales(module.packed(), bits)
+        replace_linear(model, name, packed)
+        b, numel = packed.bits(scale_bits=bits), packed.out_features * packed.in_features
+        for key in totals:
+            totals[key] += getattr(b, key) * numel
+        count += numel
+    return {k: round(v / count, 4) for k, v in totals.items()}
 
 
 def main(argv=None) -> int:
@@ -63,6 +85,8 @@ def main(argv=None) -> int:
     r.add_argument("--eval-seqlen", type=int, default=512)
     r.add_argument("--device", default="cpu")
     r.add_argument("--rescore", action="store_true")
+    r.add_argument("--scale-bits", type=int, default=16,
+                   help="after compressing, round the scales to this many bits under per-row fp16 scales")
     sub.add_parser("report")
     args = p.parse_args(argv)
     if args.cmd == "run":

@@ -277,11 +277,11 @@ class PackedLinear:
             y += self.bias.astype(np.float64)
         return y
 
-    def bits(self) -> "BitsPerWeight":
+    def bits(self, scale_bits: float = 16.0) -> "BitsPerWeight":
         """Honest bits per weight of this layer (see :func:`bits_per_weight`)."""
         return bits_per_weight(self.scheme, has_mu=self.mu is not None, groups=self.has_groups,
                                salient_fraction=len(self.salient_columns()) / self.in_features if self.has_residual else None,
-                               rows=self.out_features)
+                               rows=self.out_features, scale_bits=scale_bits, in_features=self.in_features)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -310,16 +310,21 @@ class BitsPerWeight:
 
 def bits_per_weight(scheme: NMScheme, has_mu: bool = True, *, groups: bool = False,
                     salient_fraction: float | None = None, rows: int | None = None,
-                    scale_bits: float = 16.0) -> BitsPerWeight:
+                    scale_bits: float = 16.0, in_features: int | None = None) -> BitsPerWeight:
     """Bits per weight of ``scheme`` (scales of ``scale_bits`` each, float16 in the format).
 
     ``groups``: a group bitmap with its alpha and mu; ``salient_fraction``: the share of columns with a
     residual plane (``None``: no residual; with one, its alpha and mu and the salient-column bitmap,
-    ``1 / rows`` per weight, are counted too).
+    ``1 / rows`` per weight, are counted too). ``scale_bits < 16`` counts scales quantized as by
+    :func:`quantize_scales`, which adds one fp16 scale per row and scale array (``16 / in_features``).
     """
     n, m, g = scheme.n, scheme.m, scheme.group_size
     count = (2 if has_mu else 1) + (2 if groups else 0) + (2 if salient_fraction is not None else 0)
     scales = scale_bits * count / g
+    if scale_bits < 16:
+        if in_features is None:
+            raise FormatError("counting quantized scales needs in_features (their per-row fp16 scales).")
+        scales += 16.0 * count / in_features
     mask_bits = 0.0 if scheme.dense else 1.0
     pattern = math.ceil(math.log2(math.comb(m, n))) if n < m else 0
     density = n / m
@@ -331,3 +336,23 @@ def bits_per_weight(scheme: NMScheme, has_mu: bool = True, *, groups: bool = Fal
         paper=density * (1.0 + frac),
         scales=scales,
     )
+
+
+def quantize_scales(packed: PackedLinear, bits: int = 8) -> PackedLinear:
+    """``packed`` with every scale array (alpha, mu and the v2 ones) rounded to signed ``bits``-bit integers
+    under one fp16 scale per row and array (``max |row| / (2^(bits-1) - 1)``, as llama.cpp's K-quants
+    store their block scales under a super-block fp16). The result keeps the format's fp16 arrays, holding
+    the values the integers decode to, so everything downstream measures what such storage would give;
+    count its bits with ``bits_per_weight(..., scale_bits=bits, in_features=K)``.
+    """
+    levels = 2 ** (bits - 1) - 1
+    out = {}
+    for name in ("alpha", "mu", "group_alpha", "group_mu", "residual_alpha", "residual_mu"):
+        arr = getattr(packed, name)
+        if arr is None:
+            continue
+        a = arr.astype(np.float32)
+        step = np.float16(np.abs(a).max(axis=1, keepdims=True) / levels).astype(np.float32)
+        q = np.where(step > 0, np.round(a / np.where(step > 0, step, 1)), 0).clip(-levels, levels)
+        out[name] = (q * step).astype(np.float16)
+    return dataclasses.replace(packed, **out)

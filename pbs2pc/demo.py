@@ -32,6 +32,7 @@ class DemoResult:
     tokens_scored: int
     continuation: str
     max_logit_rel_err: float
+    original_continuation: str = ""
 
 
 def _say(message: str) -> None:
@@ -81,6 +82,9 @@ def run_demo(model_spec: str = "smollm2-135m", nm: str = "6:8", out_dir: str | P
              f"weights are {source.note or 'as stored'}")
     with clock.step("perplexity: original (PyTorch)"):
         ppl["original (PyTorch)"] = evaluate.perplexity(evaluate.torch_logits_fn(model), tokens, "original")
+    with clock.step("generate from a prompt (original model, PyTorch, greedy)"):
+        original = _torch_greedy(model, tokenizer, PROMPT, max_new_tokens)
+        _say(f"    {PROMPT!r} -> {original!r}")
     label = "simple: magnitude N:M + closed-form alpha, mu" if method == "simple" else f"{method}, {nsamples} x 512 calibration tokens"
     options = {} if method == "simple" else {"tokenizer": tokenizer, "nsamples": nsamples, "seqlen": 512}
     with clock.step(f"compress {nm} ({label})"):
@@ -108,7 +112,18 @@ def run_demo(model_spec: str = "smollm2-135m", nm: str = "6:8", out_dir: str | P
         ref, got = ort_logits(window), compiled.logits(window)
         rel = float(np.abs(got - ref).max() / np.abs(ref).max())
     scored = tokens.shape[0] * (tokens.shape[1] - 1)  # every token but the first of each window
-    return DemoResult(ppl, clock.seconds, manifest["summary"], int(scored), continuation, rel)
+    return DemoResult(ppl, clock.seconds, manifest["summary"], int(scored), continuation, rel, original)
+
+
+def _torch_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` by the PyTorch model (the same tokenization the runtime uses)."""
+    import torch
+
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def format_result(result: DemoResult) -> str:
@@ -116,6 +131,9 @@ def format_result(result: DemoResult) -> str:
     lines = ["", f"Perplexity on held-out text ({result.tokens_scored} predicted tokens, same windows for every row):"]
     for name, value in result.perplexity.items():
         lines.append(f"  {name:<28} {value:>18,.3f}")
+    lines += ["", f"Greedy continuation of {PROMPT!r}:",
+              f"  {'original (PyTorch)':<28} {result.original_continuation!r}",
+              f"  {'compressed (compiled)':<28} {result.continuation!r}", ""]
     b = result.bits
     lines += [
         f"compiled vs onnxruntime logits: max relative error {result.max_logit_rel_err:.2e} (first window)",

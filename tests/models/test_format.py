@@ -154,3 +154,22 @@ def test_v2_bits_count_groups_residual_and_scales():
     assert abs(b.paper - 0.75 * (1 + 4 / 64)) < 1e-12  # 0.797: the 0.80 the PBS2P/STBLLM tables print
     assert abs(b.interchange - (1 + 1 + 1 + 4 / 64 + 1 / 576 + 1.5)) < 1e-12
     assert abs(b.compact - (5 / 8 + 0.75 * (2 + 4 / 64) + 1 / 576 + 1.5)) < 1e-12
+
+
+def test_quantized_scales_stay_within_half_a_step_and_count_their_row_scales():
+    from testutil import random_layer, random_structure
+
+    from pbs2pc.models.format import quantize_scales
+
+    rng = np.random.default_rng(5)
+    _, sign, mask, alpha, mu, _ = random_layer(1, 32, 128, 64, "6:8", True, False)
+    p = PackedLinear(sign=sign, mask=mask, alpha=alpha, mu=mu, scheme=NMScheme(6, 8, 64),
+                     **random_structure(rng, 32, 128, 64)).validate()
+    q = quantize_scales(p, 8).validate()
+    for name in ("alpha", "mu", "group_alpha", "group_mu", "residual_alpha", "residual_mu"):
+        a, b = getattr(p, name).astype(np.float32), getattr(q, name).astype(np.float32)
+        step = np.abs(a).max(axis=1, keepdims=True) / 127
+        assert (np.abs(a - b) <= step * 0.5 + np.abs(a) * 2e-3 + 1e-7).all(), name
+        assert len(np.unique(b[0])) <= 255
+    b16, b8 = p.bits(), p.bits(scale_bits=8)
+    assert abs((b16.scales - b8.scales) - (6 * 8 / 64 - 6 * 16 / 128)) < 1e-12
