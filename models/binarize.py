@@ -66,15 +66,21 @@ def arb_fit(
     keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.expand_as(w)
     kf = keep.to(w.dtype)
     count = kf.sum(-1).clamp_min(1)
+    kw = kf * w
     if mu is None:
-        mu = _masked_mean(w, kf, count) if use_mu else torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
+        mu = kw.sum(-1) / count if use_mu else torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
     if alpha is None:
         alpha = _masked_mean((w - mu[..., None]).abs(), kf, count)
+    # With b = 2p - 1 (p = [w >= mu]), the sums over kept entries the updates need are
+    # sum b = 2 sum p - count and sum b w = 2 sum p w - sum w: two masked sums per round.
+    sum_w = kw.sum(-1)
     for _ in range(iters):
-        b = torch.where(w >= mu[..., None], 1.0, -1.0).to(w.dtype)
+        p = (w >= mu[..., None]).to(w.dtype)
+        sum_b = 2 * (p * kf).sum(-1) - count
+        sum_bw = 2 * (p * kw).sum(-1) - sum_w
         if use_mu:
-            mu = _masked_mean(w - alpha[..., None] * b, kf, count)
-        alpha = _masked_mean(b * (w - mu[..., None]), kf, count).clamp_min(0)
+            mu = (sum_w - alpha * sum_b) / count
+        alpha = ((sum_bw - mu * sum_b) / count).clamp_min(0)
     sign = w >= mu[..., None]
     return Binary(alpha, mu, sign, keep)
 

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _options(args) -> dict:
     options = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                    batch_size=args.batch_size, progress=not args.quiet)
-    if args.method.startswith("pbs2p") or args.method == "nm-then-binarize":
+    if args.method.startswith(("pbs2p", "nm-then-binarize")):
         options.update(n_low=args.n_low, n_high=args.n_high, steps=args.spbo_steps)
     if args.iters is not None:
         options["iters"] = args.iters
