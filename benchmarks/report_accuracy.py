@@ -12,7 +12,9 @@ DENSE = ("sign", "billm", "arb", "gptq-w2", "gptq-w3")  # methods that prune not
 
 
 def load(results: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    """The accuracy rows (``accuracy.py run`` output); the other benchmarks' files in the folder are skipped."""
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    return [r for r in rows if isinstance(r, dict) and {"model", "method", "ppl"} <= r.keys()]
 
 
 def table(rows: list[dict]) -> str:
