@@ -30,7 +30,8 @@ one fp16 scale and one zero stored at ``bits`` bits (as GPTQ packs zeros):
 
 Like ``billm``/``arb`` this is a **PyTorch-only evaluation baseline**: the dequantized weight is stored
 in the ordinary ``nn.Linear``; the manifest says ``"exportable": false``. The ``--nm`` scheme does not
-apply (nothing is pruned); only its M is recorded as the per-layer N.
+apply (nothing is pruned; its M is recorded as the per-layer N), nor does ``--group-size``: the groups
+are always :data:`GROUP_SIZE` columns (the run's settings say so).
 """
 
 from __future__ import annotations
