@@ -21,7 +21,8 @@ In one process and one run, for every weight shape N x K and rows M:
   ``benchmarks/int8_accuracy.py``).
 * **pbs2pc_v2**: the same layers with the op contract v2 structure (``contenders.random_structure``: 2
   magnitude groups, a residual on 4 of every 64 columns) in the x86 preset's layout; M = 1 runs the v2
-  lookup-table GEMV on x86-avx2 (``x86_avx2/sparse_binary_gemv_v2.py``), M > 1 the TE kernel. Its bytes
+  lookup-table GEMV (``x86_avx512/sparse_binary_gemv_v2.py`` on the mask codes, ``x86_avx2/...`` on x86-avx2),
+  M > 1 the TE kernel. Its bytes
   are honest: every stored input (group plane and scales, residual plane and scales, salient bitmap) counts.
 * **torch fp32**: ``x @ W.T`` with ``torch.set_num_threads(2)``.
 * **onnxruntime fp32**: a ``MatMul`` against an fp32 initializer, 2 intra-op threads.

@@ -162,12 +162,35 @@ def test_reference_function_and_kernel_carry_the_structure():
     assert int(info["has_groups"]) == 0 and int(info["has_residual"]) == 0
 
 
-def test_x86_avx512_build_runs_the_avx2_v2_gemv_on_expanded_masks(tmp_path):
-    """Compile only (LLVM cross-generates): the AVX-512 layout stores 6:8 masks as codes; a v2 one-token call
-    has no AVX-512 kernel yet and runs the AVX2 v2 GEMV on the expanded planes (AVX-512 CPUs run AVX2 code)."""
-    from pbs2pc.compiler.build import compile_model
+AVX512_CASES = [
+    # (N, K, G, n:m, groups, salient per G): the kernel reads codes / planes / (N % 16 != 0) the TE kernel runs
+    (48, 256, 64, (6, 8), True, 4),
+    (32, 128, 64, (4, 8), True, 3),
+    (40, 96, 32, (6, 8), True, 5),
+]
 
-    path = tmp_path / "m.onnx"
-    onnx.save(single_node_model(v2_layer(32, 128, 64), rows=1), str(path))
-    manifest = compile_model(path, tmp_path / "m.so", "x86-avx512")
-    assert manifest["kernels"] == ["x86_avx2.gemv_v2_fp32"] and manifest["layout"]["mask_codes"]
+
+@pytest.mark.parametrize("n, k, g, nm, groups, salient", AVX512_CASES)
+def test_x86_avx512_build_runs_the_avx512_v2_gemv_on_mask_codes(tmp_path, n, k, g, nm, groups, salient):
+    """The AVX-512 layout stores 6:8 masks as codes; a v2 one-token call runs the AVX-512 v2 GEMV, which reads
+    the codes itself: no expansion is left in the library. Compiled on any host (LLVM cross-generates); the
+    numerics run where the CPU has AVX-512."""
+    from pbs2pc.compiler.tvm_compat import tvm
+    from pbs2pc.passes.kernels.x86_avx512 import mask_codes
+    from testutil import host_lacks
+
+    layer = v2_layer(n, k, g, nm, groups, salient, seed=n + k)
+    run, manifest = compile_and_load(single_node_model(layer, rows=1), tmp_path / "one.so", "x86-avx512")
+    assert manifest["kernels"] == (["x86_avx512.gemv_v2_fp32"] if n % 16 == 0 else [])
+    coded = mask_codes.supported(n, k, *nm) and g % 32 == 0
+    assert manifest["layout"]["mask_codes"]
+    by_name = {p["name"]: p for p in manifest["params"]}
+    assert by_name["w.mask"]["shape"] == ([n // 16, mask_codes.code_width(k)] if coded else
+                                          [n // 16, k // 8, 16] if n % 16 == 0 else [n, k // 8])
+    if coded:
+        lib = tvm.runtime.load_module(str(tmp_path / "one.so"))
+        assert not lib.implements_function(f"expand_mask_codes_{nm[0]}of{nm[1]}_{n}x{k}", True)
+    if not host_lacks("x86-avx512"):
+        x = np.random.default_rng(k).standard_normal((1, k)).astype(np.float32)
+        got = run(x)
+        assert np.isfinite(got).all() and rel_err(got, layer.matmul(x)) < TOLERANCE

@@ -3,7 +3,10 @@
 They read one layout (:data:`LAYOUT`): byte planes in 16-row blocks (the fp32 lanes of a zmm register) with
 6:8-style masks as 5-bit pattern codes (:mod:`.mask_codes`). ``KERNELS`` is this folder's part of the
 kernel registry (:mod:`pbs2pc.passes.kernels.registry`), in priority order: with ``--activations int8``
-the int8 GEMV (one row) and GEMM (any rows), else the fp32 lookup-table GEMV and GEMM.
+the int8 GEMV (one row) and GEMM (any rows), else the fp32 lookup-table GEMV and GEMM. One-token calls of
+op contract v2 layers (magnitude groups, salient residual) run the v2 fp32 GEMV (:mod:`.sparse_binary_gemv_v2`:
+the same tables, four sums per column byte with groups, the codes expanded in registers, the salient
+columns walked per tile), with ``--activations int8`` too; their prompt calls run the TE kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from . import sparse_binary_gemm as gemm_fp32
 from . import sparse_binary_gemm_int8 as gemm_int8
 from . import sparse_binary_gemv as gemv_fp32
 from . import sparse_binary_gemv_int8 as gemv_int8
+from . import sparse_binary_gemv_v2 as gemv_v2
 
 ISA = "x86-avx512"
 #: 16-row interleaved byte planes (one zmm of fp32 per 16 rows) and mask pattern codes (17 % fewer weight
@@ -44,6 +48,13 @@ KERNELS = [
     KernelEntry("x86_avx512.gemm_int8", "sparse_binary_gemm_int8", "cpu", ISA, INT8_FEATURES, LAYOUT,
                 activations="int8", rows="any", covers=lambda c: gemm_int8.supported(*_shape(c)),
                 build=lambda c: gemm_int8.gemm_int8(*_shape(c)[:3], *_has(c))),
+    # op contract v2 layers (groups, residual or both), one-token calls, masks as codes or planes
+    KernelEntry("x86_avx512.gemv_v2_fp32", "sparse_binary_gemv_v2", "cpu", ISA, FP32_FEATURES, LAYOUT,
+                activations="fp32", rows="one",
+                covers=lambda c: gemv_v2.supported(*_shape(c), c.has_groups, c.has_residual, coded=c.coded is not None),
+                build=lambda c: gemv_v2.gemv_v2(*_shape(c)[:3], *_has(c), c.has_groups, c.has_residual,
+                                                c.residual_bytes, **_codes(c)),
+                reads_codes=True, structure=("groups", "residual")),
     KernelEntry("x86_avx512.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FP32_FEATURES, LAYOUT,
                 activations="fp32", rows="one",
                 covers=lambda c: gemv_fp32.supported(*_shape(c), coded=c.coded is not None),
