@@ -5,7 +5,8 @@ numerics against the oracle ``PackedLinear.matmul``, its assembly, and the regis
   both; with and without mask, mu and bias; one to several tiles, G = 8 to 128, salient counts that leave a
   scale group without salient columns and residual planes of one or many bytes. The output starts as NaN.
   These run the compiled code, so they skip on a host without AVX2, FMA and F16C.
-* Assembly (compile only, any host): ymm lookups (``vpermps``, ``vpermilps``), ``vcvtph2ps`` scales, no zmm.
+* Assembly (compile only, any host): ymm lookups (``vpermps``, ``vpermilps``), ``vcvtph2ps`` scales, no zmm;
+  no workspace allocation inside the parallel loop.
 * Registry: v2 one-token calls get this kernel (with ``--activations int8`` too: the int8 GEMV is v1 only),
   v1 calls the v1 GEMV, v2 prompt calls and layouts it does not read the TE kernel.
 
@@ -114,6 +115,14 @@ def test_assembly_is_avx2_without_avx512():
     asm = build(v2_layer(64, 256, 64)).mod.inspect_source("asm")
     assert re.search(r"vperm(ps|d)\s+%ymm", asm) and "vpermilps" in asm and "vcvtph2ps" in asm
     assert "zmm" not in asm and not re.search(r"\bk[1-7]\b", asm)
+
+
+def test_no_workspace_allocation_per_tile():
+    """Named values in the kernel body are inlined: a Python binding of a vector would be a workspace
+    allocation (and free) per tile inside the parallel loop."""
+    ll = build(v2_layer(512, 512, 128)).mod.inspect_source("ll")  # 2^18 weights: a parallel loop
+    lambdas = re.findall(r"define private[^\n]*parallel_lambda.*?\n}", ll, re.S)
+    assert lambdas and not any("AllocWorkspace" in body for body in lambdas)
 
 
 def _call(one_row=True, groups=True, residual=True, interleave=16):

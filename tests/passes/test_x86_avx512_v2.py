@@ -1,5 +1,6 @@
-"""The hand-written AVX-512 fp32 GEMV for op contract v2 layers (``passes/kernels/x86_avx512/sparse_binary_gemv_v2.py``):
-numerics against the oracle ``PackedLinear.matmul``, its assembly, and the registry's choice of it.
+"""The hand-written AVX-512 fp32 GEMV for op contract v2 layers
+(``passes/kernels/x86_avx512/sparse_binary_gemv_v2.py``): numerics against the oracle ``PackedLinear.matmul``,
+its assembly, and the registry's choice of it.
 
 * Numerics: random v2 layers (``testutil.random_layer`` + ``random_structure``): groups only, residual only,
   both; with and without mask, mu and bias; masks as 5-bit pattern codes (the x86-avx512 layout, sign

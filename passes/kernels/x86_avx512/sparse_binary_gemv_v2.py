@@ -118,7 +118,8 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
 
     def group_output(part, half, res, xsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu, task, r, g):
         """Scale group ``g``'s part of the 16 outputs of tile ``task * R + r``, from its sums (an expression: a
-        Python variable in the TVMScript body would be a 64-byte workspace allocation per task)."""
+        Python variable in the TVMScript body would be a 64-byte workspace allocation per task: 35 instead
+        of 25 us at 1536x576, residual only, one thread)."""
         def both(p):
             return part.vload([r, p, 0], f32) + half.vload([r, p, 0], f32)
 
@@ -251,7 +252,8 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                                                 t % 8), T.broadcast(xs[t], LANES), zeros), zeros)
                 for r in T.unroll(R):
                     acc[r, T.ramp(0, 1, LANES)] = acc.vload([r, 0], f32) + group_output(
-                        part, half, res, xsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu, task, r, g)
+                        part, half, res, xsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu,
+                        task, r, g)
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
                     y[0, (task * R + r) * LANES + l] = plus_bias(acc[r, l], bias, has_bias, (task * R + r) * LANES + l)
