@@ -178,7 +178,7 @@ def _reference_function(x_ty, n: int, m: int, group_size: int, present: dict[str
                 rank = e(op.subtract(e(op.cumsum(salient, axis=0, dtype="int32")), salient))
                 width = 8 * int(params["residual"].ty.shape[1])
                 rank = e(op.minimum(rank, relax.const(np.int32(width - 1))))  # non-salient columns: any bit
-                r = e(op.take(unpack(params["residual"], width), rank, axis=1))  # [N, K]
+                r = e(op.take(unpack(params["residual"], width), rank, axis=1, mode="clip"))  # [N, K]
                 r_pm1 = e(op.subtract(e(op.multiply(r, f32(2))), f32(1)))
                 extra = e(op.add(e(op.multiply(grouped(r_pm1), scale("residual_alpha"))), scale("residual_mu")))
                 w = e(op.add(w, e(op.multiply(extra, e(op.reshape(e(op.astype(salient, "float32")), [1, gs, group_size]))))))

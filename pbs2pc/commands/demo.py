@@ -1,6 +1,6 @@
-"""``pbs2pc demo``: compress the bundled SmolLM2-135M at 6:8, export, compile for x86, run a prompt, and
-print perplexity for the original model, the compressed PyTorch model, onnxruntime and the compiled
-library, side by side."""
+"""``pbs2pc demo``: compress the bundled SmolLM2-135M at 6:8 with PBS2P, export, compile for x86, run a
+prompt, and print perplexity for the original model, the compressed PyTorch model, onnxruntime and the
+compiled library, and the greedy continuation of the original and the compiled model, side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def add_parser(sub):
     p.add_argument("--out", default="out/demo", help="folder for the ONNX file and the compiled library")
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window length in tokens (default 512)")
     p.add_argument("--windows", type=int, help="score only the first N windows (default: all)")
-    p.add_argument("--method", default="simple", help="compression method (default simple; pbs2p calibrates)")
+    p.add_argument("--method", default="pbs2p",
+                   help="compression method (default pbs2p with 16 x 512 calibration tokens, about 6 minutes on 2 "
+                        "cores; simple: no calibration, seconds, and a collapsed model)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows for calibrated methods (default 16)")
     return p
 
