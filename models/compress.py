@@ -51,10 +51,14 @@ def _register_calibrated():
     """PBS2P, its ablations and the baselines (all calibrated, layer-sequential; see docs/accuracy.md)."""
     from pbs2pc.models import baselines, pbs2p
 
-    METHODS["pbs2p"] = pbs2p.make_method("pbs2p", spbo_on=True, cfs=True)
-    METHODS["pbs2p-nospbo"] = pbs2p.make_method("pbs2p-nospbo", spbo_on=False, cfs=True)
-    METHODS["pbs2p-nocfs"] = pbs2p.make_method("pbs2p-nocfs", spbo_on=True, cfs=False)
-    METHODS["nm-then-binarize"] = pbs2p.make_method("nm-then-binarize", spbo_on=False, cfs=False, mask_first=True)
+    # PBS2P with the BiLLM/ARB structure (op contract v2), its ablations and the N:M-then-binarize ordering;
+    # each also as a single-plane variant ("-1plane": one alpha B + mu per row and block, op contract v1)
+    variants = {"pbs2p": {}, "pbs2p-nospbo": {"spbo_on": False}, "pbs2p-nocfs": {"cfs": False},
+                "nm-then-binarize": {"spbo_on": False, "cfs": False, "mask_first": True}}
+    for name, kw in variants.items():
+        METHODS[name] = pbs2p.make_method(name, **kw)
+        single = name.replace("pbs2p", "pbs2p-1plane") if "pbs2p" in name else f"{name}-1plane"
+        METHODS[single] = pbs2p.make_method(single, groups=False, residual=False, **kw)
     METHODS["sign"] = baselines.sign_method
     METHODS["billm"] = baselines.billm_method
     METHODS["arb"] = baselines.arb_method
