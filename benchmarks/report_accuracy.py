@@ -20,7 +20,9 @@ def load(results: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     out = ["| model | method | N:M | calib | PPL | bits honest (interchange) | bits honest (compact) | bits as the paper counts | mean layer out-err | compress s | command |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["fp", "sign", "billm", "arb", "gptq-w2", "gptq-w3", "nm-then-binarize", "pbs2p-nospbo", "pbs2p-nocfs", "pbs2p", "pbs2p-rescore"]
+    order = ["fp", "sign", "billm", "arb", "gptq-w2", "gptq-w3", "nm-then-binarize-1plane", "pbs2p-1plane-nospbo",
+             "pbs2p-1plane-nocfs", "pbs2p-1plane", "arb-nm", "nm-then-binarize", "pbs2p-nospbo", "pbs2p-nocfs", "pbs2p",
+             "pbs2p-s8"]
     rows = sorted(rows, key=lambda r: (r["model"], order.index(r["method"]) if r["method"] in order else 99, r["nm"]))
     for r in rows:
         b = r.get("bits_per_weight")
@@ -56,7 +58,8 @@ def plot(rows: list[dict], path: Path):
                 continue
             x = r["bits_per_weight"]["compact"]
             marker = {"pbs2p": "o", "sign": "s", "billm": "^", "arb": "v", "gptq-w2": "P", "gptq-w3": "P"}.get(r["method"], "D")
-            color = "C3" if r["method"] == "pbs2p" else ("C0" if r["method"] in DENSE else "C2")
+            color = ("C3" if r["method"].startswith("pbs2p") and "1plane" not in r["method"]
+                     else "C0" if r["method"] in DENSE else "C2")
             ax.scatter(x, r["ppl"], marker=marker, color=color)
             label = r["method"] + ("" if r["method"] in DENSE else f" {r['nm']}")
             ax.annotate(label, (x, r["ppl"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
@@ -72,23 +75,28 @@ def plot(rows: list[dict], path: Path):
 def layer_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
-        if r["method"] == "pbs2p" and "layer_stats" in r:
+        if r["method"] in ("pbs2p", "pbs2p-1plane") and "layer_stats" in r:
             s = spbo_vs_plain(r)
-            lines.append(f"- {r['model']} pbs2p {r['nm']} ({r['nsamples']}x{r['seqlen']}): relative block weight error "
+            lines.append(f"- {r['model']} {r['method']} {r['nm']} ({r['nsamples']}x{r['seqlen']}): relative block weight error "
                          f"of plain dense binarization (SPBO step 0) {s['plain']:.4f}, after SPBO {s['final']:.4f}; "
                          f"step by step for the layers at N={s['n']}: " + " -> ".join(f"{v:.4f}" for v in s["steps"]))
     keep = {("sign", None), ("arb", None), ("billm", None), ("nm-then-binarize", "6:8"), ("pbs2p-nospbo", "6:8"),
-            ("pbs2p", "6:8"), ("pbs2p", "8:8"), ("arb-nm", "6:8")}
+            ("pbs2p", "6:8"), ("pbs2p", "8:8"), ("arb-nm", "6:8"), ("pbs2p-1plane", "6:8"), ("gptq-w3", None)}
     by = {(r["model"], r["method"], r["nm"]): r for r in rows if "layer_stats" in r and r["nsamples"] == 16
           and ((r["method"], None) in keep or (r["method"], r["nm"]) in keep)}
     for model in sorted({k[0] for k in by}):
         keys = [k for k in by if k[0] == model]
-        hdr = "| layer | " + " | ".join(f"{k[1]} {k[2] if k[1] not in ('sign','billm','arb') else ''}" for k in keys) + " |"
+        hdr = "| layer | " + " | ".join(f"{k[1]} {k[2] if k[1] not in DENSE else ''}" for k in keys) + " |"
         lines += ["", f"{model}: mean relative output error ||(W - W_hat) X||^2 / ||W X||^2 per decoder layer", "", hdr,
                   "|---" * (len(keys) + 1) + "|"]
         cols = [per_layer(by[k]) for k in keys]
         for i in range(len(cols[0])):
             lines.append(f"| {i} | " + " | ".join(f"{c[i]:.4f}" for c in cols) + " |")
+        if (model, "pbs2p", "6:8") in by and (model, "arb-nm", "6:8") in by:
+            ours, theirs = per_layer(by[(model, "pbs2p", "6:8")]), per_layer(by[(model, "arb-nm", "6:8")])
+            worse = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a > b]
+            lines += ["", f"{model}: pbs2p 6:8 has a layer error at or below arb-nm 6:8's on {len(ours) - len(worse)} of "
+                      f"{len(ours)} layers" + (f" (above on {', '.join(map(str, worse))})" if worse else "")]
     return "\n".join(lines)
 
 

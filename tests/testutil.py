@@ -139,3 +139,17 @@ def random_structure(rng, n: int, k: int, g: int, groups: bool = True, salient: 
         out["residual_alpha"] = (rng.random((n, k // g)) * 0.5 + 0.1).astype(np.float16)
         out["residual_mu"] = (rng.standard_normal((n, k // g)) * 0.1).astype(np.float16)
     return out
+
+
+def v2_layer(n: int, k: int, g: int, mask_kind: str | None = "6:8", groups: bool = True, salient: int = 4,
+             has_mu: bool = True, has_bias: bool = True, seed: int = 0):
+    """A random op contract v2 :class:`~pbs2pc.models.format.PackedLinear` ``[n, k]`` (``random_layer`` planes
+    plus ``random_structure``); ``mask_kind="random"`` breaks n:m on purpose (kernels read any mask), so that
+    layer is not validated."""
+    from pbs2pc.models.format import NMScheme, PackedLinear
+
+    _, sign, mask, alpha, mu, bias = random_layer(1, n, k, g, mask_kind, has_mu, has_bias, seed)
+    nm = (8, 8) if mask_kind is None else (int(mask_kind[0]), 8) if mask_kind != "random" else None
+    layer = PackedLinear(sign=sign, mask=mask, alpha=alpha, mu=mu, bias=bias, scheme=NMScheme(*(nm or (8, 8)), g),
+                         **random_structure(np.random.default_rng(seed + 1), n, k, g, groups, salient))
+    return layer if nm is None else layer.validate()

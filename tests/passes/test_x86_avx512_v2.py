@@ -31,7 +31,7 @@ pytest.importorskip("pbs2pc.compiler.tvm_compat")
 
 from pbs2pc.compiler.targets import CompileOptions, get_preset  # noqa: E402
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
-from pbs2pc.models.format import ARRAY_FIELDS, NMScheme, PackedLinear  # noqa: E402
+from pbs2pc.models.format import ARRAY_FIELDS, PackedLinear  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels import registry  # noqa: E402
 from pbs2pc.passes.kernels.x86_avx512 import mask_codes  # noqa: E402
@@ -40,18 +40,10 @@ from pbs2pc.passes.kernels.x86_avx512 import sparse_binary_gemv_v2 as kv  # noqa
 
 if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from testutil import AVX512_TARGET, random_layer, random_structure, rel_err, requires  # noqa: E402
+from testutil import AVX512_TARGET, rel_err, requires, v2_layer  # noqa: E402
 
 TARGET = tvm.target.Target(AVX512_TARGET)
 needs_avx512 = requires("x86-avx512")
-
-
-def v2_layer(n, k, g, mask_kind="6:8", groups=True, salient=4, has_mu=True, has_bias=True, seed=0) -> PackedLinear:
-    _, sign, mask, alpha, mu, bias = random_layer(1, n, k, g, mask_kind, has_mu, has_bias, seed)
-    nm = (8, 8) if mask_kind is None else (int(mask_kind[0]), 8) if mask_kind != "random" else None
-    layer = PackedLinear(sign=sign, mask=mask, alpha=alpha, mu=mu, bias=bias, scheme=NMScheme(*(nm or (8, 8)), g),
-                         **random_structure(np.random.default_rng(seed + 1), n, k, g, groups, salient))
-    return layer if nm is None else layer.validate()  # random masks break n:m on purpose: the kernel reads any
 
 
 def codes_of(layer: PackedLinear) -> tuple[int, int] | None:
