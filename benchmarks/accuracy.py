@@ -38,15 +38,19 @@ def run(args) -> dict:
         info = compress_model(model, args.nm, None, args.method, **options)
     seconds = time.perf_counter() - t0
     if args.scale_bits < 16:
+        # the same compressed model scored before and after rounding its scales: a matched pair
+        info["ppl_fp16_scales"] = perplexity(torch_logits_fn(model), windows)
+        info["bits_per_weight_fp16_scales"] = info.get("bits_per_weight")
         info["bits_per_weight"] = quantize_model_scales(model, args.scale_bits)
     ppl = perplexity(torch_logits_fn(model), windows)
     suffix = ("-rescore" if args.rescore else "") + (f"-s{args.scale_bits}" if args.scale_bits < 16 else "")
     tag = f"{args.model}_{args.method}{suffix}_{args.nm.replace(':', 'of')}_n{args.nsamples}"
     result = {
-        "model": args.model, "method": args.method + suffix, "nm": args.nm,
+        "model": args.model, "nm": args.nm,
         "nsamples": args.nsamples, "seqlen": args.seqlen, "ppl": ppl, "eval_windows": int(windows.shape[0]),
         "eval_seqlen": args.eval_seqlen, "seconds": round(seconds, 1), "source_note": source.note,
         "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **info,
+        "method": args.method + suffix,  # after info, whose "method" is the registry's name
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
