@@ -49,6 +49,12 @@ def _layout(layout: dict | None) -> str:
     return ", ".join(parts + (["5-bit mask pattern codes"] if layout.get("mask_codes") else []))
 
 
+def _short(value, limit: int = 240) -> str:
+    """A metadata value for the text view: long ones (per-layer statistics) cut, with where to read them."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters; --json prints all)"
+
+
 def run(args) -> int:
     from pbs2pc.errors import Pbs2pcError
     from pbs2pc.models import report
@@ -106,7 +112,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    for line in header + [f"{k}: {v}" for k, v in info["metadata"].items()] + _bits_lines(summary):
+    for line in header + [f"{k}: {_short(v)}" for k, v in info["metadata"].items()] + _bits_lines(summary):
         print(line)
     if layers:
         print()
