@@ -30,7 +30,7 @@ import torch
 from pbs2pc.errors import Pbs2pcError
 from pbs2pc.models import structure
 from pbs2pc.models.binarize import Binary, arb_fit, nm_keep_from_scores, nm_ranks, sq_error
-from pbs2pc.models.format import NMScheme, PackedLinear, bits_per_weight, pack_bits
+from pbs2pc.models.format import NMScheme, bits_per_weight
 
 # ----------------------------------------------------------------------------------------------------------
 # Hessian preparation and the block loop with compensation
@@ -241,7 +241,7 @@ def compress_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, *, spbo
 
     q, infos = obs_quantize(w, u, g, quantize, compensate)
     blocks = [i[0] for i in infos]
-    packed = pack_structured(blocks, scheme, bias) if structured else pack_single(blocks, scheme, bias)
+    packed = structure.pack_structured(blocks, scheme, bias) if structured else structure.pack_single(blocks, scheme, bias)
     # errors of what is actually stored (fp16 scales), against the original weights
     stored = torch.from_numpy(packed.dense()).to(w0.device)
     stats = layer_errors(w0.float(), stored, h)
@@ -254,51 +254,6 @@ def compress_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, *, spbo
     if packed.has_residual:
         stats["salient_fraction"] = round(len(packed.salient_columns()) / packed.in_features, 4)
     return packed, stats
-
-
-def _half(t: torch.Tensor):
-    return t.to(torch.float16).cpu().numpy()
-
-
-def pack_single(blocks: list[Binary], scheme: NMScheme, bias=None) -> PackedLinear:
-    """Per-block single planes -> an op contract v1 :class:`PackedLinear`."""
-    return PackedLinear(
-        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
-        mask=None if scheme.dense else pack_bits(torch.cat([b.keep for b in blocks], 1).cpu().numpy()),
-        alpha=_half(torch.stack([b.alpha for b in blocks], 1)),
-        mu=_half(torch.stack([b.mu for b in blocks], 1)),
-        scheme=scheme,
-        bias=None if bias is None else bias.detach().float().cpu().numpy(),
-    ).validate()
-
-
-def pack_structured(blocks: list, scheme: NMScheme, bias=None) -> PackedLinear:
-    """Per-block :class:`~.structure.Structured` fits -> an op contract v2 :class:`PackedLinear`."""
-    keep = torch.cat([b.keep for b in blocks], 1)
-    extra = {}
-    if any(bool(b.group.any()) for b in blocks):
-        extra.update(group=pack_bits((torch.cat([b.group for b in blocks], 1) & keep).cpu().numpy()),
-                     group_alpha=_half(torch.stack([b.first[1].alpha for b in blocks], 1)),
-                     group_mu=_half(torch.stack([b.first[1].mu for b in blocks], 1)))
-    if any(b.residual is not None for b in blocks):
-        rows = keep.shape[0]
-        zeros = torch.zeros(rows)
-        salient = torch.cat([b.salient for b in blocks])
-        rsign = torch.cat([b.residual.sign[:, b.salient] for b in blocks if b.residual is not None], 1)
-        padded = torch.zeros(rows, max(8, -(-rsign.shape[1] // 8) * 8), dtype=torch.bool)
-        padded[:, : rsign.shape[1]] = rsign
-        extra.update(salient=pack_bits(salient[None].cpu().numpy()), residual=pack_bits(padded.cpu().numpy()),
-                     residual_alpha=_half(torch.stack([b.residual.alpha if b.residual is not None else zeros for b in blocks], 1)),
-                     residual_mu=_half(torch.stack([b.residual.mu if b.residual is not None else zeros for b in blocks], 1)))
-    return PackedLinear(
-        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
-        mask=None if scheme.dense else pack_bits(keep.cpu().numpy()),
-        alpha=_half(torch.stack([b.first[0].alpha for b in blocks], 1)),
-        mu=_half(torch.stack([b.first[0].mu for b in blocks], 1)),
-        scheme=scheme,
-        bias=None if bias is None else bias.detach().float().cpu().numpy(),
-        **extra,
-    ).validate()
 
 
 def bits_dict(scheme: NMScheme, has_mu: bool = True) -> dict:

@@ -31,6 +31,7 @@ import dataclasses
 import torch
 
 from pbs2pc.models.binarize import Binary, arb_fit, residual_fit
+from pbs2pc.models.format import NMScheme, PackedLinear, pack_bits
 
 #: salient-column counts tried (BiLLM tries every k in 1..49; this grid is about 4x cheaper)
 SALIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 49)
@@ -135,3 +136,51 @@ def search_split(w: torch.Tensor, region: torch.Tensor, percentiles: int = 41, s
     g0, g1 = arb_fit(wp, region & ~hi, 0), arb_fit(wp, hi, 0)
     err = ((wp - g0.dense() - g1.dense()) * region).square().sum((1, 2))
     return thresholds[int(err.argmin())]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing per-block fits into the format
+
+def _half(t: torch.Tensor):
+    return t.to(torch.float16).cpu().numpy()
+
+
+def pack_single(blocks: list[Binary], scheme: NMScheme, bias=None) -> PackedLinear:
+    """Per-block single planes -> an op contract v1 :class:`PackedLinear`."""
+    return PackedLinear(
+        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
+        mask=None if scheme.dense else pack_bits(torch.cat([b.keep for b in blocks], 1).cpu().numpy()),
+        alpha=_half(torch.stack([b.alpha for b in blocks], 1)),
+        mu=_half(torch.stack([b.mu for b in blocks], 1)),
+        scheme=scheme,
+        bias=None if bias is None else bias.detach().float().cpu().numpy(),
+    ).validate()
+
+
+def pack_structured(blocks: list, scheme: NMScheme, bias=None) -> PackedLinear:
+    """Per-block :class:`~.structure.Structured` fits -> an op contract v2 :class:`PackedLinear`."""
+    keep = torch.cat([b.keep for b in blocks], 1)
+    extra = {}
+    if any(bool(b.group.any()) for b in blocks):
+        extra.update(group=pack_bits((torch.cat([b.group for b in blocks], 1) & keep).cpu().numpy()),
+                     group_alpha=_half(torch.stack([b.first[1].alpha for b in blocks], 1)),
+                     group_mu=_half(torch.stack([b.first[1].mu for b in blocks], 1)))
+    if any(b.residual is not None for b in blocks):
+        rows = keep.shape[0]
+        zeros = torch.zeros(rows)
+        salient = torch.cat([b.salient for b in blocks])
+        rsign = torch.cat([b.residual.sign[:, b.salient] for b in blocks if b.residual is not None], 1)
+        padded = torch.zeros(rows, max(8, -(-rsign.shape[1] // 8) * 8), dtype=torch.bool)
+        padded[:, : rsign.shape[1]] = rsign
+        extra.update(salient=pack_bits(salient[None].cpu().numpy()), residual=pack_bits(padded.cpu().numpy()),
+                     residual_alpha=_half(torch.stack([b.residual.alpha if b.residual is not None else zeros for b in blocks], 1)),
+                     residual_mu=_half(torch.stack([b.residual.mu if b.residual is not None else zeros for b in blocks], 1)))
+    return PackedLinear(
+        sign=pack_bits(torch.cat([b.sign for b in blocks], 1).cpu().numpy()),
+        mask=None if scheme.dense else pack_bits(keep.cpu().numpy()),
+        alpha=_half(torch.stack([b.first[0].alpha for b in blocks], 1)),
+        mu=_half(torch.stack([b.first[0].mu for b in blocks], 1)),
+        scheme=scheme,
+        bias=None if bias is None else bias.detach().float().cpu().numpy(),
+        **extra,
+    ).validate()
