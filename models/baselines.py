@@ -30,7 +30,7 @@ import torch
 from pbs2pc.models.binarize import arb_fit, residual_fit
 from pbs2pc.models.structure import search_salient
 from pbs2pc.models.format import NMScheme, PackedLinear, pack_bits
-from pbs2pc.models.pbs2p import bits_dict, layer_errors, obs_quantize, prepare_hessian, run_calibrated
+from pbs2pc.models.pbs2p import bits_dict, layer_errors, obs_quantize, prepare_hessian, refuse_options, run_calibrated
 
 
 def sign_linear(w0: torch.Tensor, h: torch.Tensor, scheme: NMScheme, bias=None):
@@ -147,6 +147,7 @@ def arb_nm_method(model, scheme: NMScheme, *, iters: int = 15, percdamp: float =
 
 def sign_method(model, scheme: NMScheme, **options) -> dict:
     """Registered as ``sign``."""
+    refuse_options("sign", options)
     info = run_calibrated(model, scheme, lambda w, h, s, b: sign_linear(w, h, s, b), method="sign", **options)
     return info
 

@@ -42,14 +42,12 @@ import torch
 
 from pbs2pc.errors import Pbs2pcError
 from pbs2pc.models.format import NMScheme
-from pbs2pc.models.pbs2p import layer_errors, prepare_hessian, run_calibrated
+from pbs2pc.models.pbs2p import layer_errors, prepare_hessian, refuse_options, run_calibrated
 
 #: input columns sharing one scale and zero
 GROUP_SIZE = 128
 #: lazy-batch width of the column loop
 BLOCK = 128
-#: options of the other calibrated methods that have no meaning for GPTQ
-_NOT_APPLICABLE = ("iters", "rescore", "steps", "n_low", "n_high")
 
 
 def honest_bits(bits: int, k: int, group_size: int = GROUP_SIZE) -> float:
@@ -144,9 +142,7 @@ def make_method(bits: int, group_size: int = GROUP_SIZE):
     name = f"gptq-w{bits}"
 
     def method(model, scheme: NMScheme, *, percdamp: float = 0.01, **options) -> dict:
-        for key in _NOT_APPLICABLE:
-            if options.pop(key, None) not in (None, False):
-                raise Pbs2pcError(f"option {key!r} does not apply to method {name}; leave it out.")
+        refuse_options(name, options)
 
         def one(w, h, s, b):
             return gptq_linear(w, h, s, b, bits=bits, group_size=group_size, percdamp=percdamp)

@@ -271,6 +271,18 @@ def default_bounds(n: int, m: int, n_low: int | None, n_high: int | None) -> tup
     return (max(1, n - 1) if n_low is None else n_low, min(m, n + 1) if n_high is None else n_high)
 
 
+#: options of the PBS2P family that other calibrated methods do not take
+PBS2P_OPTIONS = ("iters", "rescore", "steps", "n_low", "n_high")
+
+
+def refuse_options(method: str, options: dict, keys=PBS2P_OPTIONS) -> None:
+    """Raise one clear error if ``options`` sets any of ``keys`` (a method that does not use them); drop
+    the ones left at their defaults (``None``/``False``), which the CLI passes for every method."""
+    for key in keys:
+        if options.pop(key, None) not in (None, False):
+            raise Pbs2pcError(f"option {key!r} does not apply to method {method}; leave it out.")
+
+
 def run_calibrated(model, scheme: NMScheme, compress_one, *, method: str, tokenizer=None, calib_ids=None,
                    calib: str = "calib", nsamples: int = 128, seqlen: int = 512, seed: int = 0, device: str = "cpu",
                    batch_size: int = 8, resume_dir=None, progress: bool = True, stop_after_layer=None,

@@ -75,3 +75,11 @@ def test_arb_nm_experiment_prunes_exactly_to_nm():
     for lin in decoder_linears(model).values():
         nonzero = (lin.weight != 0).reshape(lin.weight.shape[0], -1, 8).sum(-1)
         assert (nonzero <= 6).all()
+
+
+def test_sign_refuses_pbs2p_options_with_one_sentence():
+    from pbs2pc.errors import Pbs2pcError
+    from pbs2pc.models import compress, hf
+
+    with pytest.raises(Pbs2pcError, match="option 'iters' does not apply to method sign"):
+        compress.compress_model(hf.tiny_llama(), "6:8", method="sign", iters=3, calib_ids=[[1, 2, 3, 4]])
