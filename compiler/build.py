@@ -129,7 +129,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         if preset.cross_compiler:
             from pbs2pc.compiler.tvm_compat import cc
 
-            export_kwargs["fcompile"] = cc.cross_compiler(preset.cross_compiler)
+            export_kwargs["fcompile"] = cc.cross_compiler(preset.cross_compiler, options=list(preset.cross_flags))
         try:
             executable.export_library(str(tmp_lib), **export_kwargs)
         except Exception as exc:

@@ -42,6 +42,10 @@ class TargetPreset:
     features: tuple[str, ...] = ()
     machine: str = "x86_64"  # the architecture the library runs on
     cross_compiler: str | None = None  # e.g. "aarch64-linux-gnu-g++"; None: the host's C++ compiler
+    cross_flags: tuple[str, ...] = ()  # flags for the cross compiler (the board's CPU), e.g. ("-mcpu=cortex-a76",)
+    #: CPUs of the board a cross-compiled preset is for (the parallel loops are sized by it; ``--cores``
+    #: overrides it); None: this machine's.
+    board_cores: int | None = None
     description: str = ""
     supported: bool = True
     issue: str = ""  # where an unsupported preset's work is tracked
@@ -78,7 +82,7 @@ class TargetPreset:
         if self.cross_compiler and shutil.which(self.cross_compiler) is None:
             raise ToolchainError(
                 f"the cross compiler {self.cross_compiler} for target {self.name!r} is not installed; "
-                "run: apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
+                f"run: {AARCH64_INSTALL}"
             )
         return self
 
@@ -154,16 +158,46 @@ X86_AVX2 = _preset(
     description="x86-64 AVX2 + FMA + F16C (Haswell, Zen 1 and newer)",
 )
 
-#: 64-bit ARM Linux boards with NEON (and dot-product instructions on newer cores).
+#: The cross toolchain every aarch64 preset links with, and the command that installs it.
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+AARCH64_INSTALL = "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
+
+#: 64-bit ARM Linux with NEON only (armv8-a: Cortex-A53/A72, Raspberry Pi 3/4): the portable aarch64 build.
 ARM = _preset(
     "arm", "cpu", "aarch64",
-    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic", "mattr": ["+neon"]},
     features=("asimd",),
     machine="aarch64",
-    cross_compiler="aarch64-linux-gnu-g++",
-    description="aarch64 Linux, NEON, cross-compiled",
-    supported=False,
-    issue="the ARM backend and edge bundle are a later release",
+    cross_compiler=AARCH64_CXX,
+    cross_flags=("-march=armv8-a",),
+    board_cores=4,
+    description="aarch64 Linux, armv8-a NEON (Cortex-A53/A72 and newer), cross-compiled",
+)
+
+#: Raspberry Pi 5: 4x Cortex-A76 at 2.4 GHz (armv8.2-a: dot product, fp16 arithmetic).
+RPI5 = _preset(
+    "rpi5", "cpu", "aarch64",
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+     "mattr": ["+neon", "+dotprod", "+fullfp16"]},
+    features=("asimd", "asimddp", "fphp", "asimdhp"),
+    machine="aarch64",
+    cross_compiler=AARCH64_CXX,
+    cross_flags=("-mcpu=cortex-a76",),
+    board_cores=4,
+    description="Raspberry Pi 5 (4x Cortex-A76: NEON, dot product, fp16), cross-compiled",
+)
+
+#: Jetson Orin's CPU: Cortex-A78AE (armv8.2-a: dot product, fp16); 6 cores on Orin Nano, 8 on NX, 12 on AGX.
+JETSON_ORIN = _preset(
+    "jetson-orin", "cpu", "aarch64",
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae",
+     "mattr": ["+neon", "+dotprod", "+fullfp16"]},
+    features=("asimd", "asimddp", "fphp", "asimdhp"),
+    machine="aarch64",
+    cross_compiler=AARCH64_CXX,
+    cross_flags=("-mcpu=cortex-a78ae",),
+    board_cores=6,
+    description="Jetson Orin CPU (Cortex-A78AE: NEON, dot product, fp16), cross-compiled",
 )
 
 #: NVIDIA GPUs; sm_90 (H100/H200) by default, other archs with --arch (e.g. sm_87 for Jetson Orin).
@@ -176,7 +210,7 @@ CUDA = _preset(
     issue="the CUDA backend is a later release",
 )
 
-PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86_AVX512, X86_AVX2, ARM, CUDA)}
+PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86_AVX512, X86_AVX2, ARM, RPI5, JETSON_ORIN, CUDA)}
 #: x86 presets from the best to the most portable: ``--target x86`` takes the first this CPU can run.
 X86_PRESETS = (X86_AVX512, X86_AVX2)
 #: The names ``--target`` accepts: the presets, and ``x86`` (this machine's best x86 preset).
@@ -211,8 +245,8 @@ def explain_host_choice(preset: TargetPreset) -> str:
 
 def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
     """The preset called ``name`` (``x86``: this machine's best x86 preset), or one clear error listing the
-    known ones. LLVM (CPU) targets get ``num-cores``: ``num_cores``, or this machine's CPUs (a board's count,
-    for a cross-compiled preset, is the caller's to give)."""
+    known ones. LLVM (CPU) targets get ``num-cores``: ``num_cores``, else the board's (a cross-compiled
+    preset's ``board_cores``), else this machine's CPUs."""
     if name == "x86":
         preset = host_x86_preset()
     elif name in PRESETS:
@@ -222,5 +256,5 @@ def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
     if preset.target.get("kind") == "llvm":
         from pbs2pc.cpu import cpu_threads
 
-        preset = preset.with_num_cores(num_cores or cpu_threads())
+        preset = preset.with_num_cores(num_cores or preset.board_cores or cpu_threads())
     return preset

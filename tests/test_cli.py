@@ -51,6 +51,13 @@ def _assert_user_error(argv, capsys, match, tmp_path=None):
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix in (".so", ".bin", ".json")]
 
 
+@pytest.mark.parametrize("target", ["arm", "rpi5", "jetson-orin"])
+def test_arm_without_the_cross_toolchain_says_how_to_install_it(tiny_onnx, tmp_path, capsys, monkeypatch, target):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # no aarch64-linux-gnu-g++ on the PATH
+    _assert_user_error(["compile", str(tiny_onnx), "--target", target, "-o", str(tmp_path / "m.so")], capsys,
+                       "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu", tmp_path)
+
+
 def test_bad_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     out = str(tmp_path / "m.so")
     _assert_user_error(["compile", str(tmp_path / "missing.onnx"), "-o", out], capsys, "does not exist", tmp_path)
@@ -59,7 +66,7 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(tiny_onnx.read_bytes()[:5000])
     _assert_user_error(["compile", str(cut), "-o", out], capsys, "cut.onnx", tmp_path)
-    _assert_user_error(["compile", str(tiny_onnx), "--target", "arm", "-o", out], capsys, "not supported yet", tmp_path)
+    _assert_user_error(["compile", str(tiny_onnx), "--target", "cuda", "-o", out], capsys, "not supported yet", tmp_path)
     _assert_user_error(["run", str(tmp_path / "nothing.so"), "--input-ids", "1"], capsys, "does not exist")
     _assert_user_error(["inspect", str(tmp_path / "text.onnx")], capsys, "not a readable ONNX file")
     _assert_user_error(["export", str(tmp_path), "-o", str(tmp_path / "x.onnx")], capsys, "not a compressed model folder")

@@ -119,7 +119,8 @@ class KernelEntry:
 
 
 #: Folders of hand-written kernels, each a module with a ``KERNELS`` list, in priority order.
-KERNEL_FOLDERS = ("pbs2pc.passes.kernels.x86_avx512", "pbs2pc.passes.kernels.x86_avx2")
+KERNEL_FOLDERS = ("pbs2pc.passes.kernels.x86_avx512", "pbs2pc.passes.kernels.x86_avx2",
+                  "pbs2pc.passes.kernels.arm_neon")
 
 
 def all_kernels() -> list[KernelEntry]:

@@ -278,10 +278,10 @@ def test_supported_shapes():
 def test_presets_accept_int8_only_where_they_have_its_kernel():
     from pbs2pc.compiler.targets import CompileOptions, get_preset
 
-    for name in ("x86-avx512", "x86-avx2"):
+    for name in ("x86-avx512", "x86-avx2", "arm", "rpi5", "jetson-orin"):
         assert CompileOptions("int8").check(get_preset(name)).activations == "int8"
     with pytest.raises(UnsupportedError, match="no int8-activation kernels"):
-        CompileOptions("int8").check(get_preset("arm"))
+        CompileOptions("int8").check(get_preset("cuda"))
     with pytest.raises(Pbs2pcError, match="choose fp32 or int8"):
         CompileOptions("int4")
 

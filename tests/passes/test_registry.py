@@ -70,7 +70,7 @@ def test_fp32_kernels_serve_int8_options_after_the_int8_ones():
 
 def test_options_are_checked_against_the_target():
     with pytest.raises(UnsupportedError, match="no int8-activation kernels"):
-        CompileOptions("int8").check(get_preset("arm"))
+        CompileOptions("int8").check(get_preset("cuda"))
     with pytest.raises(Pbs2pcError, match="choose fp32 or int8"):
         CompileOptions("int4")
     assert CompileOptions().record() == {"activations": "fp32", "lm_head": "fp32"}
@@ -95,7 +95,7 @@ def test_x86_resolves_to_the_best_target_this_cpu_runs(monkeypatch):
 
 
 def test_unknown_targets_list_the_known_ones():
-    with pytest.raises(Pbs2pcError, match="choose one of: x86, x86-avx512, x86-avx2, arm, cuda"):
+    with pytest.raises(Pbs2pcError, match="choose one of: x86, x86-avx512, x86-avx2, arm, rpi5, jetson-orin, cuda"):
         get_preset("riscv")
 
 

@@ -1,0 +1,43 @@
+"""Hand-written kernels for aarch64 with NEON (every ARMv8-A core: Cortex-A53/A72/A76/A78, Neoverse).
+
+They read one layout (:data:`LAYOUT`): byte planes in 16-row blocks (one 16-byte NEON register holds a column
+byte of 16 rows) and mask bit planes, the layout of the x86-avx2 kernels. ``KERNELS`` is this folder's part
+of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): with ``--activations int8`` the ``tbl``
+lookup-table GEMVs for one-token calls (:mod:`.sparse_binary_gemv_int8` for v1 layers,
+:mod:`.sparse_binary_gemv_v2_int8` for op contract v2 layers, one pass over every plane); the prompt's
+calls, and every call with fp32 activations, run the TE kernel, which LLVM vectorises for NEON.
+Modeled cycles per weight against llama.cpp's Q4_0 dot product: docs/arm.md.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
+
+from . import sparse_binary_gemv_int8 as gemv_int8
+from . import sparse_binary_gemv_v2_int8 as gemv_v2_int8
+
+ISA = "aarch64"
+#: 16-row interleaved byte planes, masks as bit planes: a column byte of 16 rows is one ``tbl`` index vector.
+LAYOUT = Layout(word_bits=8, interleave=gemv_int8.INTERLEAVE, mask_codes=False)
+#: ``tbl``, ``umlal``, ``fcvtl`` (fp16 scales): ARMv8-A Advanced SIMD, which every aarch64 Linux CPU has.
+FEATURES = ("asimd",)
+
+
+def _shape(call: Call) -> tuple:
+    return call.out_features, call.in_features, call.group_size, call.interleave, call.plane_dtype
+
+
+KERNELS = [
+    # op contract v2 layers (groups, residual or both), one-token calls; v1 calls never reach it (covers)
+    KernelEntry("arm_neon.gemv_v2_int8", "sparse_binary_gemv_v2_int8", "cpu", ISA, FEATURES, LAYOUT,
+                activations="int8", rows="one",
+                covers=lambda c: gemv_v2_int8.supported(*_shape(c), c.has_groups, c.has_residual),
+                build=lambda c: gemv_v2_int8.gemv_v2_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias,
+                                                          c.has_groups, c.has_residual, c.residual_bytes),
+                structure=("groups", "residual")),
+    KernelEntry("arm_neon.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, FEATURES, LAYOUT,
+                activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
+                build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+]
+
+__all__ = ["ISA", "KERNELS", "LAYOUT"]
