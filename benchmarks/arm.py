@@ -175,13 +175,15 @@ def kernels(N: int, K: int, G: int) -> list[Kernel]:
         v1 = importlib.import_module("pbs2pc.passes.kernels.arm_neon.sparse_binary_gemv_int8")
     except ImportError as exc:
         raise ToolMissing(f"pbs2pc's NEON kernels are not importable: {exc}") from None
-    step = v1.TILES_PER_TASK * v1.INTERLEAVE * v1.COLUMNS_PER_STEP  # weights per pass of the step loop
+    def step(mask: bool) -> int:  # weights per pass of the step loop: tiles per task x 16 rows x 16 inputs
+        return v1.TILES_PER_TASK[mask] * v1.INTERLEAVE * v1.COLUMNS_PER_STEP
+
     scales = lambda n: n * N * (K // G) * 2  # noqa: E731  (n fp16 scale planes per row and group)
     # a tbl looks up one nibble (4 inputs) of 16 rows in a TL or a TH table, for one looked-up plane: a weight
     # position costs 2 (TL, TH) x planes lookups
     for label, mask, planes in (("6:8", True, 2), ("dense binary", False, 1)):
         func = v1.gemv_int8(N, K, G, has_mask=mask, has_mu=True, has_bias=False)
-        out.append(Kernel(f"pbs2pc NEON int8 {label}", tvm_asm(func), "tbl", "", 64 // (2 * planes), step, N * K,
+        out.append(Kernel(f"pbs2pc NEON int8 {label}", tvm_asm(func), "tbl", "", 64 // (2 * planes), step(mask), N * K,
                           function="parallel", bytes_per_call=planes * N * K // 8 + scales(2),
                           source=f"arm_neon.gemv_int8(has_mask={mask}, has_mu=True), G={G}, TVM for rpi5"))
     try:

@@ -147,13 +147,15 @@ class SparseBinaryLinear(dlight.ScheduleRule):
     def _tile_n(kernel: _Kernel, lanes: int, cores: int) -> int | None:
         """Output rows per parallel task.
 
-        At most 64 (four vectors of accumulators), fewer for GEMV when that leaves under 4 tasks per core.
+        At most 64 (four vectors of accumulators on AVX-512) and at most 8 vectors (32 rows on NEON: 64 rows,
+        16 unrolled vectors per bit, made LLVM's aarch64 code generation of a v2 GEMV take 92 s instead of
+        35), fewer for GEMV when that leaves under 4 tasks per core.
         Long K does not want narrower tiles, although the decoded ``Wᵀ`` tile (K x 64 fp32) then outgrows
         L2: with the row-interleaved layout, 64 against the former 32 (K <= 4096) / 16 (longer K) measured
         1.1x faster at 4096² and 11008×4096 and 1.5x at 4096×11008 for M = 128, and 1.5x for the M = 1
         GEMV at 4096×11008.
         """
-        tiles = [t for t in (64, 32, 16, 8, 4) if t <= max(64, lanes) and kernel.out_features % t == 0]
+        tiles = [t for t in (64, 32, 16, 8, 4) if t <= min(64, 8 * lanes) and kernel.out_features % t == 0]
         if kernel.rows == 1:
             balanced = [t for t in tiles if t >= lanes and kernel.out_features // t >= 4 * cores]
             tiles = balanced or tiles

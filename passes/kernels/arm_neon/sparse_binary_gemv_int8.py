@@ -47,8 +47,11 @@ COLUMNS_PER_STEP = 16
 #: Inputs per uint16 block (a lane's sum stays below ``B / 4 * 1020 <= 65280``). Groups above it must be
 #: multiples of it.
 BLOCK = 256
-#: 16-row tiles per parallel task (they share each table load).
-TILES_PER_TASK = 2
+#: 16-row tiles per parallel task (they share each table load): one with a mask plane, two without. Modeled
+#: (benchmarks/arm.py, llvm-mca neoverse-n1, 11008x4096): 6:8 one tile 0.094 cycles per weight in the loop, two
+#: 0.101 (two tiles' 8 byte sums and 8 uint16 sums spill); dense binary one tile 0.084 (a latency-bound add
+#: chain), two 0.045.
+TILES_PER_TASK = {True: 1, False: 2}
 #: Layers of at least this many weights run their tasks in parallel, smaller ones serially (the x86 int8
 #: kernels' threshold; a board's thread launch costs about what an x86 one does).
 PARALLEL_MIN_WEIGHTS = 1 << 19
@@ -105,7 +108,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     N, K, G = out_features, in_features, group_size
     L = INTERLEAVE
     NT, C, GB = N // L, K // 8, K // G
-    R = next(r for r in (tiles or TILES_PER_TASK, 2, 1) if NT % r == 0)
+    R = next(r for r in (tiles or TILES_PER_TASK[has_mask], 2, 1) if NT % r == 0)
     B = min(G, BLOCK)  # inputs per uint16 block
     NB = G // B  # blocks per group
     STEPS = B // COLUMNS_PER_STEP  # widening steps per block
@@ -167,9 +170,10 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
             for r in T.unroll(R):
                 acc[r, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
             for g in range(GB):
-                for r in T.unroll(R):
-                    for p in T.unroll(P):
-                        isum[r, p, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
+                if NB > 1:
+                    for r in T.unroll(R):
+                        for p in T.unroll(P):
+                            isum[r, p, T.ramp(0, 1, L)] = T.broadcast(T.int32(0), L)
                 for blk in range(NB):
                     for r in T.unroll(R):
                         for p in T.unroll(P):
@@ -196,8 +200,12 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                                 wide[r, p, T.ramp(8, 1, 8)] = widened(wide, bsum, r, p, 1)
                     for r in T.unroll(R):
                         for p in T.unroll(P):
-                            isum[r, p, T.ramp(0, 1, L)] = isum.vload([r, p, 0], "int32x16") + (
-                                T.Cast("int32x16", wide.vload([r, p, 0], "uint16x16")) - T.broadcast(T.int32(offset), L))
+                            if NB == 1:  # one block per group: its sums are the group's
+                                isum[r, p, T.ramp(0, 1, L)] = (T.Cast("int32x16", wide.vload([r, p, 0], "uint16x16"))
+                                                               - T.broadcast(T.int32(offset), L))
+                            else:
+                                isum[r, p, T.ramp(0, 1, L)] = isum.vload([r, p, 0], "int32x16") + (
+                                    T.Cast("int32x16", wide.vload([r, p, 0], "uint16x16")) - T.broadcast(T.int32(offset), L))
                 for r in T.unroll(R):
                     acc[r, T.ramp(0, 1, L)] = acc.vload([r, 0], "float32x16") + T.broadcast(xs[0, g], L) * group_output(
                         alpha, mu, task * R + r, g, T.Cast("float32x16", isum.vload([r, 0, 0], "int32x16")),
