@@ -36,14 +36,30 @@ from pbs2pc.compiler.tvm_compat import T
 #: The cache capacity is a multiple of it (the score loop reads whole blocks of keys).
 KEY_BLOCK = 64
 
+
+def key_block(target=None) -> int:
+    """Keys per score block for ``target`` (default: the current target): :data:`KEY_BLOCK` on x86, where it
+    was measured; four 4-lane vectors (16 keys) on NEON, where 64 keys would hold 16 accumulator registers per
+    query head, more than the 32 registers for SmolLM2's 3 query heads per kv head (spills in every block).
+    Either divides :data:`KEY_BLOCK`, the cache capacity's multiple."""
+    from pbs2pc.passes.schedules.cpu_utils import vector_lanes
+    from pbs2pc.compiler.tvm_compat import Target
+
+    target = target or Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return KEY_BLOCK
+    lanes = vector_lanes(target)
+    return KEY_BLOCK if lanes >= 8 else 4 * lanes
+
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # Cody-Waite split of ln 2
 
 
-def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float):
-    """The PrimFunc for one attention shape (see the module docstring)."""
-
-    H, KV, D, KB = heads, kv_heads, head_dim, KEY_BLOCK
+def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float, block: int = KEY_BLOCK):
+    """The PrimFunc for one attention shape (see the module docstring); ``block``: keys per score block
+    (:func:`key_block`), a divisor of :data:`KEY_BLOCK`."""
+    assert KEY_BLOCK % block == 0, block
+    H, KV, D, KB = heads, kv_heads, head_dim, block
     R = heads // kv_heads  # query heads per kv head
     neg_inf = -3.4028234663852886e38
 

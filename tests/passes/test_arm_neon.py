@@ -172,6 +172,53 @@ def test_te_kernel_on_aarch64_at_m_1_2_17(tmp_path, interleave):
         assert rel_err(got, packed.matmul(x[:rows])) < TOL_FP32, rows
 
 
+@needs_qemu
+@pytest.mark.parametrize("past,seq,capacity", [(0, 1, 64), (37, 30, 128), (200, 1, 256), (0, 130, 192)])
+def test_attention_on_aarch64_matches_onnx_semantics(tmp_path, past, seq, capacity):
+    """The KV-cache attention with NEON's key block (16 keys: four q registers per query head)."""
+    from pbs2pc.passes.kernels.attention import cached_attention, key_block
+
+    block = key_block(RPI5.tvm_target())
+    assert block == 16
+    build(cached_attention(6, 2, 64, 0.125, block), tmp_path / "att.so")
+    rng = np.random.default_rng(past + seq)
+    heads, kv, d, total = 6, 2, 64, past + seq
+    q = rng.standard_normal((1, heads, seq, d), dtype=np.float32)
+    k, v = (rng.standard_normal((1, kv, seq, d), dtype=np.float32) for _ in range(2))
+    k_cache = rng.standard_normal((1, kv, d, capacity), dtype=np.float32)
+    v_cache = rng.standard_normal((1, kv, capacity, d), dtype=np.float32)
+    k_cache[..., total:] *= 1e3  # garbage beyond what this call fills: the kernel must not read it
+    v_cache[:, :, total:] *= 1e3
+    mask = (np.arange(total)[None, :] <= np.arange(past, total)[:, None])[None, None]
+    keys = np.concatenate([k_cache[..., :past].transpose(0, 1, 3, 2), k], 2).repeat(3, 1).astype(np.float64)
+    values = np.concatenate([v_cache[:, :, :past], v], 2).repeat(3, 1).astype(np.float64)
+    scores = np.where(mask, q.astype(np.float64) @ keys.transpose(0, 1, 3, 2) * 0.125, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (probs / probs.sum(-1, keepdims=True)) @ values
+    got = run(tmp_path / "att.so", [q, k, v, mask, k_cache, v_cache], q.shape)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_qemu
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_lm_heads_on_aarch64_match_float64(tmp_path, kind):
+    from pbs2pc.passes.kernels import lm_head_fp16, lm_head_int8
+
+    vocab, hidden = 1000, 576
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((3, hidden)).astype(np.float32)
+    if kind == "fp16":
+        func, stored = lm_head_fp16.lm_head_fp16(vocab, hidden), table.astype(np.float16)
+        want = lm_head_fp16.reference(x, stored)
+    else:
+        func, stored = lm_head_int8.lm_head_int8(vocab, hidden), lm_head_int8.quantize(table)
+        want = lm_head_int8.reference(x, stored)
+    build(func, tmp_path / "head.so")
+    got = run(tmp_path / "head.so", [x, stored], (3, vocab))
+    assert rel_err(got, want) < 1e-6
+
+
 # --------------------------------------------------------------------------------------------------------
 # assembly (compile only)
 
