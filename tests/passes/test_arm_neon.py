@@ -1,7 +1,7 @@
 """The aarch64 NEON kernels (``passes/kernels/arm_neon/``) and the TE kernel built for aarch64.
 
 * Numerics under qemu (the native runner, :func:`pbs2pc.runtime.native.run_function`): the ``tbl`` int8 GEMVs
-  (v1 and op contract v2) against their numpy oracles on random layers: every supported n:m (2:4, 4:8, 5:8,
+  (v1 and op contract v2) and the ``sdot`` int8 GEMM against their numpy oracles on random layers: every supported n:m (2:4, 4:8, 5:8,
   6:8, and 8:8 without a mask plane), with and without mu and bias, N from one 16-row tile to odd tile counts
   and SmolLM2 shapes, G = 16 to 512 (several uint16 blocks per group), a group of zeros in ``x``; the TE kernel
   (the prompt's path and every fp32 call) at M = 1, 2 and 17 in both layouts. Outputs start as NaN. They
@@ -9,7 +9,8 @@
 * Assembly (compile only): the instructions the design relies on (``tbl``, ``umlal``, ``uaddw``, ``ushr``,
   ``fcvtl`` for the fp16 scales, ``bic`` for group 0's planes), and no dot-product or fp16-arithmetic
   instruction in a build for the generic ``arm`` preset, which must run on any ARMv8-A core.
-* Registry: which kernel the ARM presets pick for each call.
+* Registry: which kernel the ARM presets pick for each call (the sdot GEMM only where the preset has the
+  dot-product instructions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pbs2pc.compiler.tvm_compat import cc, dlight, te, tirx, tvm  # noqa: E402
 from pbs2pc.models.format import ARRAY_FIELDS  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels import arm_neon, registry  # noqa: E402
+from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemm_int8 as kg  # noqa: E402
 from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemv_int8 as k8  # noqa: E402
 from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemv_v2_int8 as kv  # noqa: E402
 from pbs2pc.passes.kernels.sparse_binary_linear import pbs2p_info, sparse_binary_linear  # noqa: E402
@@ -99,6 +101,29 @@ def test_int8_gemv_matches_oracle(tmp_path, n, k, g, mask, mu, bias, zero):
     ref = k512.reference(x[0], sign, m, alpha, u, b, group_size=g)
     assert not np.isnan(got).any()
     assert rel_err(got, ref) < TOL_INT8
+
+
+GEMM_CASES = [
+    # (N, K, G, mask, mu, bias)
+    (32, 256, 64, "6:8", True, True),
+    (48, 128, 32, None, True, False),  # no mask plane: IM = the group's sum of q
+    (16, 64, 64, "4:8", False, True),  # no mu: the mask plane is decoded but only t counts
+    (64, 192, 16, "5:8", True, False),  # G = 16: four sdot steps per group
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("n,k,g,mask,mu,bias", GEMM_CASES)
+def test_int8_gemm_matches_oracle_at_m_1_2_17(tmp_path, n, k, g, mask, mu, bias):
+    """The sdot GEMM (the prompt) computes the GEMV's numbers row by row; one build serves every M."""
+    x, sign, m, alpha, u, b = random_layer(17, n, k, g, mask, mu, bias, seed=n + g)
+    build(kg.gemm_int8(n, k, g, m is not None, mu, bias), tmp_path / "k.so")
+    weights = [a for a in interleaved([sign, m, alpha, u]) if a is not None] + ([b] if bias else [])
+    for rows in (1, 2, 17):
+        got = run(tmp_path / "k.so", [x[:rows], *weights], (rows, n))
+        ref = np.stack([k512.reference(x[r], sign, m, alpha, u, b, group_size=g) for r in range(rows)])
+        assert not np.isnan(got).any()
+        assert rel_err(got, ref) < TOL_INT8, rows
 
 
 V2_CASES = [
@@ -243,6 +268,13 @@ def test_v1_assembly_has_the_lookups_and_widening(preset):
     assert "zmm" not in asm and "ymm" not in asm
 
 
+def test_gemm_assembly_is_sdot_against_broadcast_inputs():
+    asm = assembly(kg.gemm_int8(256, 512, 128, True, True, False), RPI5)
+    # per 4 inputs: 2 rows x 4 row groups x 2 planes
+    assert count(asm, "sdot") >= 16 and count(asm, "ld1r") >= 2
+    assert count(asm, "tbl") >= 8 and count(asm, "cmtst") >= 1, "the planes are expanded with tbl and cmtst"
+
+
 def test_generic_arm_build_uses_no_armv8_2_instructions():
     """The ``arm`` preset runs on any ARMv8-A core: no dot product (sdot/udot), no fp16 arithmetic."""
     asm = assembly(kv.gemv_v2_int8(64, 512, 128, True, True, True, True, True, 2), ARM)
@@ -267,7 +299,12 @@ def test_registry_picks_the_neon_kernels(preset):
     assert registry.target_layout(preset, CompileOptions("int8")) == arm_neon.LAYOUT
     assert registry.select(int8, call())[0].name == "arm_neon.gemv_int8"
     assert registry.select(int8, call(groups=True, residual=True))[0].name == "arm_neon.gemv_v2_int8"
-    assert registry.select(int8, call(one_row=False)) is None  # the prompt: the TE kernel
+    prompt = registry.select(int8, call(one_row=False))
+    if "asimddp" in preset.features:  # dot-product cores: the sdot GEMM
+        assert prompt[0].name == "arm_neon.gemm_int8"
+    else:  # the generic preset: the TE kernel
+        assert prompt is None
+    assert registry.select(int8, call(one_row=False, groups=True)) is None  # v2 prompts: the TE kernel
     # fp32 activations: no NEON fp32 kernel yet, the TE kernel reads the interchange layout
     assert registry.for_target(preset, CompileOptions()) == []
     assert registry.target_layout(preset, CompileOptions()) == registry.ROW_MAJOR

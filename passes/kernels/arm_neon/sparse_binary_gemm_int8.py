@@ -1,0 +1,151 @@
+"""The int8-activation GEMM (any M, the prompt) for the pbs2p sparse-binary linear op on ARMv8.2 NEON: ``sdot``.
+
+The arithmetic of the int8 GEMVs (:mod:`.sparse_binary_gemv_int8`, and the x86 int8 kernels): each row ``m`` of
+``x`` is quantised per scale group (``s = max|x| / 127``, ``q`` int8, round half to even), and per group
+
+    y[m, o] = sum_g s[m, g] * (alpha[o, g] * IT[m, o, g] + mu[o, g] * IM[m, o, g])
+
+with the exact integer dots ``IT = sum_k q_k t_k`` over the ternary weight ``t = mask * (2 sign - 1)`` and
+``IM = sum_k q_k mask_k`` (without a mask plane the group's sum of ``q``). This equals the GEMVs'
+``2 alpha IP + (mu - alpha) IM`` (``t = 2 P - M``), so a prompt and a decode step compute the same numbers.
+
+A prompt has many rows, so the weights are worth decoding once per call: per 16-row tile (one parallel task),
+``t`` and ``mask`` are expanded to int8 in the ``sdot`` layout ``[K/4, 4, 16]`` (row group ``j`` of 4 rows; in
+each 16 bytes, row ``4 j + r``'s 4 inputs ``4 k4 .. 4 k4 + 3`` in bytes ``4 r .. 4 r + 3``): a plane nibble of
+16 rows is repeated per row with ``tbl`` and tested bit by bit (``cmtst``), 3 instructions per 16 weights and
+plane, ``2 K`` bytes per row of the tile (in L1/L2). Then for every pair of rows of ``x``: per 4 inputs,
+each row's 4 quantised inputs broadcast to the 4 lanes (``ld1r``) meet the 4 row groups' ``t`` and ``mask`` in
+``sdot`` (4 rows x 4 inputs per instruction): 16 ``sdot`` per 64 weights and 2 rows, 0.125 per weight and row.
+Per scale group the int32 dots meet the scales in fp32. Rows of ``x`` past ``M`` (an odd M) are zeros and
+are not written.
+
+Needs the dot-product instructions (``asimddp``: Cortex-A55/A76/A78 and newer, the ``rpi5`` and
+``jetson-orin`` presets); the generic ``arm`` preset runs prompts with the TE kernel.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import T, tirx
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import without_absent
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8 import quantiser
+
+from .sparse_binary_gemv_int8 import INTERLEAVE, tbl
+
+#: Rows of ``x`` per pass over a tile's decoded weights: 2 rows x 4 row groups x 2 planes = 16 int32x4
+#: accumulators, plus 8 weight and 2 input registers, within NEON's 32.
+ROWS = 2
+
+
+def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
+    """Whether the kernel covers this layer: byte planes row-interleaved by 16, whole 16-row tiles, groups of
+    a multiple of 16 inputs (the quantiser's vectors) tiling ``K``."""
+    return (interleave == INTERLEAVE and plane_dtype == "uint8" and out_features > 0
+            and out_features % INTERLEAVE == 0 and group_size > 0 and group_size % 16 == 0
+            and in_features > 0 and in_features % group_size == 0)
+
+
+def sdot(acc, a, b):
+    """``acc`` (int32x4) plus, per lane ``i``, the dot of bytes ``4 i .. 4 i + 3`` of ``a`` and ``b`` (int8x16)."""
+    return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", acc, a, b)
+
+
+def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool):
+    """The PrimFunc ``(x [M, K] f32, sign, [mask], alpha, [mu], [bias], y [M, N] f32)`` for one layer shape,
+    ``M`` symbolic. Planes ``[N/16, K/8, 16]`` uint8, scales ``[N/16, K/G, 16]`` float16."""
+    if not supported(out_features, in_features, group_size, INTERLEAVE, "uint8"):
+        raise ValueError(f"the NEON int8 GEMM does not cover N={out_features}, K={in_features}, G={group_size}")
+    N, K, G = out_features, in_features, group_size
+    L = INTERLEAVE
+    NT, C, GB, K4, G4 = N // L, K // 8, K // G, K // 4, G // 4
+    P = 2 if has_mask else 1  # decoded planes: t (and mask)
+    quantise = quantiser(K, G, group_sums=not has_mask)
+    i8 = "int8x16"
+    bits = T.Cast("uint8x16", T.shift_left(1, T.ramp(0, 1, 16) % 4))  # bit r % 4 of each byte's nibble
+    one, zero = T.broadcast(T.int8(1), 16), T.broadcast(T.int8(0), 16)
+
+    def nibble(v, half):
+        return T.Select(half == 0, T.bitwise_and(v, T.broadcast(T.uint8(15), 16)),
+                        T.shift_right(v, T.broadcast(T.uint8(4), 16)))
+
+    def expand(v, half, j):
+        # 0/1 bytes of nibble ``half`` of the 16 rows' plane bytes v, rows 4j .. 4j+3, in the sdot layout
+        rep = T.Cast(i8, T.ramp(0, 1, 16) // 4 + T.broadcast(4 * j, 16))  # row 4j + r's nibble, 4 times
+        spread = T.reinterpret("uint8x16", tbl(nibble(v, half), rep))
+        return T.Select(tirx.NE(T.bitwise_and(spread, bits), T.broadcast(T.uint8(0), 16)), one, zero)
+
+    def quad(xq, row, k):
+        # x's 4 quantised inputs k .. k+3 of ``row`` in every int32 lane (ld1r)
+        return T.reinterpret(i8, T.broadcast(T.reinterpret("int32", xq.vload([row, k], "int8x4")), 4))
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(var_x: T.handle, sign: T.Buffer((NT, C, L), "uint8"), mask: T.Buffer((NT, C, L), "uint8"),
+               alpha: T.Buffer((NT, GB, L), "float16"), mu: T.Buffer((NT, GB, L), "float16"),
+               bias: T.Buffer((N,), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        M = T.int64()
+        x = T.match_buffer(var_x, (M, K), "float32")
+        y = T.match_buffer(var_y, (M, N), "float32")
+        MP = T.meta_var((M + ROWS - 1) // ROWS * ROWS)
+        xq = T.alloc_buffer((MP, K), "int8")
+        xs = T.alloc_buffer((MP, GB), "float32")
+        qsum = T.alloc_buffer((MP, GB), "int32")
+        # 1. Quantise every row of x; the padding row (odd M) is zeros.
+        for m in range(M):
+            quantise(x, m, xq, xs, qsum)
+        for m in range(M, MP):
+            for k in range(K):
+                xq[m, k] = T.int8(0)
+            for g in range(GB):
+                xs[m, g] = T.float32(0)
+                qsum[m, g] = 0
+        # 2. Per 16-row tile: decode t (and mask) to int8, then sdot against every pair of rows.
+        for tile in T.parallel(NT):
+            w = T.alloc_buffer((P, K4, 4, L), "int8")  # [t | mask, k / 4, row group, 4 rows x 4 inputs]
+            acc = T.alloc_buffer((ROWS, P, 4, 4), "int32")  # [row of x, t | mask, row group, row]: registers
+            out = T.alloc_buffer((ROWS, L), "float32")
+            for c in range(C):
+                for half in T.unroll(2):
+                    for j in T.unroll(4):
+                        if has_mask:
+                            # t = 2 P - M with P = sign & mask, M = mask
+                            w[0, 2 * c + half, j, T.ramp(0, 1, L)] = (
+                                expand(T.bitwise_and(sign.vload([tile, c, 0], "uint8x16"), mask.vload([tile, c, 0], "uint8x16")), half, j)
+                                * T.broadcast(T.int8(2), 16) - expand(mask.vload([tile, c, 0], "uint8x16"), half, j))
+                            w[1, 2 * c + half, j, T.ramp(0, 1, L)] = expand(mask.vload([tile, c, 0], "uint8x16"), half, j)
+                        else:
+                            w[0, 2 * c + half, j, T.ramp(0, 1, L)] = expand(
+                                sign.vload([tile, c, 0], "uint8x16"), half, j) * T.broadcast(T.int8(2), 16) - one
+            for mb in range(MP // ROWS):
+                for r in T.unroll(ROWS):
+                    out[r, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                for g in range(GB):
+                    for r in T.unroll(ROWS):
+                        for p in T.unroll(P):
+                            for j in T.unroll(4):
+                                acc[r, p, j, T.ramp(0, 1, 4)] = T.broadcast(T.int32(0), 4)
+                    for k4 in range(G4):
+                        for j in T.unroll(4):
+                            for r in T.unroll(ROWS):
+                                for p in T.unroll(P):
+                                    acc[r, p, j, T.ramp(0, 1, 4)] = sdot(acc.vload([r, p, j, 0], "int32x4"),
+                                                                         w.vload([p, g * G4 + k4, j, 0], i8),
+                                                                         quad(xq, mb * ROWS + r, g * G + 4 * k4))
+                    for r in T.unroll(ROWS):
+                        for j in T.unroll(4):
+                            a = T.meta_var(T.Cast("float32x4", alpha.vload([tile, g, 4 * j], "float16x4")))
+                            it = T.meta_var(T.Cast("float32x4", acc.vload([r, 0, j, 0], "int32x4")))
+                            im = T.meta_var(T.Cast("float32x4", acc.vload([r, P - 1, j, 0], "int32x4")) if has_mask
+                                            else T.broadcast(T.Cast("float32", qsum[mb * ROWS + r, g]), 4))
+                            part = T.meta_var(a * it + T.Cast("float32x4", mu.vload([tile, g, 4 * j], "float16x4")) * im
+                                              if has_mu else a * it)
+                            out[r, T.ramp(4 * j, 1, 4)] = out.vload([r, 4 * j], "float32x4") + T.broadcast(
+                                xs[mb * ROWS + r, g], 4) * part
+                for r in range(ROWS):
+                    if mb * ROWS + r < M:
+                        for l in T.vectorized(L):
+                            if has_bias:
+                                y[mb * ROWS + r, tile * L + l] = out[r, l] + bias[tile * L + l]
+                            else:
+                                y[mb * ROWS + r, tile * L + l] = out[r, l]
+
+    return without_absent(kernel, has_mask, has_mu, has_bias)
