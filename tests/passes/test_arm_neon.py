@@ -29,6 +29,7 @@ from pbs2pc.models.format import ARRAY_FIELDS  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
 from pbs2pc.passes.kernels import arm_neon, registry  # noqa: E402
 from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemm_int8 as kg  # noqa: E402
+from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemm_v2_int8 as kg2  # noqa: E402
 from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemv_int8 as k8  # noqa: E402
 from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemv_v2_int8 as kv  # noqa: E402
 from pbs2pc.passes.kernels.sparse_binary_linear import pbs2p_info, sparse_binary_linear  # noqa: E402
@@ -155,6 +156,29 @@ def test_v2_int8_gemv_matches_oracle(tmp_path, n, k, g, mask, groups, salient, m
     assert rel_err(got, kv.reference(layer, x[0])) < TOL_INT8
     # and the int8 activations cost what quantising them costs, not more
     assert rel_err(got, layer.matmul(x)[0]) < 2e-2
+
+
+@needs_qemu
+@pytest.mark.parametrize("n,k,g,mask,groups,salient,mu,bias", [
+    (16, 64, 64, "6:8", True, 4, True, True),
+    (48, 384, 128, "6:8", False, 8, True, True),  # residual only
+    (64, 128, 64, None, True, 4, True, False),  # no mask plane
+    (32, 256, 64, "4:8", True, 61, False, True),  # 61 salient columns of 64: padding to 64
+    (16, 48, 16, "random", True, 1, True, True),
+])
+def test_v2_int8_gemm_matches_oracle_at_m_1_2_17(tmp_path, n, k, g, mask, groups, salient, mu, bias):
+    layer = v2_layer(n, k, g, mask, groups, salient, mu, bias, seed=n)
+    x = np.random.default_rng(n + 1).standard_normal((17, k)).astype(np.float32)
+    x[:, :g] *= 20
+    build(kg2.gemm_v2_int8(n, k, g, layer.mask is not None, mu, bias, layer.has_groups, layer.has_residual,
+                           layer.residual.shape[1] if layer.has_residual else 0), tmp_path / "k.so")
+    args = [getattr(layer, r) if r in ("bias", "salient") else interleave_array(getattr(layer, r), 16)
+            for r in ARRAY_FIELDS if getattr(layer, r) is not None]
+    for rows in (1, 2, 17):
+        got = run(tmp_path / "k.so", [x[:rows], *args], (rows, n))
+        ref = np.stack([kv.reference(layer, x[r]) for r in range(rows)])
+        assert not np.isnan(got).any()
+        assert rel_err(got, ref) < TOL_INT8, rows
 
 
 def te_kernel(layer, rows, interleave):
@@ -304,7 +328,8 @@ def test_registry_picks_the_neon_kernels(preset):
         assert prompt[0].name == "arm_neon.gemm_int8"
     else:  # the generic preset: the TE kernel
         assert prompt is None
-    assert registry.select(int8, call(one_row=False, groups=True)) is None  # v2 prompts: the TE kernel
+    v2_prompt = registry.select(int8, call(one_row=False, groups=True, residual=True))
+    assert (v2_prompt[0].name == "arm_neon.gemm_v2_int8") if "asimddp" in preset.features else v2_prompt is None
     # fp32 activations: no NEON fp32 kernel yet, the TE kernel reads the interchange layout
     assert registry.for_target(preset, CompileOptions()) == []
     assert registry.target_layout(preset, CompileOptions()) == registry.ROW_MAJOR
