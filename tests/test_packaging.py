@@ -50,7 +50,8 @@ def test_wheel_contains_every_subpackage(tmp_path):
         for source in folder.glob("*.py"):
             assert f"{prefix}/{source.name}" in names, f"{package}: {source.name}"
     assert any(n.endswith("entry_points.txt") for n in names)
-    assert "pbs2pc/runtime/native/runner.cc" in names  # package data: the bundle builds the runner from it
+    for data in ("runner.cc", "run.sh"):  # package data: a bundle builds the runner from the one, ships the other
+        assert f"pbs2pc/runtime/native/{data}" in names
 
 
 def _imports(folder: str) -> set[str]:

@@ -14,17 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    from pbs2pc.compiler.build import compile_model
-    from pbs2pc.models import compress, data, export, hf
+def pipeline(smollm2_export, smollm2_x86):
+    from pbs2pc.models import data
 
-    model, tokenizer, _ = hf.load("smollm2-135m")
+    model, tokenizer, folder = smollm2_export  # conftest: compressed, exported and compiled once a session
     windows = data.token_windows(tokenizer, "heldout", 128, max_windows=3).numpy()
-    info = compress.compress_model(model, "6:8", method="simple", progress=False)
-    folder = tmp_path_factory.mktemp("smollm2")
-    export.export(model, folder / "model.onnx", {"source_model": "smollm2-135m", **info})
-    manifest = compile_model(folder / "model.onnx", folder / "model.so", "x86")
-    return model, windows, folder, manifest
+    return model, windows, folder, smollm2_x86
 
 
 def test_scheme_and_honest_bits(pipeline):

@@ -153,3 +153,27 @@ def v2_layer(n: int, k: int, g: int, mask_kind: str | None = "6:8", groups: bool
     layer = PackedLinear(sign=sign, mask=mask, alpha=alpha, mu=mu, bias=bias, scheme=NMScheme(*(nm or (8, 8)), g),
                          **random_structure(np.random.default_rng(seed + 1), n, k, g, groups, salient))
     return layer if nm is None else layer.validate()
+
+
+def aarch64_tools_missing() -> str:
+    """Why aarch64 code cannot be built and run on this machine ("" when it can: an aarch64 host, or the
+    cross compiler and qemu-aarch64 on another)."""
+    import shutil
+
+    from pbs2pc.runtime.native.toolchain import host_machine
+
+    if host_machine() == "aarch64":
+        return ""
+    missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user): "
+                "aarch64 code is built here and run under qemu")
+    return ""
+
+
+def requires_aarch64():
+    """A pytest mark that skips a test which builds aarch64 code and runs it (under qemu on x86)."""
+    import pytest
+
+    why = aarch64_tools_missing()
+    return pytest.mark.skipif(bool(why), reason=why or "-")

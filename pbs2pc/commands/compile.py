@@ -1,8 +1,15 @@
-"""``pbs2pc compile model.onnx --target x86 -o model.so``: ONNX -> library + weights + manifest."""
+"""``pbs2pc compile model.onnx --target x86 -o model.so``: ONNX -> library + weights + manifest.
+
+``--bundle DIR`` also writes an edge bundle of a language model: the artifact, the native runner built for
+the target, TVM's runtime libraries, the tokenizer and ``run.sh`` (:mod:`pbs2pc.runtime.bundle`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
+from pathlib import Path
 
 
 def add_parser(sub):
@@ -10,7 +17,8 @@ def add_parser(sub):
 
     p = sub.add_parser("compile", help="compile an ONNX model with pbs2p ops for a target", description=__doc__)
     p.add_argument("model", help="the .onnx file (from pbs2pc export, or any file following the pbs2p op contract)")
-    p.add_argument("-o", "--output", required=True, help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it")
+    p.add_argument("-o", "--output", help="the .so to write; NAME.weights.bin and NAME.manifest.json go beside it "
+                                          "(optional with --bundle)")
     p.add_argument("--target", default="x86", choices=list(TARGET_NAMES),
                    help="target preset (default: x86, this machine's best x86 target: x86-avx512 where the CPU "
                         "has AVX-512 with VNNI and VBMI, else x86-avx2); "
@@ -25,6 +33,11 @@ def add_parser(sub):
                         "rounded to fp16, half the bytes of the largest read of a decode step; or int8: as int8 "
                         "with one fp16 scale per 32 columns (GGUF's Q8_0), about a quarter of the bytes (faster "
                         "decode; accuracy cost of both in docs/performance.md)")
+    p.add_argument("--bundle", metavar="DIR",
+                   help="also write an edge bundle of the language model into DIR: the compiled model, a native "
+                        "runner built for the target, TVM's runtime libraries, the tokenizer and run.sh (copy DIR "
+                        "to the board, then ./run.sh --prompt \"...\" or ./run.sh --bench; DIR/README.md says what "
+                        "the board needs)")
     return p
 
 
@@ -59,11 +72,62 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
 
 
 def run(args) -> int:
+    from pbs2pc.errors import Pbs2pcError
+
+    if not args.output and not args.bundle:
+        raise Pbs2pcError("give the library to write (-o model.so) or a bundle folder (--bundle DIR).")
+    if args.output and args.bundle and Path(args.bundle).resolve() in Path(args.output).resolve().parents:
+        raise Pbs2pcError(f"-o {args.output} is inside the bundle folder {args.bundle}; write it elsewhere or "
+                          "leave -o out (the bundle holds the compiled model).")
     start = time.perf_counter()
-    manifest = compile_with_progress(args.model, args.output, args.target, args.dump_ir, args.activations,
-                                     args.lm_head)
-    s = manifest["summary"]
-    print(f"wrote {args.output} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
-          f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
-          f"{s.get('layers', 0)} sparse-binary layers, {s.get('bits_interchange', 0)} bits/weight as stored")
+    if args.bundle:
+        _prepare_bundle(args)
+    # Without -o, the artifact is compiled into a scratch folder beside the bundle (one file system: its
+    # files are hard-linked into the bundle rather than copied), removed afterwards.
+    scratch = (contextlib.nullcontext(None) if args.output else
+               tempfile.TemporaryDirectory(prefix=".pbs2pc-compile-", dir=_bundle_parent(args.bundle)))
+    with scratch as folder:
+        output = args.output or str(Path(folder) / "model.so")
+        manifest = compile_with_progress(args.model, output, args.target, args.dump_ir, args.activations,
+                                         args.lm_head)
+        s = manifest["summary"]
+        print(f"wrote {args.output or 'the model'} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
+              f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
+              f"{s.get('layers', 0)} sparse-binary layers, {s.get('bits_interchange', 0)} bits/weight as stored")
+        if args.bundle:
+            _write_bundle(output, args.bundle, manifest["target"])
     return 0
+
+
+def _bundle_parent(bundle: str) -> str:
+    parent = Path(bundle).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return str(parent)
+
+
+def _prepare_bundle(args) -> None:
+    """Before minutes of compiling: refuse a bad bundle folder, find the target's compiler and fetch its
+    runtime libraries (downloaded once), so those errors come first."""
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.runtime import bundle
+    from pbs2pc.runtime.native.toolchain import compiler_for, host_machine, native_runtime
+
+    preset = get_preset(args.target).require()
+    bundle.check_directory(Path(args.bundle))
+    if preset.machine == host_machine() or not preset.cross_compiler:
+        compiler_for(preset.machine)
+    native_runtime(preset.machine)
+
+
+def _write_bundle(library: str, directory: str, target: str) -> None:
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.runtime.bundle import write_bundle
+
+    start = time.perf_counter()
+    result = write_bundle(library, directory, get_preset(target))
+    print(f"wrote the bundle {directory} ({result.size / 1e6:.1f} MB, {len(result.files)} files) in "
+          f"{time.perf_counter() - start:.1f} s: copy it to the board, then ./run.sh --prompt \"...\" or "
+          f"./run.sh --bench ({Path(directory) / 'README.md'} says what the board needs)")
+    if not result.tokenizer:
+        print(f"note: the bundle has no tokenizer ({result.note.rstrip('.')}), so run.sh --prompt is unavailable; "
+              "run.sh --bench and the runner on token ids work")

@@ -7,14 +7,15 @@
 //       back into them. Used by the kernel tests (pbs2pc.runtime.native.run_function).
 //
 //   runner generate DIR [--prompt-ids 1,2,3 | --prompt-ids-file F] [--max-new-tokens N] [--eos ID,ID]
-//                       [--temperature T --top-k K --top-p P --seed S] [--threads N] [--bench]
+//                       [--temperature T --top-k K --top-p P --seed S] [--threads N] [--stats | --bench]
 //                       [--dump-logits FILE.npy]
 //       Runs the language model of a bundle (written by pbs2pc.runtime.bundle): DIR/model.runner.txt
 //       says where the library, the weights and the KV cache layout are. Prefills the prompt, then decodes
 //       one token at a time with the KV cache, printing each new token id on its own line as soon as it
-//       is chosen. Greedy (argmax, ties to the lowest id) unless --temperature > 0. --bench prints the
-//       prompt and decode rates on stderr; --dump-logits writes the logits every token was chosen from
-//       ([new tokens, vocab] float32).
+//       is chosen; stops after --max-new-tokens, at a token of --eos, or when the context is full. Greedy
+//       (argmax, ties to the lowest id) unless --temperature > 0. --stats prints the prompt and decode rates
+//       on stderr; --bench does too, after a warm-up sequence; --dump-logits writes the logits every token
+//       was chosen from ([new tokens, vocab] float32).
 //
 // The calling convention is the one of pbs2pc.runtime.model.CompiledModel._run: the manifest's inputs
 // (int64 input_ids, position_ids, attention_mask), then per layer the key cache [B, KV, D, C] and the value
@@ -36,6 +37,7 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
+#include <tvm/ffi/optional.h>
 
 #include <algorithm>
 #include <chrono>
@@ -82,7 +84,7 @@ const std::vector<DType>& KnownDTypes() {
       {"uint8", "|u1", {kDLUInt, 8, 1}},     {"int16", "<i2", {kDLInt, 16, 1}},
       {"uint16", "<u2", {kDLUInt, 16, 1}},   {"int32", "<i4", {kDLInt, 32, 1}},
       {"uint32", "<u4", {kDLUInt, 32, 1}},   {"int64", "<i8", {kDLInt, 64, 1}},
-      {"uint64", "<u8", {kDLUInt, 64, 1}},
+      {"uint64", "<u8", {kDLUInt, 64, 1}},   {"bool", "|b1", {kDLBool, 8, 1}},
   };
   return types;
 }
@@ -367,7 +369,7 @@ struct Options {
   int64_t top_k = 0;
   uint64_t seed = 0;
   int threads = 0;
-  bool bench = false;
+  bool bench = false, stats = false;
   std::string dump_logits;
 };
 
@@ -391,9 +393,7 @@ std::vector<int64_t> ParseIds(const std::string& text, const std::string& what) 
 
 class Model {
  public:
-  Model(const std::string& dir, const Spec& spec) : spec_(spec) {
-    ffi::Module lib = ffi::Module::LoadFromFile(dir + "/" + spec.library);
-    vm_ = GetFunction(lib, "vm_load_executable", spec.library)().cast<ffi::Module>();
+  Model(const std::string& dir, const Spec& spec) : spec_(spec), vm_(LoadVM(dir + "/" + spec.library)) {
     GetFunction(vm_, "vm_initialization", spec.library)(static_cast<int>(kDLCPU), 0, 2);  // 2: pooled allocator
     MapWeights(dir + "/" + spec.weights);
   }
@@ -423,6 +423,11 @@ class Model {
   int64_t length() const { return length_; }
 
  private:
+  static ffi::Module LoadVM(const std::string& path) {
+    ffi::Module lib = ffi::Module::LoadFromFile(path);
+    return GetFunction(lib, "vm_load_executable", path)().cast<ffi::Module>();
+  }
+
   void MapWeights(const std::string& path) {
     int fd = open(path.c_str(), O_RDONLY);
     if (fd < 0) Fail("cannot open " + path);
@@ -477,21 +482,22 @@ class Model {
     args.insert(args.end(), weights_.begin(), weights_.end());
     ffi::Any out = Call(GetFunction(vm_, function, spec_.library), args);
     if (auto tuple = out.try_cast<ffi::Array<ffi::Any>>()) out = (*tuple)[0];
-    logits_ = out.cast<ffi::Tensor>();
-    DLDataType d = logits_.dtype();
+    ffi::Tensor logits = out.cast<ffi::Tensor>();
+    logits_ = logits;  // kept alive until the next call
+    DLDataType d = logits.dtype();
     if (d.code != kDLFloat || d.bits != 32) Fail("the model's logits are not float32");
-    if (logits_.numel() < spec_.vocab_size) Fail("the model returned fewer logits than its vocabulary");
+    if (logits.numel() < spec_.vocab_size) Fail("the model returned fewer logits than its vocabulary");
     length_ = total;
     // The last position's row: [1, S, V] from main, [1, 1, V] from prefill and decode.
-    return static_cast<const float*>(logits_.data_ptr()) + (logits_.numel() - spec_.vocab_size);
+    return static_cast<const float*>(logits.data_ptr()) + (logits.numel() - spec_.vocab_size);
   }
 
   const Spec& spec_;
-  ffi::Module vm_{nullptr};
+  ffi::Module vm_;
   void* mapped_ = nullptr;
   size_t mapped_size_ = 0;
   std::vector<ffi::Tensor> weights_, caches_;
-  ffi::Tensor logits_{nullptr};
+  ffi::Optional<ffi::Tensor> logits_;
   int64_t capacity_ = 0, length_ = 0;
 };
 
@@ -563,7 +569,8 @@ Options ParseGenerate(const std::vector<std::string>& args) {
       else if (a == "--top-p") o.top_p = std::stod(value());
       else if (a == "--seed") o.seed = std::stoull(value());
       else if (a == "--threads") o.threads = std::stoi(value());
-      else if (a == "--bench") o.bench = true;
+      else if (a == "--bench") o.bench = o.stats = true;
+      else if (a == "--stats") o.stats = true;
       else if (a == "--dump-logits") o.dump_logits = value();
       else Fail("unknown option " + a);
     } catch (const std::logic_error&) {  // std::stoll and friends on a non-number or out of range
@@ -625,7 +632,7 @@ int RunGenerate(const std::vector<std::string>& args) {
   double decode_s = Seconds(start);
   if (!o.dump_logits.empty())
     WriteNpy(o.dump_logits, dumped.data(), {made, spec.vocab_size}, DTypeByName("float32"));
-  if (o.bench) {
+  if (o.stats) {
     std::fprintf(stderr, "prompt: %lld tokens in %.3f s: %.2f tokens/s\n", static_cast<long long>(n), prompt_s,
                  n / prompt_s);
     if (made > 1)

@@ -12,24 +12,10 @@ import numpy as np
 import pytest
 
 from pbs2pc.errors import Pbs2pcError
+from testutil import aarch64_tools_missing, requires_aarch64
 
 AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 2}
-
-
-def aarch64_tools_missing() -> str:
-    """Why aarch64 code cannot be built and run here ("" when it can)."""
-    from pbs2pc.runtime.native.toolchain import host_machine
-
-    if host_machine() == "aarch64":
-        return ""
-    missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
-    if missing:
-        return (f"{' and '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user): "
-                "aarch64 code is built and run under qemu here")
-    return ""
-
-
-needs_aarch64 = pytest.mark.skipif(bool(aarch64_tools_missing()), reason=aarch64_tools_missing() or "-")
+needs_aarch64 = requires_aarch64()
 
 
 def export_aarch64(funcs: dict, path) -> str:

@@ -1,0 +1,195 @@
+"""Edge bundles (``pbs2pc compile --bundle``) and the native runner's ``generate`` mode.
+
+The aarch64 runner runs under qemu here and is checked against the x86 build run by the Python runtime (the
+same greedy tokens) and against onnxruntime on the host (the logits). Tolerance: everything computes in
+fp32, but the aarch64 kernels, the x86 kernels and onnxruntime's MLAS sum in different orders, so logits
+agree to rounding only: the tiny model's differ by about 5e-7 of the largest logit. 1e-4 of the largest
+logit (the bar the x86 end-to-end test sets for the compiled model against onnxruntime) leaves room for
+30 layers of that and still catches any real error (a wrong weight or cache position moves logits by whole
+units). Greedy tokens may differ only after a step whose two best logits tie within rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pbs2pc.cli import main
+from pbs2pc.errors import Pbs2pcError
+from testutil import make_ids, ort_logits, rel_err, requires_aarch64
+
+LOGITS_TOLERANCE = 1e-4
+needs_aarch64 = requires_aarch64()
+
+
+def run_runner(bundle, prompt_ids, new_tokens: int, dump, *extra, machine: str = "aarch64"):
+    """``(greedy tokens, the logits they were chosen from)`` from the bundle's runner (qemu for aarch64)."""
+    from pbs2pc.runtime.native import runner_prefix
+
+    command = [*runner_prefix(machine), str(bundle / "runner"), "generate", str(bundle), "--prompt-ids",
+               ",".join(map(str, prompt_ids)), "--max-new-tokens", str(new_tokens), "--threads", "2",
+               "--dump-logits", str(dump), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr
+    return [int(line) for line in result.stdout.split()], np.load(dump)
+
+
+def check_against_references(bundle, onnx_path, x86_library, prompt, new_tokens, tmp_path, machine="aarch64"):
+    """The runner's logits against onnxruntime's, its greedy tokens against the x86 build's."""
+    from pbs2pc.runtime import load
+
+    tokens, logits = run_runner(bundle, prompt, new_tokens, tmp_path / "logits.npy", machine=machine)
+    assert len(tokens) == new_tokens and logits.shape[0] == new_tokens
+    ref = ort_logits(onnx_path, np.asarray([list(prompt) + tokens[:-1]], np.int64))[0, len(prompt) - 1:]
+    assert logits.shape == ref.shape
+    assert rel_err(logits, ref) < LOGITS_TOLERANCE
+    expected = load(x86_library).generate_ids(prompt, new_tokens)
+    for step, (a, b) in enumerate(zip(tokens, expected)):
+        if a != b:  # allowed only where the reference's two best logits tie within rounding
+            top2 = np.sort(ref[step])[-2:]
+            assert top2[1] - top2[0] <= LOGITS_TOLERANCE * np.abs(ref[step]).max(), f"tokens differ at step {step}"
+            break
+    return tokens
+
+
+def run_sh(bundle, *args, env=None, timeout=1200) -> subprocess.CompletedProcess:
+    return subprocess.run([str(bundle / "run.sh"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# -- the tiny model: aarch64 under qemu, and an x86 bundle natively ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_arm_bundle(tiny_onnx, tmp_path_factory):
+    """The tiny model compiled for ``arm`` and bundled through the Python API (no tokenizer: it has none)."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.runtime.bundle import write_bundle
+
+    folder = tmp_path_factory.mktemp("tiny_arm")
+    compile_model(tiny_onnx, folder / "model.so", "arm")
+    return write_bundle(folder / "model.so", folder / "bundle", get_preset("arm"), tokenizer=None).directory
+
+
+@needs_aarch64
+def test_tiny_arm_runner_matches_the_x86_build_and_onnxruntime(tiny_arm_bundle, tiny_onnx, tiny_library, tmp_path):
+    check_against_references(tiny_arm_bundle, tiny_onnx, tiny_library, make_ids(1, 7)[0], 6, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_x86_bundle(tiny_onnx, tmp_path_factory):
+    """The tiny model compiled for this machine and bundled through the CLI, without -o."""
+    folder = tmp_path_factory.mktemp("tiny_x86") / "bundle"
+    assert main(["compile", str(tiny_onnx), "--target", "x86", "--bundle", str(folder)]) == 0
+    return folder
+
+
+def test_x86_bundle_holds_what_the_board_needs(tiny_x86_bundle, tiny_onnx, tiny_library, tmp_path):
+    files = {p.name for p in tiny_x86_bundle.iterdir()}
+    assert {"model.so", "model.weights.bin", "model.manifest.json", "model.runner.txt", "runner", "libtvm_runtime.so",
+            "libtvm_ffi.so", "generate.py", "run.sh", "README.md", "bundle.json", "bench_prompt_ids.txt"} <= files
+    assert not [p for p in tiny_x86_bundle.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+    readme = (tiny_x86_bundle / "README.md").read_text()
+    assert "glibc 2.28" in readme and "avx2" in readme and "./run.sh --bench" in readme
+    check_against_references(tiny_x86_bundle, tiny_onnx, tiny_library, make_ids(1, 5, seed=3)[0], 5, tmp_path,
+                             machine="x86_64")
+
+
+def test_bench_and_the_missing_tokenizer(tiny_x86_bundle):
+    result = run_sh(tiny_x86_bundle, "--bench", "--max-new-tokens", "4", "--threads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prompt: 64 tokens in" in result.stdout and "decode: 3 tokens in" in result.stdout
+    assert "tokens/s" in result.stdout
+    result = run_sh(tiny_x86_bundle, "--prompt", "hello", env={"PBS2PC_PYTHON": sys.executable})
+    assert result.returncode == 2 and "this bundle has no tokenizer" in result.stderr
+
+
+def test_runner_sampling_is_seeded_and_bad_input_is_one_line(tiny_x86_bundle, tmp_path):
+    prompt = make_ids(1, 4)[0]
+    sample = ("--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed")
+    runs = [run_runner(tiny_x86_bundle, prompt, 8, tmp_path / "l.npy", *sample, seed, machine="x86_64")[0]
+            for seed in ("1", "1", "2")]
+    assert runs[0] == runs[1] and len(runs[2]) == 8
+    runner = str(tiny_x86_bundle / "runner")
+    for args, message in ((["--prompt-ids", "1,999"], "outside the vocabulary [0, 256)"),
+                          (["--prompt-ids", "1,x"], "'x' is not a token id"),
+                          (["--max-new-tokens", "0", "--prompt-ids", "1"], "at least 1"),
+                          (["--prompt-ids", ",".join(["1"] * 256)], "context is 256")):
+        result = subprocess.run([runner, "generate", str(tiny_x86_bundle), *args], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    result = subprocess.run([runner, "generate", str(tmp_path), "--prompt-ids", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "model.runner.txt is missing" in result.stderr
+
+
+def test_bundle_errors_are_one_line_and_leave_nothing(tiny_onnx, tiny_library, tmp_path, capsys):
+    def user_error(argv, match):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
+
+    user_error(["compile", str(tiny_onnx)], "-o model.so) or a bundle folder (--bundle DIR)")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine\n")
+    user_error(["compile", str(tiny_onnx), "--bundle", str(busy)], "is not empty and holds no bundle")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    user_error(["compile", str(tiny_onnx), "-o", str(tmp_path / "b" / "m.so"), "--bundle", str(tmp_path / "b")],
+               "inside the bundle folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.runtime.bundle import write_bundle
+
+    with pytest.raises(Pbs2pcError, match="compiled for target x86-.*, not arm"):
+        write_bundle(tiny_library, tmp_path / "c", get_preset("arm"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+# -- the real SmolLM2-135M for a Raspberry Pi 5, under qemu ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_rpi5_bundle(smollm2_export, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smollm2_rpi5") / "bundle"
+    assert main(["compile", str(smollm2_export[2] / "model.onnx"), "--target", "rpi5", "--bundle", str(folder)]) == 0
+    return folder
+
+
+QEMU = {"PBS2PC_RUNNER_PREFIX": "qemu-aarch64 -L /usr/aarch64-linux-gnu", "PBS2PC_PYTHON": sys.executable}
+
+
+@pytest.mark.slow
+@needs_aarch64
+def test_smollm2_rpi5_bundle_under_qemu(smollm2_rpi5_bundle, smollm2_export, smollm2_x86, tmp_path):
+    """A few tokens of real text: qemu runs the whole model at a few tokens per second at best."""
+    _, tokenizer, folder = smollm2_export
+    prompt = tokenizer("The river flows through the old town and", add_special_tokens=False).input_ids
+    check_against_references(smollm2_rpi5_bundle, folder / "model.onnx", folder / "model.so", prompt, 3, tmp_path)
+
+
+@pytest.mark.slow
+@needs_aarch64
+def test_smollm2_run_sh_streams_text_and_benchmarks(smollm2_rpi5_bundle, smollm2_export):
+    from pbs2pc.runtime import load
+
+    bundle, prompt = smollm2_rpi5_bundle, "The capital of France is"
+    config = json.loads((bundle / "bundle.json").read_text())
+    assert config["machine"] == "aarch64" and config["eos_token_ids"] and (bundle / "py/tokenizers").is_dir()
+    result = run_sh(bundle, "--prompt", prompt, "--max-new-tokens", "3", "--no-chat", "--threads", "2", env=QEMU)
+    assert result.returncode == 0, result.stderr
+    expected = load(smollm2_export[2] / "model.so").generate(prompt, 3).text
+    assert result.stdout == prompt + expected + "\n" and expected
+    assert "decode: 2 tokens in" in result.stderr
+    # generate.py's chat prompt (the template rendered at bundle time, tokenizers alone) has transformers' ids
+    from tokenizers import Tokenizer
+
+    ids = smollm2_export[1].apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+    text = config["chat"]["prefix"] + prompt + config["chat"]["suffix"]
+    assert Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(text, add_special_tokens=False).ids == list(ids)
+    result = run_sh(bundle, "--bench", "--max-new-tokens", "3", "--threads", "2", env=QEMU)
+    assert result.returncode == 0, result.stdout
+    assert "prompt: 64 tokens in" in result.stdout and "decode: 2 tokens in" in result.stdout
