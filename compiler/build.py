@@ -125,13 +125,10 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     start = time.perf_counter()
     say("phase link and write")
     with atomic_outputs([lib_path, weights_path, manifest_path]) as (tmp_lib, tmp_weights, tmp_manifest):
-        export_kwargs = {}
-        if preset.cross_compiler:
-            from pbs2pc.compiler.tvm_compat import cc
-
-            export_kwargs["fcompile"] = cc.cross_compiler(preset.cross_compiler, options=list(preset.cross_flags))
         try:
-            executable.export_library(str(tmp_lib), **export_kwargs)
+            EXPORT_STEPS.get(preset.family, _export_cpu)(executable, tmp_lib, preset, manifest)
+        except Pbs2pcError:
+            raise
         except Exception as exc:
             raise ToolchainError(f"linking {lib_path.name} failed: {str(exc).strip().splitlines()[-1]}") from None
         manifest["params"] = write_weights(tmp_weights, params)
@@ -139,6 +136,36 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         manifest["sizes"] = {"library": tmp_lib.stat().st_size, "weights": tmp_weights.stat().st_size}
         tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _export_cpu(executable, path: Path, preset, manifest: dict) -> None:
+    """TVM's export: the host's C++ compiler, or the preset's cross compiler."""
+    export_kwargs = {}
+    if preset.cross_compiler:
+        from pbs2pc.compiler.tvm_compat import cc
+
+        export_kwargs["fcompile"] = cc.cross_compiler(preset.cross_compiler, options=list(preset.cross_flags))
+    executable.export_library(str(path), **export_kwargs)
+
+
+def _export_cuda(executable, path: Path, preset, manifest: dict) -> None:
+    """The device code compiled by nvcc into a fatbin for the preset's arch, embedded in place of TVM's CUDA
+    source (:mod:`pbs2pc.compiler.cuda_export`); the manifest's ``gpu`` entry says what the library needs."""
+    from pbs2pc.compiler import cuda_export
+
+    version = cuda_export.nvcc_version()
+    records = cuda_export.export_library(executable, path, preset.gpu_arch)
+    manifest["gpu"] = {
+        "arch": preset.gpu_arch,
+        "code": [f"sm_{preset.gpu_arch[3:]}", f"compute_{preset.gpu_arch[3:]}"],  # SASS, and PTX for newer GPUs
+        "cuda_version": version,  # the nvcc release that compiled it
+        "min_driver": cuda_export.min_driver(version),
+        "device_modules": records,
+    }
+
+
+#: Each target family's export step: ``step(executable, path, preset, manifest)`` writes the library.
+EXPORT_STEPS = {"cpu": _export_cpu, "cuda": _export_cuda}
 
 
 def to_target_layout(mod, params: dict, preset, options=None, vocab: int | None = None) -> tuple:

@@ -46,6 +46,8 @@ class TargetPreset:
     #: CPUs of the board a cross-compiled preset is for (the parallel loops are sized by it; ``--cores``
     #: overrides it); None: this machine's.
     board_cores: int | None = None
+    #: The GPU architecture a CUDA preset's device code is compiled for (``"sm_90"``); None for CPUs.
+    gpu_arch: str | None = None
     description: str = ""
     supported: bool = True
     issue: str = ""  # where an unsupported preset's work is tracked
@@ -74,11 +76,25 @@ class TargetPreset:
         """This preset with the TVM target's ``num-cores`` (the schedules size their parallel loops by it)."""
         return dataclasses.replace(self, target_json=canonical_json({**self.target, "num-cores": int(cores)}))
 
+    def with_arch(self, arch: str) -> "TargetPreset":
+        """This CUDA preset for the GPU architecture ``arch`` (one of :data:`CUDA_ARCHS`)."""
+        if self.family != "cuda":
+            raise Pbs2pcError(f"--arch is for --target cuda; target {self.name!r} is a CPU target.")
+        if arch not in CUDA_ARCHS:
+            raise Pbs2pcError(f"unknown GPU architecture {arch!r}; choose one of: {', '.join(CUDA_ARCHS)}.")
+        return dataclasses.replace(self, gpu_arch=arch, target_json=canonical_json({**self.target, "arch": arch}))
+
     def require(self) -> "TargetPreset":
         """Raise a clear error unless this preset can be built on this machine."""
         if not self.supported:
             raise UnsupportedError(f"target {self.name!r} is not supported yet ({self.issue}); "
                                    "use --target x86.")
+        if self.family == "cuda":
+            from pbs2pc.compiler.cuda_export import NVCC_INSTALL, nvcc_path
+
+            if nvcc_path() is None:
+                raise ToolchainError(f"--target {self.name} needs nvcc (the CUDA compiler) to compile the GPU code "
+                                     f"into the library; {NVCC_INSTALL}.")
         if self.cross_compiler and shutil.which(self.cross_compiler) is None:
             raise ToolchainError(
                 f"the cross compiler {self.cross_compiler} for target {self.name!r} is not installed; "
@@ -200,14 +216,19 @@ JETSON_ORIN = _preset(
     description="Jetson Orin CPU (Cortex-A78AE: NEON, dot product, fp16), cross-compiled",
 )
 
-#: NVIDIA GPUs; sm_90 (H100/H200) by default, other archs with --arch (e.g. sm_87 for Jetson Orin).
+#: GPU architectures ``--arch`` accepts: Ampere (A100 sm_80, RTX 30 sm_86, Jetson Orin sm_87), Ada (sm_89),
+#: Hopper (H100/H200 sm_90). sm_80 is the floor: the prompt GEMM uses mma.sync with fp16 inputs.
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
+
+#: NVIDIA GPUs; sm_90 (H100/H200) by default, other archs with --arch (e.g. sm_87 for Jetson Orin). The
+#: library's device code is a fatbin (SASS for the arch and its PTX) compiled by nvcc at build time
+#: (:mod:`pbs2pc.compiler.cuda_export`); the host code is x86-64.
 CUDA = _preset(
     "cuda", "cuda", "cuda",
     {"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
-    host={"kind": "llvm"},
-    description="NVIDIA GPU, sm_90 by default, compiled code (cubin) embedded",
-    supported=False,
-    issue="the CUDA backend is a later release",
+    host={"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+    gpu_arch="sm_90",
+    description="NVIDIA GPU, sm_90 by default (--arch sm_80/86/87/89), compiled device code (fatbin) embedded",
 )
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in (X86_AVX512, X86_AVX2, ARM, RPI5, JETSON_ORIN, CUDA)}
@@ -243,10 +264,11 @@ def explain_host_choice(preset: TargetPreset) -> str:
     return f"target x86 -> {preset.name} ({cpu.model_name()}{why})"
 
 
-def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
+def get_preset(name: str, num_cores: int | None = None, arch: str | None = None) -> TargetPreset:
     """The preset called ``name`` (``x86``: this machine's best x86 preset), or one clear error listing the
     known ones. LLVM (CPU) targets get ``num-cores``: ``num_cores``, else the board's (a cross-compiled
-    preset's ``board_cores``), else this machine's CPUs."""
+    preset's ``board_cores``), else this machine's CPUs. ``arch``: a CUDA preset's GPU architecture
+    (:meth:`TargetPreset.with_arch`)."""
     if name == "x86":
         preset = host_x86_preset()
     elif name in PRESETS:
@@ -257,4 +279,6 @@ def get_preset(name: str, num_cores: int | None = None) -> TargetPreset:
         from pbs2pc.cpu import cpu_threads
 
         preset = preset.with_num_cores(num_cores or preset.board_cores or cpu_threads())
+    if arch is not None:
+        preset = preset.with_arch(arch)
     return preset

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 
 from pbs2pc.compiler.tvm_compat import copy_with_new_vars, relax, tirx, tvm
-from pbs2pc.passes.kernels.attention import cached_attention, key_block
+from pbs2pc.passes.kernels.attention import builder as attention_builder, key_block
 
 OP_ATTR = "pbs2p.op"
 ATTENTION = "Attention"
@@ -94,7 +94,8 @@ class _CacheRewriter(relax.PyExprMutator):
         heads, kv_heads, head_dim = int(q.ty.shape[1]), int(k.ty.shape[1]), int(q.ty.shape[3])
         key = (heads, kv_heads, head_dim, float(func.attrs["scale"]), key_block())
         if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(cached_attention(*key), f"cached_attention_{heads}h{kv_heads}kv")
+            self.kernels[key] = self.builder_.add_func(attention_builder()(*key),
+                                                      f"cached_attention_{heads}h{kv_heads}kv")
         return relax.call_tir_inplace(self.kernels[key], [q, k, v, mask, k_cache, v_cache], [-1, 4, 5],
                                       [q.ty, k_cache.ty, v_cache.ty])
 

@@ -55,6 +55,33 @@ def _tvm_runtime():
     return tvm, VirtualMachine
 
 
+def cuda_device(tvm, gpu: dict, name: str):
+    """GPU 0, after checking what the library needs (one sentence each): TVM's CUDA runtime (a runtime-only
+    install registers it by loading ``libtvm_runtime_cuda.so``), a CUDA device, and an architecture that
+    runs the library's code (its SASS on the same major version, at or above the minor; newer majors
+    translate its PTX)."""
+    import ctypes
+
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+        try:
+            ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise Pbs2pcError(f"{name} needs TVM's CUDA runtime and the NVIDIA driver (libcuda.so.1): "
+                              f"{str(exc).strip()}") from None
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise Pbs2pcError(f"{name} was built for an NVIDIA GPU ({gpu['arch']}) and this machine has none.")
+    have = tuple(int(v) for v in dev.compute_version.split("."))
+    need = (int(gpu["arch"][3:-1]), int(gpu["arch"][-1]))
+    if have < need:
+        raise Pbs2pcError(f"{name} was built for {gpu['arch']} and this GPU ({dev.device_name}) is sm_"
+                          f"{have[0]}{have[1]}; compile again with --target cuda --arch sm_{have[0]}{have[1]}.")
+    return dev
+
+
 class KVCache:
     """One sequence batch's keys and values on the device: the caches ``main``/``decode`` update in place.
 
@@ -82,8 +109,9 @@ class CompiledModel:
     ----------
     library : path
         The ``.so`` written by ``pbs2pc compile`` (its ``.weights.bin`` and ``.manifest.json`` beside it).
-    device : str
-        ``"cpu"`` (the only device of the x86 target).
+    device : str, optional
+        ``"cpu"`` or ``"cuda"``; default: the library's (``cuda`` for a ``--target cuda`` build, whose
+        manifest has a ``gpu`` entry).
     threads : int, optional
         CPU threads for the kernels (default: ``TVM_NUM_THREADS`` if set, else every CPU this process may
         use; see :func:`configure_threads`).
@@ -97,7 +125,7 @@ class CompiledModel:
     {'y': array(...)}
     """
 
-    def __init__(self, library: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, library: str | os.PathLike, device: str | None = None, threads: int | None = None):
         lib, weights, _ = artifact_paths(library)
         self.manifest = read_manifest(lib)
         if not lib.exists():
@@ -105,12 +133,15 @@ class CompiledModel:
         check_host(self.manifest, lib)  # before TVM loads any code: a missing CPU feature is an error, not SIGILL
         if not weights.exists():
             raise Pbs2pcError(f"{weights.name} is missing beside {lib.name}; compile the model again.")
-        if device != "cpu":
-            raise Pbs2pcError(f"device {device!r} is not supported yet; use cpu.")
+        gpu = self.manifest.get("gpu")
+        device = device or ("cuda" if gpu else "cpu")
+        if device != ("cuda" if gpu else "cpu"):
+            raise Pbs2pcError(f"{lib.name} was built for target {self.manifest.get('target')!r}, which runs on "
+                              f"{'cuda' if gpu else 'cpu'}, not {device}.")
         self.threads = configure_threads(threads)
         tvm, VirtualMachine = _tvm_runtime()
         self._tvm = tvm
-        self.device = tvm.cpu()
+        self.device = cuda_device(tvm, gpu, lib.name) if gpu else tvm.cpu()
         try:
             module = tvm.runtime.load_module(str(lib))
         except Exception as exc:
@@ -471,7 +502,7 @@ def load_tokenizer(manifest: dict, spec: str | None = None):
     return hf.load_tokenizer(hf.resolve(spec))
 
 
-def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, device: str | None = None, threads: int | None = None) -> CompiledModel:
     """Load a compiled artifact (the ``.so`` path, or its manifest); ``threads``: see :class:`CompiledModel`."""
     path = Path(path)
     if path.name.endswith(".manifest.json"):

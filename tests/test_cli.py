@@ -58,6 +58,17 @@ def test_arm_without_the_cross_toolchain_says_how_to_install_it(tiny_onnx, tmp_p
                        "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu", tmp_path)
 
 
+def test_cuda_without_nvcc_says_how_to_install_it(tiny_onnx, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    _assert_user_error(["compile", str(tiny_onnx), "--target", "cuda", "-o", str(tmp_path / "m.so")], capsys,
+                       "needs nvcc", tmp_path)
+    _assert_user_error(["compile", str(tiny_onnx), "--target", "x86-avx2", "--arch", "sm_90", "-o",
+                        str(tmp_path / "m.so")], capsys, "--arch is for --target cuda", tmp_path)
+    _assert_user_error(["compile", str(tiny_onnx), "--target", "cuda", "--arch", "sm_70", "-o",
+                        str(tmp_path / "m.so")], capsys, "unknown GPU architecture", tmp_path)
+
+
 def test_bad_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     out = str(tmp_path / "m.so")
     _assert_user_error(["compile", str(tmp_path / "missing.onnx"), "-o", out], capsys, "does not exist", tmp_path)
@@ -66,7 +77,6 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(tiny_onnx.read_bytes()[:5000])
     _assert_user_error(["compile", str(cut), "-o", out], capsys, "cut.onnx", tmp_path)
-    _assert_user_error(["compile", str(tiny_onnx), "--target", "cuda", "-o", out], capsys, "not supported yet", tmp_path)
     _assert_user_error(["run", str(tmp_path / "nothing.so"), "--input-ids", "1"], capsys, "does not exist")
     _assert_user_error(["inspect", str(tmp_path / "text.onnx")], capsys, "not a readable ONNX file")
     _assert_user_error(["export", str(tmp_path), "-o", str(tmp_path / "x.onnx")], capsys, "not a compressed model folder")

@@ -51,6 +51,20 @@ def key_block(target=None) -> int:
     lanes = vector_lanes(target)
     return KEY_BLOCK if lanes >= 8 else 4 * lanes
 
+def builder(target=None):
+    """The attention kernel builder for ``target`` (default: the current target): this module's
+    :func:`cached_attention` on CPUs, :func:`pbs2pc.passes.kernels.cuda.attention.cached_attention` on CUDA
+    (both take ``(heads, kv_heads, head_dim, scale, block)`` and share the cache layouts)."""
+    from pbs2pc.compiler.tvm_compat import Target
+
+    target = target or Target.current(allow_none=True)
+    if target is not None and target.kind.name == "cuda":
+        from pbs2pc.passes.kernels.cuda.attention import cached_attention as cuda_attention
+
+        return cuda_attention
+    return cached_attention
+
+
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # Cody-Waite split of ln 2
 

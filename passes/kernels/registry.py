@@ -11,7 +11,7 @@ The weight layout is data chosen with the kernels: :func:`target_layout` is the 
 entry that serves the target and its options, so the params transform (``pbs2pc.compiler.build``)
 re-encodes the weights once for the kernels that read them.
 
-A new target adds a folder of kernels (``x86_avx512/``, ``x86_avx2/``; next ``arm_neon/``, ``cuda/``) with
+A new target adds a folder of kernels (``x86_avx512/``, ``x86_avx2/``, ``arm_neon/``, ``cuda/``) with
 a ``KERNELS`` list, and names it in :data:`KERNEL_FOLDERS`: no branches in the passes.
 """
 
@@ -120,7 +120,7 @@ class KernelEntry:
 
 #: Folders of hand-written kernels, each a module with a ``KERNELS`` list, in priority order.
 KERNEL_FOLDERS = ("pbs2pc.passes.kernels.x86_avx512", "pbs2pc.passes.kernels.x86_avx2",
-                  "pbs2pc.passes.kernels.arm_neon")
+                  "pbs2pc.passes.kernels.arm_neon", "pbs2pc.passes.kernels.cuda")
 
 
 def all_kernels() -> list[KernelEntry]:

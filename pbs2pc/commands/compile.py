@@ -23,6 +23,9 @@ def add_parser(sub):
                    help="target preset (default: x86, this machine's best x86 target: x86-avx512 where the CPU "
                         "has AVX-512 with VNNI and VBMI, else x86-avx2); "
                         + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    p.add_argument("--arch", metavar="SM", help="with --target cuda: the GPU architecture, sm_90 (default: H100, "
+                                                "H200), sm_89, sm_87 (Jetson Orin), sm_86 or sm_80; the library "
+                                                "embeds compiled code (SASS) for it and its PTX")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
     p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
                    help="fp32 (default), or int8: the sparse-binary linear layers quantise their inputs to int8 per "
@@ -42,7 +45,7 @@ def add_parser(sub):
 
 
 def compile_with_progress(model, output, target: str, dump_ir=None, activations: str = "fp32",
-                          lm_head: str = "fp32") -> dict:
+                          lm_head: str = "fp32", arch: str | None = None) -> dict:
     """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
 
@@ -50,7 +53,7 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
     from pbs2pc.compiler.pipeline import phases
     from pbs2pc.compiler.targets import CompileOptions, explain_host_choice, get_preset
 
-    preset = get_preset(target).require()
+    preset = get_preset(target, arch=arch).require()
     options = CompileOptions(activations, lm_head).check(preset)
     if target == "x86":
         print(explain_host_choice(preset), flush=True)
@@ -89,7 +92,7 @@ def run(args) -> int:
     with scratch as folder:
         output = args.output or str(Path(folder) / "model.so")
         manifest = compile_with_progress(args.model, output, args.target, args.dump_ir, args.activations,
-                                         args.lm_head)
+                                         args.lm_head, args.arch)
         s = manifest["summary"]
         print(f"wrote {args.output or 'the model'} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
               f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "

@@ -49,6 +49,25 @@ def _layout(layout: dict | None) -> str:
     return ", ".join(parts + (["5-bit mask pattern codes"] if layout.get("mask_codes") else []))
 
 
+def _device_code(library: Path) -> list[str]:
+    """What the library's CUDA modules hold, read from the library itself: ``"sm_90"`` / ``"compute_90"``
+    per fatbin entry, or ``"CUDA source"`` for a module compiled at load time."""
+    from pbs2pc.compiler import cuda_export
+
+    if not library.exists():
+        return []
+    out = []
+    for fmt, payload in cuda_export.device_modules(library):
+        out.extend(cuda_export.fatbin_archs(payload) if fmt == "fatbin" else ["CUDA source" if fmt == "cuda" else fmt])
+    return out
+
+
+def _gpu_line(gpu: dict) -> str:
+    code = ", ".join(gpu["embedded"]) or "unknown (library missing)"
+    return (f"runs on NVIDIA GPUs {gpu['arch']} (host code x86_64); device code embedded: {code}; built with CUDA "
+            f"{gpu['cuda_version']}, needs driver {gpu['min_driver']} or newer")
+
+
 def _short(value, limit: int = 240) -> str:
     """A metadata value for the text view: long ones (per-layer statistics) cut, with where to read them."""
     text = str(value)
@@ -93,12 +112,15 @@ def run(args) -> int:
             "isa": manifest.get("isa"), "machine": manifest.get("machine"),
             "cpu_features": manifest.get("cpu_features", []), "layout": manifest.get("layout"),
             "kernels": manifest.get("kernels", [])}
+        if manifest.get("gpu"):
+            info["gpu"] = {**manifest["gpu"], "embedded": _device_code(path.with_name(manifest["library"]))}
         cache = manifest.get("kv_cache")
         header = [
             f"{path} (compiled for {manifest['target']}: {json.dumps(manifest['target_dict'])})",
             f"library {sizes.get('library', 0) / 1e6:.1f} MB + weights {sizes.get('weights', 0) / 1e6:.1f} MB; "
             f"built by pbs2pc {manifest['pbs2pc_version']} with TVM {manifest['tvm_version']}, format v{manifest['format_version']}",
             f"inputs {manifest['inputs']} -> outputs {manifest['outputs']}; entry functions {info['functions']}",
+            _gpu_line(info["gpu"]) if "gpu" in info else
             f"runs on {info['machine']} CPUs with {' '.join(info['cpu_features']) or 'no particular features'}",
             f"weight layout {_layout(info['layout'])}; hand-written kernels "
             f"{', '.join(info['kernels']) or 'none (the TE kernel everywhere)'}",

@@ -1,0 +1,31 @@
+"""Hand-written kernels for NVIDIA GPUs (CUDA targets, sm_80 and newer).
+
+They read one layout (:data:`LAYOUT`): sign and mask planes as 32-bit words, 4-row interleaved, so a lane's
+word of a tile's four rows is one 128-bit load and a warp's loads are contiguous. ``KERNELS`` is this
+folder's part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): the one-token GEMV
+(:mod:`.sparse_binary_gemv`) for v1 layers and v2 layers with magnitude groups; layers with a salient
+residual, and the prompt's calls, run the TE kernel under dlight's GPU rules
+(:func:`pbs2pc.passes.schedules.gpu_rules`). The KV-cache attention kernel (:mod:`.attention`) is chosen by
+:func:`pbs2pc.passes.kernels.attention.builder`.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.passes.kernels.registry import Call, KernelEntry
+
+from . import sparse_binary_gemv as gemv
+
+ISA = "cuda"
+LAYOUT = gemv.LAYOUT
+
+
+def _shape(call: Call) -> tuple:
+    return call.out_features, call.in_features, call.group_size, call.interleave, call.plane_dtype
+
+
+KERNELS = [
+    KernelEntry("cuda.gemv_fp32", "sparse_binary_gemv_cuda", "cuda", ISA, (), LAYOUT,
+                activations="fp32", rows="one", covers=lambda c: gemv.supported(*_shape(c)),
+                build=lambda c, **k: gemv.gemv(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups, **k),
+                structure=("groups",)),
+]

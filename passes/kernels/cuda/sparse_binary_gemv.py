@@ -1,0 +1,198 @@
+"""The one-token sparse-binary GEMV for CUDA: a warp per 4 rows, 128-bit loads of interleaved bit words.
+
+Layout (:data:`LAYOUT`): sign and mask planes as uint32 words, 4-row interleaved (``[N/4, K/32, 4]``), so
+word ``c`` of a tile's four rows is one 16-byte vector; scales ``[N/4, K/G, 4]`` (four halves, 8 bytes);
+the v2 group plane stays bytes (``[N/4, K/8, 4]``: a word's 32 columns are 16 contiguous bytes).
+
+Per block: :data:`WARPS` warps, one tile of 4 rows each, over one K split of ``CS`` words:
+
+1. the split's slice of ``x`` is staged into shared memory (float4 loads);
+2. lane ``l`` takes words ``l, l + 32, ...``: one ``ld.global.v4.u32`` of signs and one of masks (a warp
+   reads 512 contiguous bytes per plane), then decodes its 4 x 32 weights in registers: per row, the sums
+   ``P = Σ x over kept +1 weights`` and ``Q = Σ x over kept weights`` (and ``P1``, ``Q1`` over group-1
+   weights for v2), so a weight costs a shift, an ``and`` and a predicated add (nvcc fuses the bit tests
+   into ``lop3``); the word's scales then give ``alpha (2P - Q) + mu Q`` per row, in fp32. The lane reads
+   column ``(i + l) mod 32`` at step ``i``, so the 32 lanes' shared-memory reads of ``x`` hit 32 banks;
+3. the 32 lanes' row sums are added through shared memory; with several K splits (tall K, or too few
+   row tiles to fill the GPU) each split writes a partial row and a second launch adds them and the bias.
+
+Activations stay fp32: at one token ``x`` is K floats against ``N K / 4`` bytes of weights and more, so
+fp16 activations would save nothing measurable and would round the model's inputs.
+"""
+
+from __future__ import annotations
+
+from pbs2pc.compiler.tvm_compat import T, tirx
+from pbs2pc.passes.kernels.registry import Layout
+
+ROWS = 4  # rows per tile: one 16-byte vector of 32-bit words
+WARPS = 4  # tiles (warps) per block
+LAYOUT = Layout(word_bits=32, interleave=ROWS)
+MAX_SPLIT_WORDS = 256  # words of K per split: 32 KB of x in shared memory
+TARGET_BLOCKS = 264  # two blocks per SM of an H100 (132 SMs): split K until the grid has this many
+
+
+def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
+    return (interleave == ROWS and plane_dtype == "uint32" and out_features % (ROWS * WARPS) == 0
+            and in_features % 32 == 0 and group_size % 32 == 0 and in_features % group_size == 0)
+
+
+def splits_for(out_features: int, in_features: int) -> int:
+    """K splits: the fewest with at most :data:`MAX_SPLIT_WORDS` words each, then more (while each keeps at
+    least 32 words, one per lane) until the grid has :data:`TARGET_BLOCKS` blocks."""
+    words, blocks = in_features // 32, out_features // (ROWS * WARPS)
+    divisors = [s for s in range(1, words + 1) if words % s == 0]
+    split = next(s for s in divisors if words // s <= MAX_SPLIT_WORDS)
+    for s in divisors:
+        if s > split and blocks * split < TARGET_BLOCKS and words // s >= 32:
+            split = s
+    return split
+
+
+def without_absent(kernel, present: list[bool]):
+    params = [p for p, keep in zip(kernel.params, present) if keep]
+    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
+
+
+def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
+         has_groups: bool = False, splits: int | None = None):
+    """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu],
+    y [1, N] f32)`` for one layer shape (layout: the module docstring); ``splits``: K splits (default
+    :func:`splits_for`)."""
+    N, K, G = out_features, in_features, group_size
+    NT, C, GB, C8 = N // ROWS, K // 32, K // G, K // 8
+    S = splits or splits_for(N, K)
+    CS = C // S  # words per split
+    XS = CS * 32  # floats of x per split
+    WPG = G // 32  # words per scale group
+    ITER = (CS + 31) // 32
+    STAGE = (XS + WARPS * 128 - 1) // (WARPS * 128)
+
+    def bit(word, shift):
+        return T.bitwise_and(T.shift_right(word, T.Cast("uint32", T.bitwise_and(shift, 31))), T.uint32(1)) != T.uint32(0)
+
+    def mask_word(mw, r):
+        return mw[r] if has_mask else T.uint32(0xFFFFFFFF)
+
+    def kept(sw, mw, r):
+        return T.bitwise_and(sw[r], mw[r]) if has_mask else sw[r]
+
+    def group_word(gw, col, r):
+        # the 32 group bits of the word's row r, in the sign word's bit order (4 bytes, little-endian)
+        return (T.Cast("uint32", gw[0, r]) | T.shift_left(T.Cast("uint32", gw[1, r]), T.uint32(8))
+                | T.shift_left(T.Cast("uint32", gw[2, r]), T.uint32(16)) | T.shift_left(T.Cast("uint32", gw[3, r]), T.uint32(24)))
+
+    def x_at(xs, it, lane, i):
+        return xs[(it * 32 + lane) * 32 + T.bitwise_and(i + lane, 31)]
+
+    def pick(xs, it, lane, i, cond):
+        return T.Select(cond, x_at(xs, it, lane, i), T.float32(0))
+
+    def pick_kept(xs, it, lane, i, mw, r):
+        return pick(xs, it, lane, i, bit(mw[r], i + lane)) if has_mask else x_at(xs, it, lane, i)
+
+    def plus_bias(value, bias, index):
+        return value + bias[index] if has_bias else value
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, ROWS), "uint32"),
+               mask: T.Buffer((NT, C, ROWS), "uint32"), alpha: T.Buffer((NT, GB, ROWS), "float16"),
+               mu: T.Buffer((NT, GB, ROWS), "float16"), bias: T.Buffer((N,), "float32"),
+               group: T.Buffer((NT, C8, ROWS), "uint8"), group_alpha: T.Buffer((NT, GB, ROWS), "float16"),
+               group_mu: T.Buffer((NT, GB, ROWS), "float16"), y: T.Buffer((1, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        part = T.alloc_buffer((S, N), "float32")
+        for bx in T.thread_binding(NT // WARPS, thread="blockIdx.x"):
+            for sp in T.thread_binding(S, thread="blockIdx.y"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        xs = T.alloc_buffer((XS,), "float32", scope="shared")
+                        red = T.alloc_buffer((WARPS, ROWS, 32), "float32", scope="shared")
+                        acc = T.alloc_buffer((ROWS,), "float32", scope="local")
+                        sums = T.alloc_buffer((4, ROWS), "float32", scope="local")  # P, Q, P1, Q1
+                        sw = T.alloc_buffer((ROWS,), "uint32", scope="local")
+                        mw = T.alloc_buffer((ROWS,), "uint32", scope="local")
+                        gw = T.alloc_buffer((4, ROWS), "uint8", scope="local")
+                        sa = T.alloc_buffer((ROWS,), "float16", scope="local")
+                        sm = T.alloc_buffer((ROWS,), "float16", scope="local")
+                        ga = T.alloc_buffer((ROWS,), "float16", scope="local")
+                        gm = T.alloc_buffer((ROWS,), "float16", scope="local")
+                        tile = bx * WARPS + ty
+                        # 1. This split's x into shared memory, four floats per thread and step.
+                        for i in range(STAGE):
+                            if ((i * WARPS + ty) * 32 + lane) * 4 < XS:
+                                for v in T.vectorized(4):
+                                    xs[((i * WARPS + ty) * 32 + lane) * 4 + v] = x[
+                                        0, sp * XS + ((i * WARPS + ty) * 32 + lane) * 4 + v]
+                        T.tvm_storage_sync("shared")
+                        # 2. Lane-strided words: 128-bit loads, decode in registers.
+                        for r in range(ROWS):
+                            acc[r] = T.float32(0)
+                        for it in range(ITER):
+                            if it * 32 + lane < CS:
+                                for v in T.vectorized(ROWS):
+                                    sw[v] = sign[tile, sp * CS + it * 32 + lane, v]
+                                if has_mask:
+                                    for v in T.vectorized(ROWS):
+                                        mw[v] = mask[tile, sp * CS + it * 32 + lane, v]
+                                if has_groups:
+                                    for q in range(4):
+                                        for v in T.vectorized(ROWS):
+                                            gw[q, v] = group[tile, (sp * CS + it * 32 + lane) * 4 + q, v]
+                                for p in range(4):
+                                    for r in range(ROWS):
+                                        sums[p, r] = T.float32(0)
+                                for i in T.unroll(32):
+                                    for r in T.unroll(ROWS):
+                                        # +1 kept weights, kept weights, and their group-1 parts
+                                        sums[0, r] = sums[0, r] + pick(xs, it, lane, i, bit(kept(sw, mw, r), i + lane))
+                                        sums[1, r] = sums[1, r] + pick_kept(xs, it, lane, i, mw, r)
+                                        if has_groups:
+                                            sums[2, r] = sums[2, r] + pick(xs, it, lane, i, bit(
+                                                T.bitwise_and(kept(sw, mw, r), group_word(gw, i + lane, r)), i + lane))
+                                            sums[3, r] = sums[3, r] + pick(xs, it, lane, i, bit(
+                                                T.bitwise_and(mask_word(mw, r), group_word(gw, i + lane, r)), i + lane))
+                                # The word's scale group: alpha (2P - Q) + mu Q per row, group 1 apart.
+                                for v in T.vectorized(ROWS):
+                                    sa[v] = alpha[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                if has_mu:
+                                    for v in T.vectorized(ROWS):
+                                        sm[v] = mu[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                if has_groups:
+                                    for v in T.vectorized(ROWS):
+                                        ga[v] = group_alpha[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                    for v in T.vectorized(ROWS):
+                                        gm[v] = group_mu[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                for r in range(ROWS):
+                                    if has_groups:
+                                        sums[0, r] = sums[0, r] - sums[2, r]
+                                        sums[1, r] = sums[1, r] - sums[3, r]
+                                        acc[r] = acc[r] + T.Cast("float32", ga[r]) * (T.float32(2) * sums[2, r] - sums[3, r]) \
+                                            + T.Cast("float32", gm[r]) * sums[3, r]
+                                    acc[r] = acc[r] + T.Cast("float32", sa[r]) * (T.float32(2) * sums[0, r] - sums[1, r])
+                                    if has_mu:
+                                        acc[r] = acc[r] + T.Cast("float32", sm[r]) * sums[1, r]
+                        # 3. The warp's row sums.
+                        for r in range(ROWS):
+                            red[ty, r, lane] = acc[r]
+                        T.tvm_storage_sync("shared")
+                        if lane < ROWS:
+                            acc[0] = T.float32(0)
+                            for l in range(32):
+                                acc[0] = acc[0] + red[ty, lane, l]
+                            if S == 1:
+                                y[0, tile * ROWS + lane] = plus_bias(acc[0], bias, tile * ROWS + lane)
+                            else:
+                                part[sp, tile * ROWS + lane] = acc[0]
+        if S > 1:
+            for bx in T.thread_binding((N + 127) // 128, thread="blockIdx.x"):
+                for tx in T.thread_binding(128, thread="threadIdx.x"):
+                    if bx * 128 + tx < N:
+                        y[0, bx * 128 + tx] = part[0, bx * 128 + tx]
+                        for s in range(1, S):
+                            y[0, bx * 128 + tx] = y[0, bx * 128 + tx] + part[s, bx * 128 + tx]
+                        if has_bias:
+                            y[0, bx * 128 + tx] = y[0, bx * 128 + tx] + bias[bx * 128 + tx]
+
+    present = [True, True, has_mask, True, has_mu, has_bias, has_groups, has_groups, has_groups, True]
+    return without_absent(kernel, present)
