@@ -49,6 +49,25 @@ def nvcc_path() -> str | None:
     return str(candidate) if candidate.is_file() else None
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool (``cuobjdump``, ``nvdisasm``): on PATH, beside nvcc, or from the pip packages
+    ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` (the ``cuda`` extra); None if absent."""
+    import glob
+    import sys
+
+    found = shutil.which(name)
+    if found:
+        return found
+    nvcc = nvcc_path()
+    if nvcc and (Path(nvcc).parent / name).is_file():
+        return str(Path(nvcc).parent / name)
+    for site in sys.path:
+        hits = glob.glob(os.path.join(site, "nvidia", "*", "bin", name))
+        if hits:
+            return hits[0]
+    return None
+
+
 def nvcc_version(nvcc: str | None = None) -> str:
     """``"13.0"``: nvcc's release, or one clear error without nvcc."""
     nvcc = nvcc or nvcc_path()
