@@ -3,10 +3,14 @@
 The aarch64 runner runs under qemu here and is checked against the x86 build run by the Python runtime (the
 same greedy tokens) and against onnxruntime on the host (the logits). Tolerance: everything computes in
 fp32, but the aarch64 kernels, the x86 kernels and onnxruntime's MLAS sum in different orders, so logits
-agree to rounding only: the tiny model's differ by about 5e-7 of the largest logit. 1e-4 of the largest
-logit (the bar the x86 end-to-end test sets for the compiled model against onnxruntime) leaves room for
-30 layers of that and still catches any real error (a wrong weight or cache position moves logits by whole
-units). Greedy tokens may differ only after a step whose two best logits tie within rounding.
+agree to rounding only: measured, the tiny model's differ by 5e-7 of the largest logit and SmolLM2's (30
+layers) by 3e-6 (the x86 build's by 2e-6). 1e-4 of the largest logit (the bar the x86 end-to-end test sets
+for the compiled model against onnxruntime) leaves a margin of 30 over that and still catches any real
+error (a wrong weight or cache position moves logits by whole units). Greedy tokens may differ only after a
+step whose two best logits tie within rounding.
+
+qemu is slow (SmolLM2 under qemu-aarch64 on 2 x86 cores: about 5 s a decode step, 100 s for a 64-token
+prompt), so the SmolLM2 checks make 3 tokens of short prompts (about 3 minutes with the compile).
 """
 
 from __future__ import annotations
@@ -190,6 +194,8 @@ def test_smollm2_run_sh_streams_text_and_benchmarks(smollm2_rpi5_bundle, smollm2
                                                 tokenize=True, return_dict=False)
     text = config["chat"]["prefix"] + prompt + config["chat"]["suffix"]
     assert Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(text, add_special_tokens=False).ids == list(ids)
-    result = run_sh(bundle, "--bench", "--max-new-tokens", "3", "--threads", "2", env=QEMU)
+    # the fixed 64-token prompt takes minutes under qemu: a shorter one (the tiny bundle's test runs that one)
+    result = run_sh(bundle, "--bench", "--prompt-ids", "1,2,3,4,5,6,7,8", "--max-new-tokens", "3", "--threads", "2",
+                    env=QEMU)
     assert result.returncode == 0, result.stdout
-    assert "prompt: 64 tokens in" in result.stdout and "decode: 2 tokens in" in result.stdout
+    assert "prompt: 8 tokens in" in result.stdout and "decode: 2 tokens in" in result.stdout
