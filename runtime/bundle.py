@@ -37,7 +37,7 @@ from pbs2pc.errors import Pbs2pcError
 from pbs2pc.fileio import atomic_outputs
 from pbs2pc.runtime.artifact import artifact_paths, read_manifest
 from pbs2pc.runtime.native import build_runner, native_runtime
-from pbs2pc.runtime.native.toolchain import host_machine, tokenizers_package
+from pbs2pc.runtime.native.toolchain import compiler_for, host_machine, tokenizers_package
 
 NATIVE = Path(__file__).with_name("native")
 SPEC_NAME = "model.runner.txt"
@@ -113,12 +113,15 @@ def write_bundle(library: str | os.PathLike, directory: str | os.PathLike, prese
         (tmp / "model.manifest.json").write_text(json.dumps(bundled, indent=1) + "\n")
         (tmp / SPEC_NAME).write_text(runner_spec(bundled))
         say("runner")
-        compiler = preset.cross_compiler if preset is not None and machine != host_machine() else None
-        build_runner(machine, tuple(preset.cross_flags) if preset is not None else (), tmp / "runner", compiler)
+        cross = preset is not None and preset.cross_compiler and machine != host_machine()
+        compiler = preset.cross_compiler if cross else compiler_for(machine)
+        flags = tuple(preset.cross_flags) if preset is not None else ()
+        build_runner(machine, flags, tmp / "runner", compiler)
         for path in native_runtime(machine).libraries:
             shutil.copy2(path, tmp / path.name)
         say("text front")
-        ids = tok.bench_ids if tok else [(7919 * i + 13) % int(manifest["vocab_size"]) for i in range(BENCH_PROMPT_TOKENS)]
+        vocab = int(manifest["vocab_size"])
+        ids = tok.bench_ids if tok else [(7919 * i + 13) % vocab for i in range(BENCH_PROMPT_TOKENS)]
         (tmp / "bench_prompt_ids.txt").write_text(",".join(map(str, ids)) + "\n")
         if tok:
             (tmp / "tokenizer.json").write_text(tok.json)
@@ -130,7 +133,7 @@ def write_bundle(library: str | os.PathLike, directory: str | os.PathLike, prese
         _install(NATIVE / "front.py", tmp / "generate.py")
         _install(NATIVE / "run.sh", tmp / "run.sh")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        (tmp / "README.md").write_text(_readme(bundled, machine, tok, size, preset))
+        (tmp / "README.md").write_text(_readme(bundled, machine, tok, size, " ".join([compiler, *flags])))
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         size = sum((tmp / f).stat().st_size for f in files)
     return Bundle(directory, files, size, tok is not None, note)
@@ -227,13 +230,12 @@ SYSTEMS = {"aarch64": "64-bit ARM Linux (aarch64) with glibc 2.28 or newer: Rasp
            "x86_64": "x86-64 Linux with glibc 2.28 or newer (Debian 10+, Ubuntu 20.04+, RHEL 8+)"}
 
 
-def _readme(manifest: dict, machine: str, tok: _TokenizerFiles | None, size: int, preset) -> str:
+def _readme(manifest: dict, machine: str, tok: _TokenizerFiles | None, size: int, build: str) -> str:
     """The bundle's README.md: what the board needs, how to copy and run it."""
     model = manifest.get("source", {}).get("source_model") or "model"
     target = manifest.get("target", "?")
     features = manifest.get("cpu_features", [])
     check = (f"`grep -o -w -E '{'|'.join(features)}' /proc/cpuinfo | sort -u` lists them all" if features else "")
-    flags = " ".join(preset.cross_flags) if preset is not None else ""
     prompt = ("```sh\n./run.sh --prompt \"The capital of France is\" --max-new-tokens 32\n```\n\nstreams the "
               "continuation: `generate.py` encodes the prompt with `tokenizer.json` and the `tokenizers` package in "
               "`py/` (no transformers, nothing downloaded), runs the runner and decodes the token ids as they "
@@ -291,7 +293,8 @@ every token was chosen from).
 | `model.so` | the compiled model (TVM Relax VM executable and its kernels) |
 | `model.weights.bin`, `model.manifest.json` | the weights (packed sparse-binary planes stay packed) and what is where |
 | `model.runner.txt` | the manifest's facts the runner reads (inputs, KV cache layout, weights), one a line |
-| `runner`, `libtvm_runtime.so`, `libtvm_ffi.so` | the native runner, built with `{(preset.cross_compiler if preset is not None and preset.cross_compiler else 'g++')} {flags}`, and TVM's runtime (run path `$ORIGIN`: keep them together) |
+| `runner`, `libtvm_runtime.so`, `libtvm_ffi.so` | the native runner, built with `{build}`, and TVM's runtime \
+(run path `$ORIGIN`: keep them together) |
 | `generate.py`, `tokenizer.json`, `bundle.json`, `py/` | the text front: tokenization with the `tokenizers` wheel for {machine} |
 | `run.sh`, `bench_prompt_ids.txt` | the entry point and the benchmark's prompt |
 

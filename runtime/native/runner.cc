@@ -593,7 +593,8 @@ int RunGenerate(const std::vector<std::string>& args) {
   CheckCpu(spec);
   for (int64_t id : o.prompt)
     if (id < 0 || id >= spec.vocab_size)
-      Fail("token id " + std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(spec.vocab_size) + ")");
+      Fail("token id " + std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(spec.vocab_size) +
+           ")");
   int64_t n = static_cast<int64_t>(o.prompt.size()), limit = o.max_new_tokens;
   if (spec.max_sequence > 0) {
     if (n >= spec.max_sequence)

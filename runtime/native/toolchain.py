@@ -149,7 +149,8 @@ def _unpack_tvm_wheels(machine: str, folder: Path) -> None:
                         target.write_bytes(z.read(name))
         missing = [n for n in RUNTIME_LIBRARIES if not (unpacked / "lib" / n).exists()]
         if missing:
-            raise ToolchainError(f"the {machine} TVM wheels lack {', '.join(missing)}; delete {folder.parent} and retry.")
+            raise ToolchainError(f"the {machine} TVM wheels lack {', '.join(missing)}; delete {folder.parent} "
+                                 "and retry.")
         _replace(unpacked, folder)
 
 
@@ -174,7 +175,8 @@ def _download(requirements: list[str], machine: str, platform_tag: str, python: 
         why = (result.stderr.strip().splitlines() or ["no output"])[-1]
         shown = shlex.join(["pip", "download", *options, "-d", str(seed), *requirements])
         raise ToolchainError(f"downloading {', '.join(requirements)} for {platform_tag} failed ({why}); pbs2pc needs "
-                             f"them once: check the network, or run where there is one and copy the folder: {shown}")
+                             "them once: check the network, or run this where there is one and copy the wheels to "
+                             f"this machine: {shown}")
     return wheels
 
 
