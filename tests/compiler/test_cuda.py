@@ -149,3 +149,35 @@ def test_compiled_logits_match_onnxruntime_on_the_gpu(cuda_library, tiny_onnx):
     for batch, seq in ((1, 1), (1, 17), (2, 5)):
         ids = make_ids(batch, seq, seed=seq)
         assert rel_err(model.logits(ids), ort_logits(tiny_onnx, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("groups, salient", [(True, 4), (False, 4)])
+def test_v2_one_token_layers_run_the_gpu_gemv(groups, salient, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.models.format import ARRAY_FIELDS
+    from testutil import v2_layer
+
+    layer = v2_layer(48, 192, 64, groups=groups, salient=salient, has_bias=False)
+    names = [f"w.{r}" if getattr(layer, r) is not None else "" for r in ARRAY_FIELDS]
+    while not names[-1]:
+        names.pop()
+    inits = [numpy_helper.from_array(getattr(layer, r), f"w.{r}") for r in ARRAY_FIELDS if getattr(layer, r) is not None]
+    node = helper.make_node("SparseBinaryLinear", ["x", *names], ["y"], domain="pbs2p", name="layer",
+                            n=6, m=8, group_size=64)
+    graph = helper.make_graph([node], "v2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 192])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])], inits)
+    path = tmp_path / "layer.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid("pbs2p", layer.version)]), str(path))
+    manifest = compile_model(path, tmp_path / "layer.so", "cuda")
+    assert manifest["kernels"] == ["cuda.gemv_fp32"]
+    assert all(fmt == "fatbin" for fmt, _ in cuda_export.device_modules(tmp_path / "layer.so"))
+    if not _gpu_reason():
+        from pbs2pc.runtime import load
+
+        x = np.random.default_rng(0).standard_normal((1, 192)).astype(np.float32)
+        got = load(tmp_path / "layer.so").run({"x": x})["y"]
+        assert np.abs(got - layer.matmul(x)).max() < 1e-4 * np.abs(layer.matmul(x)).max()

@@ -3,8 +3,8 @@
 They read one layout (:data:`LAYOUT`): sign and mask planes as 32-bit words, 4-row interleaved, so a lane's
 word of a tile's four rows is one 128-bit load and a warp's loads are contiguous. ``KERNELS`` is this
 folder's part of the kernel registry (:mod:`pbs2pc.passes.kernels.registry`): the one-token GEMV
-(:mod:`.sparse_binary_gemv`) for v1 layers and v2 layers with magnitude groups; layers with a salient
-residual, and the prompt's calls, run the TE kernel under dlight's GPU rules
+(:mod:`.sparse_binary_gemv`) for v1 and v2 layers (magnitude groups, salient residual); the prompt's
+calls run the TE kernel under dlight's GPU rules
 (:func:`pbs2pc.passes.schedules.gpu_rules`). The KV-cache attention kernel (:mod:`.attention`) is chosen by
 :func:`pbs2pc.passes.kernels.attention.builder`.
 """
@@ -26,6 +26,7 @@ def _shape(call: Call) -> tuple:
 KERNELS = [
     KernelEntry("cuda.gemv_fp32", "sparse_binary_gemv_cuda", "cuda", ISA, (), LAYOUT,
                 activations="fp32", rows="one", covers=lambda c: gemv.supported(*_shape(c)),
-                build=lambda c, **k: gemv.gemv(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups, **k),
-                structure=("groups",)),
+                build=lambda c, **k: gemv.gemv(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups,
+                                               c.has_residual, max(c.residual_bytes, 1), **k),
+                structure=("groups", "residual")),
 ]

@@ -2,7 +2,8 @@
 
 Layout (:data:`LAYOUT`): sign and mask planes as uint32 words, 4-row interleaved (``[N/4, K/32, 4]``), so
 word ``c`` of a tile's four rows is one 16-byte vector; scales ``[N/4, K/G, 4]`` (four halves, 8 bytes);
-the v2 group plane stays bytes (``[N/4, K/8, 4]``: a word's 32 columns are 16 contiguous bytes).
+the v2 group plane stays bytes (``[N/4, K/8, 4]``: a word's 32 columns are 16 contiguous bytes), and so
+does the residual plane (``[N/4, ceil(S/8), 4]``); the salient plane is ``[1, K/8]``.
 
 Per block: :data:`WARPS` warps, one tile of 4 rows each, over one K split of ``CS`` words:
 
@@ -13,6 +14,9 @@ Per block: :data:`WARPS` warps, one tile of 4 rows each, over one K split of ``C
    weights for v2), so a weight costs a shift, an ``and`` and a predicated add (nvcc fuses the bit tests
    into ``lop3``); the word's scales then give ``alpha (2P - Q) + mu Q`` per row, in fp32. The lane reads
    column ``(i + l) mod 32`` at step ``i``, so the 32 lanes' shared-memory reads of ``x`` hit 32 banks;
+   With a salient residual, a block first counts the salient columns before every word (a prefix count of
+   the salient plane in shared memory); a word's salient columns then add ``ra (2 r - 1) + rm`` for kept
+   weights, ``r`` the row's residual bit at the column's rank (about 11 % of the columns in PBS2P models);
 3. the 32 lanes' row sums are added through shared memory; with several K splits (tall K, or too few
    row tiles to fill the GPU) each split writes a partial row and a second launch adds them and the bias.
 
@@ -55,11 +59,15 @@ def without_absent(kernel, present: list[bool]):
 
 
 def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
-         has_groups: bool = False, splits: int | None = None):
+         has_groups: bool = False, has_residual: bool = False, residual_bytes: int = 1, splits: int | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu],
-    y [1, N] f32)`` for one layer shape (layout: the module docstring); ``splits``: K splits (default
+    [salient, residual, residual_alpha, residual_mu], y [1, N] f32)`` for one layer shape (layout: the
+    module docstring; ``residual_bytes``: the residual plane's bytes per row); ``splits``: K splits (default
     :func:`splits_for`)."""
     N, K, G = out_features, in_features, group_size
+    RB = residual_bytes
+    THREADS = WARPS * 32
+    RCHUNK = (K // 32 + THREADS - 1) // THREADS  # salient words per thread in the rank prologue
     NT, C, GB, C8 = N // ROWS, K // 32, K // G, K // 8
     S = splits or splits_for(N, K)
     CS = C // S  # words per split
@@ -91,6 +99,15 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
     def pick_kept(xs, it, lane, i, mw, r):
         return pick(xs, it, lane, i, bit(mw[r], i + lane)) if has_mask else x_at(xs, it, lane, i)
 
+    def salient_word(salient, w):
+        return (T.Cast("uint32", salient[0, w * 4]) | T.shift_left(T.Cast("uint32", salient[0, w * 4 + 1]), T.uint32(8))
+                | T.shift_left(T.Cast("uint32", salient[0, w * 4 + 2]), T.uint32(16))
+                | T.shift_left(T.Cast("uint32", salient[0, w * 4 + 3]), T.uint32(24)))
+
+    def below(word, j):
+        # the bits of word below bit j (j in 0..31)
+        return T.bitwise_and(word, T.shift_left(T.uint32(1), T.Cast("uint32", j)) - T.uint32(1))
+
     def plus_bias(value, bias, index):
         return value + bias[index] if has_bias else value
 
@@ -99,7 +116,9 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                mask: T.Buffer((NT, C, ROWS), "uint32"), alpha: T.Buffer((NT, GB, ROWS), "float16"),
                mu: T.Buffer((NT, GB, ROWS), "float16"), bias: T.Buffer((N,), "float32"),
                group: T.Buffer((NT, C8, ROWS), "uint8"), group_alpha: T.Buffer((NT, GB, ROWS), "float16"),
-               group_mu: T.Buffer((NT, GB, ROWS), "float16"), y: T.Buffer((1, N), "float32")):
+               group_mu: T.Buffer((NT, GB, ROWS), "float16"), salient: T.Buffer((1, C8), "uint8"),
+               residual: T.Buffer((NT, RB, ROWS), "uint8"), residual_alpha: T.Buffer((NT, GB, ROWS), "float16"),
+               residual_mu: T.Buffer((NT, GB, ROWS), "float16"), y: T.Buffer((1, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         part = T.alloc_buffer((S, N), "float32")
         for bx in T.thread_binding(NT // WARPS, thread="blockIdx.x"):
@@ -109,7 +128,14 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                         xs = T.alloc_buffer((XS,), "float32", scope="shared")
                         red = T.alloc_buffer((WARPS, ROWS, 32), "float32", scope="shared")
                         acc = T.alloc_buffer((ROWS,), "float32", scope="local")
-                        sums = T.alloc_buffer((4, ROWS), "float32", scope="local")  # P, Q, P1, Q1
+                        sums = T.alloc_buffer((6, ROWS), "float32", scope="local")  # P, Q, P1, Q1, PR, QR
+                        cnt = T.alloc_buffer((THREADS,), "int32", scope="shared")
+                        start = T.alloc_buffer((THREADS,), "int32", scope="shared")
+                        srank = T.alloc_buffer((C,), "int32", scope="shared")  # salient columns before word w
+                        run = T.alloc_buffer((1,), "int32", scope="local")
+                        sal = T.alloc_buffer((1,), "uint32", scope="local")
+                        ra = T.alloc_buffer((ROWS,), "float16", scope="local")
+                        rm = T.alloc_buffer((ROWS,), "float16", scope="local")
                         sw = T.alloc_buffer((ROWS,), "uint32", scope="local")
                         mw = T.alloc_buffer((ROWS,), "uint32", scope="local")
                         gw = T.alloc_buffer((4, ROWS), "uint8", scope="local")
@@ -124,6 +150,29 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                                 for v in T.vectorized(4):
                                     xs[((i * WARPS + ty) * 32 + lane) * 4 + v] = x[
                                         0, sp * XS + ((i * WARPS + ty) * 32 + lane) * 4 + v]
+                        if has_residual:
+                            # The rank of every word's first column among the salient ones (a block-wide
+                            # exclusive prefix count of the salient plane): the residual bit of salient
+                            # column j is bit rank(j) of the row's residual bits.
+                            run[0] = 0
+                            for q in range(RCHUNK):
+                                if (ty * 32 + lane) * RCHUNK + q < C:
+                                    run[0] = run[0] + T.Cast("int32", T.popcount(
+                                        salient_word(salient, (ty * 32 + lane) * RCHUNK + q)))
+                            cnt[ty * 32 + lane] = run[0]
+                            T.tvm_storage_sync("shared")
+                            if ty * 32 + lane == 0:
+                                run[0] = 0
+                                for q in range(THREADS):
+                                    start[q] = run[0]
+                                    run[0] = run[0] + cnt[q]
+                            T.tvm_storage_sync("shared")
+                            run[0] = start[ty * 32 + lane]
+                            for q in range(RCHUNK):
+                                if (ty * 32 + lane) * RCHUNK + q < C:
+                                    srank[(ty * 32 + lane) * RCHUNK + q] = run[0]
+                                    run[0] = run[0] + T.Cast("int32", T.popcount(
+                                        salient_word(salient, (ty * 32 + lane) * RCHUNK + q)))
                         T.tvm_storage_sync("shared")
                         # 2. Lane-strided words: 128-bit loads, decode in registers.
                         for r in range(ROWS):
@@ -139,7 +188,7 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                                     for q in range(4):
                                         for v in T.vectorized(ROWS):
                                             gw[q, v] = group[tile, (sp * CS + it * 32 + lane) * 4 + q, v]
-                                for p in range(4):
+                                for p in range(6):
                                     for r in range(ROWS):
                                         sums[p, r] = T.float32(0)
                                 for i in T.unroll(32):
@@ -152,6 +201,27 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                                                 T.bitwise_and(kept(sw, mw, r), group_word(gw, i + lane, r)), i + lane))
                                             sums[3, r] = sums[3, r] + pick(xs, it, lane, i, bit(
                                                 T.bitwise_and(mask_word(mw, r), group_word(gw, i + lane, r)), i + lane))
+                                if has_residual:
+                                    # The word's salient columns: kept ones add ra (2 r - 1) + rm.
+                                    sal[0] = salient_word(salient, sp * CS + it * 32 + lane)
+                                    for i in T.unroll(32):
+                                        if bit(sal[0], i + lane):
+                                            run[0] = srank[sp * CS + it * 32 + lane] + T.Cast(
+                                                "int32", T.popcount(below(sal[0], T.bitwise_and(i + lane, 31))))
+                                            for r in T.unroll(ROWS):
+                                                sums[5, r] = sums[5, r] + pick_kept(xs, it, lane, i, mw, r)
+                                                sums[4, r] = sums[4, r] + pick(xs, it, lane, i, T.bitwise_and(
+                                                    T.shift_right(T.Cast("uint32", residual[tile, T.shift_right(run[0], 3), r]),
+                                                                  T.Cast("uint32", T.bitwise_and(run[0], 7))),
+                                                    mask_word(mw, r) >> T.Cast("uint32", T.bitwise_and(i + lane, 31)))
+                                                    & T.uint32(1) != T.uint32(0))
+                                    for v in T.vectorized(ROWS):
+                                        ra[v] = residual_alpha[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                    for v in T.vectorized(ROWS):
+                                        rm[v] = residual_mu[tile, (sp * CS + it * 32 + lane) // WPG, v]
+                                    for r in range(ROWS):
+                                        acc[r] = acc[r] + T.Cast("float32", ra[r]) * (T.float32(2) * sums[4, r] - sums[5, r]) \
+                                            + T.Cast("float32", rm[r]) * sums[5, r]
                                 # The word's scale group: alpha (2P - Q) + mu Q per row, group 1 apart.
                                 for v in T.vectorized(ROWS):
                                     sa[v] = alpha[tile, (sp * CS + it * 32 + lane) // WPG, v]
@@ -194,5 +264,5 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                         if has_bias:
                             y[0, bx * 128 + tx] = y[0, bx * 128 + tx] + bias[bx * 128 + tx]
 
-    present = [True, True, has_mask, True, has_mu, has_bias, has_groups, has_groups, has_groups, True]
+    present = [True, True, has_mask, True, has_mu, has_bias, *[has_groups] * 3, *[has_residual] * 4, True]
     return without_absent(kernel, present)
