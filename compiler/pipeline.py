@@ -42,9 +42,10 @@ def _dead_code(entries: list[str]) -> "tvm.transform.Pass":
 
 
 def phases(preset: TargetPreset, options: CompileOptions | None = None,
-           used_kernels: set | None = None) -> list[tuple[str, "tvm.transform.Pass"]]:
+           used_kernels: set | None = None, knobs=None) -> list[tuple[str, "tvm.transform.Pass"]]:
     """The ordered phases for ``preset`` with ``options`` (default options when None); ``used_kernels``, a
-    set, receives the names of the kernel registry entries the lowering chose."""
+    set, receives the names of the kernel registry entries the lowering chose; ``knobs``: the registry
+    kernels' tuned settings (see :class:`~pbs2pc.passes.LowerSparseBinaryLinear`)."""
     options = options or CompileOptions()
     kernels = registry.for_target(preset, options)
     rt = relax.transform
@@ -53,7 +54,7 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
         ("use_kv_cache", UseKVCache()),
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels: the first kernel
         # registry entry for the target that covers the call (hand-written GEMVs and GEMMs), else the TE kernel.
-        ("lower_pbs2p", LowerSparseBinaryLinear(kernels, used_kernels)),
+        ("lower_pbs2p", LowerSparseBinaryLinear(kernels, used_kernels, knobs)),
         # With --lm-head fp16 / int8: the token lookup reads the fp16 / int8 table's rows, the one-token
         # entries' head the fp16 / int8 GEMV; neither converts the whole table per call.
         ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32")),
@@ -88,14 +89,14 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
 
 def make_pipeline(preset: TargetPreset, options: CompileOptions | None = None, dump_ir: str | Path | None = None,
                   on_phase: Callable[[str], None] | None = None,
-                  used_kernels: set | None = None) -> "tvm.transform.Pass":
+                  used_kernels: set | None = None, knobs=None) -> "tvm.transform.Pass":
     """A module pass running :func:`phases` under the preset's target, optionally dumping IR.
 
-    ``on_phase`` is called with each phase's name before it runs, then with ``"codegen"``; ``used_kernels``:
-    see :func:`phases`.
+    ``on_phase`` is called with each phase's name before it runs, then with ``"codegen"``; ``used_kernels``
+    and ``knobs``: see :func:`phases`.
     """
     target = preset.tvm_target()
-    steps = phases(preset, options, used_kernels)
+    steps = phases(preset, options, used_kernels, knobs)
     dump = Path(dump_ir) if dump_ir else None
 
     @tvm.transform.module_pass(opt_level=0, name="Pbs2pcPipeline")

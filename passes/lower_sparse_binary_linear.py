@@ -62,11 +62,13 @@ def _kernel(x, sign, mask, alpha, mu, bias, group, group_alpha, group_mu, salien
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, kernels: list, used: set | None):
+    def __init__(self, mod, kernels: list, used: set | None, knobs=None):
         super().__init__(mod)
         self.mod = mod
         self.kernels = kernels
         self.used = used
+        self.knobs = knobs
+        self.function = ""  # the name of the Relax function being lowered (for ``knobs``)
         self._kernels = {}  # (registry entry, call) -> GlobalVar of its PrimFunc
 
     def visit_call_(self, call):
@@ -153,9 +155,10 @@ class _Lowerer(relax.PyExprMutator):
         entry, call = chosen
         if self.used is not None:
             self.used.add(entry.name)
+        knobs = self.knobs(self.function, entry, call) if self.knobs else None  # tuned settings, or defaults
         key = (entry.name, call)
         if key not in self._kernels:  # parsing a TVMScript kernel takes ~40 ms: once per shape, not per call
-            self._kernels[key] = self.builder_.add_func(entry.build(call), f"{entry.symbol}_g{g}_")
+            self._kernels[key] = self.builder_.add_func(entry.build(call, **(knobs or {})), f"{entry.symbol}_g{g}_")
         gv = self._kernels[key]
         mask = codes if call.coded else planes[1]  # a one-row GEMV reads the codes, not their expansion
         args = [x2] + [a for a in (planes[0], mask, scales[0], scales[1], bias, *(v2[r] for r in ARRAY_FIELDS[5:]))
@@ -252,17 +255,22 @@ class LowerSparseBinaryLinear:
     on x86-avx512 the lookup-table GEMV for one-row calls, the GEMM for the prompt's; with
     ``--activations int8`` the int8 ones first, the fp32 ones for calls they do not cover), and the TE
     kernel (fp32) runs every call no entry covers. No entries: the TE kernel everywhere. ``used``, a set,
-    receives the names of the entries that ran a call (the manifest lists them).
+    receives the names of the entries that ran a call (the manifest lists them). ``knobs``, if given, is
+    called as ``knobs(function name, entry, call)`` for every call an entry runs and returns the knob
+    setting to build that entry's kernel with (None or ``{}``: the defaults); the tuner
+    (:mod:`pbs2pc.compiler.tune`) uses it to list a model's kernels and to apply a tuning database.
     """
 
-    def __init__(self, kernels: list | None = None, used: set | None = None):
+    def __init__(self, kernels: list | None = None, used: set | None = None, knobs=None):
         self.kernels = list(kernels or [])
         self.used = used
+        self.knobs = knobs
 
     def transform_module(self, mod, _ctx):
-        lowerer = _Lowerer(mod, self.kernels, self.used)
+        lowerer = _Lowerer(mod, self.kernels, self.used, self.knobs)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and not _is_linear(func):
+                lowerer.function = gv.name_hint
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
         out = lowerer.builder_.get()
         for gv, func in out.functions_items():

@@ -97,7 +97,7 @@ class KernelEntry:
     activations: str  # "fp32" or "int8"
     rows: str  # "one": one-token calls only; "any": any number of rows
     covers: Callable[[Call], bool]
-    #: ``build(call) -> PrimFunc`` with parameters ``x, sign, [mask], alpha, [mu], [bias], y``, and for an
+    #: ``build(call, **knobs) -> PrimFunc`` (no knobs: the hand-picked defaults) with parameters ``x, sign, [mask], alpha, [mu], [bias], y``, and for an
     #: entry that reads v2, the call's v2 inputs before ``y`` (``[group, group_alpha, group_mu]``,
     #: ``[salient, residual, residual_alpha, residual_mu]``).
     build: Callable[[Call], object]
@@ -106,6 +106,10 @@ class KernelEntry:
     #: the op contract v2 sets it implements (``"groups"``, ``"residual"``): it is never given a call with
     #: another (a v1 kernel, ``()``, only v1 calls), whatever its ``covers`` says.
     structure: tuple[str, ...] = ()
+    #: The tuner's search space for a call: ``knobs(call) -> {knob: candidate values}``, the first value of
+    #: each knob the hand-picked default (what ``build(call)`` builds); None: nothing to tune
+    #: (:mod:`pbs2pc.compiler.tune`).
+    knobs: Callable[[Call], dict] | None = dataclasses.field(default=None, compare=False)
 
     def serves(self, preset, options) -> bool:
         """Whether the entry runs on ``preset`` and computes what ``options`` ask for (fp32 kernels serve
@@ -116,6 +120,31 @@ class KernelEntry:
 
     def accepts(self, call: Call) -> bool:
         return (call.one_row or self.rows == "any") and call.structure <= set(self.structure) and self.covers(call)
+
+
+#: A ``parallel_min`` (parallel threshold in weights) no layer reaches: the tasks run serially.
+SERIAL = 1 << 62
+
+
+def tile_knob(tiles: int, default: int, choices=(1, 2, 4, 8)) -> tuple:
+    """Candidate tiles per task for a layer of ``tiles`` row tiles: ``default`` (as the builder resolves it:
+    the largest of it, 2, 1 that divides), then the other ``choices`` that divide ``tiles``."""
+    first = next(r for r in (default, 2, 1) if tiles % r == 0)
+    return (first, *(r for r in choices if r != first and tiles % r == 0))
+
+
+def parallel_knob(weights: int, threshold: int) -> tuple:
+    """Whether the tasks run in parallel: the default (``weights >= threshold``) first, then the other."""
+    default = weights >= threshold
+    return (default, not default)
+
+
+def builder_kwargs(knobs: dict) -> dict:
+    """A knob setting as builder keyword arguments: ``parallel`` (a bool) becomes ``parallel_min``."""
+    out = dict(knobs)
+    if "parallel" in out:
+        out["parallel_min"] = 1 if out.pop("parallel") else SERIAL
+    return out
 
 
 #: Folders of hand-written kernels, each a module with a ``KERNELS`` list, in priority order.

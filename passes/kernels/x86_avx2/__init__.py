@@ -14,7 +14,8 @@ prompt calls run the TE kernel. Measurements: docs/avx2_gemv.md.
 
 from __future__ import annotations
 
-from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
+from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout, builder_kwargs, parallel_knob, tile_knob
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import PARALLEL_MIN_WEIGHTS
 
 from . import sparse_binary_gemm as gemm_fp32
 from . import sparse_binary_gemv as gemv_fp32
@@ -33,23 +34,39 @@ def _shape(call: Call) -> tuple:
     return call.out_features, call.in_features, call.group_size, call.interleave, call.plane_dtype
 
 
+def _tiles(call: Call, default: int) -> tuple:
+    return tile_knob(call.out_features // INTERLEAVE, default)
+
+
+def _parallel(call: Call, threshold: int = PARALLEL_MIN_WEIGHTS) -> tuple:
+    return parallel_knob(call.out_features * call.in_features, threshold)
+
+
+INTERLEAVE = gemv_fp32.INTERLEAVE
+
 KERNELS = [
     KernelEntry("x86_avx2.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, FEATURES, LAYOUT,
                 activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
-                build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+                build=lambda c, **k: gemv_int8.gemv_int8(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias,
+                                                         **builder_kwargs(k)),
+                knobs=lambda c: {"tiles": _tiles(c, gemv_int8.TILES_PER_TASK),
+                                 "widen": (gemv_int8.WIDEN, *({"unpack", "madd"} - {gemv_int8.WIDEN})),
+                                 "parallel": _parallel(c, gemv_int8.PARALLEL_MIN_WEIGHTS)}),
     # op contract v2 layers (groups, residual or both), one-token calls; v1 calls never reach it (covers)
     KernelEntry("x86_avx2.gemv_v2_fp32", "sparse_binary_gemv_v2", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="one",
                 covers=lambda c: gemv_v2.supported(*_shape(c), c.has_groups, c.has_residual),
-                build=lambda c: gemv_v2.gemv_v2(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups,
-                                                c.has_residual, c.residual_bytes),
-                structure=("groups", "residual")),
+                build=lambda c, **k: gemv_v2.gemv_v2(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups,
+                                                     c.has_residual, c.residual_bytes, **builder_kwargs(k)),
+                structure=("groups", "residual"), knobs=lambda c: {"parallel": _parallel(c)}),
     KernelEntry("x86_avx2.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="one", covers=lambda c: gemv_fp32.supported(*_shape(c)),
-                build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+                build=lambda c, **k: gemv_fp32.gemv_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias,
+                                                         **builder_kwargs(k)),
+                knobs=lambda c: {"tiles": _tiles(c, gemv_fp32.TILES_PER_TASK), "parallel": _parallel(c)}),
     KernelEntry("x86_avx2.gemm_fp32", "sparse_binary_gemm", "cpu", ISA, FEATURES, LAYOUT,
                 activations="fp32", rows="any", covers=lambda c: gemm_fp32.supported(*_shape(c)),
-                build=lambda c: gemm_fp32.gemm_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
+                build=lambda c, **_: gemm_fp32.gemm_fp32(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias)),
 ]
 
 __all__ = ["ISA", "KERNELS", "LAYOUT"]

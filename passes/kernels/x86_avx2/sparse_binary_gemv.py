@@ -122,13 +122,13 @@ def byte_sum(tab, col, idx):
 
 
 def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
-              has_bias: bool, tiles: int | None = None):
+              has_bias: bool, tiles: int | None = None, parallel_min: int | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
 
     Planes ``[N/T, K/8, T]`` uint8 and scales ``[N/T, K/G, T]`` float16 with ``T = INTERLEAVE``; ``tiles``:
     ``T``-row tiles per task (default ``TILES_PER_TASK``; the largest of it, 2, 1 that divides ``N / T``).
     Layers of at least ``PARALLEL_MIN_WEIGHTS`` weights (the AVX-512 module's threshold) run their tasks in
-    parallel, smaller ones serially.
+    parallel, smaller ones serially (``parallel_min`` overrides the threshold: the tuner's knob).
     """
     T_ = INTERLEAVE
     assert T_ in (8, 16), T_
@@ -143,7 +143,7 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     H = len(CHUNKS)
     # column bytes per step: with T = 8 one 16-byte AND covers two column bytes of a tile
     STEP = 2 if HALVES == 1 and has_mask and CG % 2 == 0 else 1
-    tasks = task_loop(N, K)
+    tasks = task_loop(N, K, parallel_min)
     f32x8 = "float32x8"
 
     def rows(task, u):

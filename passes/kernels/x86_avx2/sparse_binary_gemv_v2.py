@@ -48,10 +48,10 @@ def supported(out_features: int, in_features: int, group_size: int, interleave: 
 
 
 def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
-            has_groups: bool, has_residual: bool, residual_bytes: int = 1):
+            has_groups: bool, has_residual: bool, residual_bytes: int = 1, parallel_min: int | None = None):
     """The PrimFunc ``(x, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu], [salient,
     residual, residual_alpha, residual_mu], y)`` for one layer shape (``residual_bytes``: the residual
-    plane's bytes per row, ``ceil(S / 8)``); planes and scales 16-row interleaved, ``salient`` ``[1, K/8]``."""
+    plane's bytes per row, ``ceil(S / 8)``; ``parallel_min``: the parallel threshold, the tuner's knob); planes and scales 16-row interleaved, ``salient`` ``[1, K/8]``."""
     T_ = INTERLEAVE
     if not supported(out_features, in_features, group_size, T_, "uint8", has_groups, has_residual):
         raise ValueError(f"the AVX2 v2 GEMV does not cover N={out_features}, K={in_features}, G={group_size} "
@@ -61,7 +61,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
     NT, C, GB, CG, RB = N // T_, K // 8, K // G, G // 8, max(1, residual_bytes)
     H = len(CHUNKS)
     NP = 4 if has_groups else 2  # partial sums per 8 rows: XP0, XM0 (, XP1, XM1)
-    tasks = task_loop(N, K)
+    tasks = task_loop(N, K, parallel_min)
     f32x8, zeros = "float32x8", T.broadcast(T.float32(0), LANES)
 
     def half(bytes16, u):

@@ -11,7 +11,7 @@ columns walked per tile), with ``--activations int8`` too; their prompt calls ru
 
 from __future__ import annotations
 
-from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout
+from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout, builder_kwargs, parallel_knob, tile_knob
 
 from . import mask_codes
 from . import sparse_binary_gemm as gemm_fp32
@@ -41,27 +41,38 @@ def _codes(call: Call) -> dict:
     return {"codes": call.coded} if call.coded else {}
 
 
+def _gemv_knobs(default_tiles: int):
+    """The one-row GEMVs' search space: 16-row tiles per parallel task, and whether the tasks run in
+    parallel (the hand-picked threshold: :data:`gemv_fp32.PARALLEL_MIN_WEIGHTS`)."""
+    def knobs(call: Call) -> dict:
+        return {"tiles": tile_knob(call.out_features // gemv_fp32.LANES, default_tiles),
+                "parallel": parallel_knob(call.out_features * call.in_features, gemv_fp32.PARALLEL_MIN_WEIGHTS)}
+    return knobs
+
+
 KERNELS = [
     KernelEntry("x86_avx512.gemv_int8", "sparse_binary_gemv_int8", "cpu", ISA, INT8_FEATURES, LAYOUT,
                 activations="int8", rows="one", covers=lambda c: gemv_int8.supported(*_shape(c)),
-                build=lambda c: gemv_int8.gemv_int8(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
+                build=lambda c, **k: gemv_int8.gemv_int8(*_shape(c)[:3], *_has(c), **_codes(c), **builder_kwargs(k)),
+                reads_codes=True, knobs=_gemv_knobs(gemv_int8.TILES_PER_TASK)),
     KernelEntry("x86_avx512.gemm_int8", "sparse_binary_gemm_int8", "cpu", ISA, INT8_FEATURES, LAYOUT,
                 activations="int8", rows="any", covers=lambda c: gemm_int8.supported(*_shape(c)),
-                build=lambda c: gemm_int8.gemm_int8(*_shape(c)[:3], *_has(c))),
+                build=lambda c, **_: gemm_int8.gemm_int8(*_shape(c)[:3], *_has(c))),
     # op contract v2 layers (groups, residual or both), one-token calls, masks as codes or planes
     KernelEntry("x86_avx512.gemv_v2_fp32", "sparse_binary_gemv_v2", "cpu", ISA, FP32_FEATURES, LAYOUT,
                 activations="fp32", rows="one",
                 covers=lambda c: gemv_v2.supported(*_shape(c), c.has_groups, c.has_residual, coded=c.coded is not None),
-                build=lambda c: gemv_v2.gemv_v2(*_shape(c)[:3], *_has(c), c.has_groups, c.has_residual,
-                                                c.residual_bytes, **_codes(c)),
-                reads_codes=True, structure=("groups", "residual")),
+                build=lambda c, **k: gemv_v2.gemv_v2(*_shape(c)[:3], *_has(c), c.has_groups, c.has_residual,
+                                                     c.residual_bytes, **_codes(c), **builder_kwargs(k)),
+                reads_codes=True, structure=("groups", "residual"), knobs=_gemv_knobs(gemv_v2.TILES_PER_TASK)),
     KernelEntry("x86_avx512.gemv_fp32", "sparse_binary_gemv", "cpu", ISA, FP32_FEATURES, LAYOUT,
                 activations="fp32", rows="one",
                 covers=lambda c: gemv_fp32.supported(*_shape(c), coded=c.coded is not None),
-                build=lambda c: gemv_fp32.gemv_fp32(*_shape(c)[:3], *_has(c), **_codes(c)), reads_codes=True),
+                build=lambda c, **k: gemv_fp32.gemv_fp32(*_shape(c)[:3], *_has(c), **_codes(c), **builder_kwargs(k)),
+                reads_codes=True, knobs=_gemv_knobs(gemv_fp32.TILES_PER_TASK)),
     KernelEntry("x86_avx512.gemm_fp32", "sparse_binary_gemm", "cpu", ISA, FP32_FEATURES, LAYOUT,
                 activations="fp32", rows="any", covers=lambda c: gemm_fp32.supported(*_shape(c)),
-                build=lambda c: gemm_fp32.gemm_fp32(*_shape(c)[:3], *_has(c))),
+                build=lambda c, **_: gemm_fp32.gemm_fp32(*_shape(c)[:3], *_has(c))),
 ]
 
 __all__ = ["ISA", "KERNELS", "LAYOUT", "mask_codes"]

@@ -37,9 +37,11 @@ TILES_PER_TASK = 4
 PARALLEL_MIN_WEIGHTS = 1 << 18
 
 
-def task_loop(out_features: int, in_features: int):
-    """``T.parallel``, or ``T.serial`` for a layer too small to be worth a parallel launch."""
-    return T.parallel if out_features * in_features >= PARALLEL_MIN_WEIGHTS else T.serial
+def task_loop(out_features: int, in_features: int, parallel_min: int | None = None):
+    """``T.parallel``, or ``T.serial`` for a layer of fewer than ``parallel_min`` weights (default
+    :data:`PARALLEL_MIN_WEIGHTS`): too small to be worth a parallel launch."""
+    threshold = PARALLEL_MIN_WEIGHTS if parallel_min is None else parallel_min
+    return T.parallel if out_features * in_features >= threshold else T.serial
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str,
@@ -108,8 +110,12 @@ def without_absent(kernel, has_mask: bool, has_mu: bool, has_bias: bool):
 
 
 def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
-              has_bias: bool, codes: tuple[int, int] | None = None):
+              has_bias: bool, codes: tuple[int, int] | None = None, tiles: int | None = None,
+              parallel_min: int | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
+
+    ``tiles``: 16-row tiles per task (default :data:`TILES_PER_TASK`; see :func:`tiles_per_task`);
+    ``parallel_min``: see :func:`task_loop` (the tuner's knobs).
 
     ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.x86_avx512.mask_codes`) and the
     sign plane as ``P = sign & mask``; ``XM`` is then one ``vpermi2ps`` per 16 rows and column byte, from a
@@ -119,10 +125,10 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
     from pbs2pc.passes.kernels.x86_avx512 import mask_codes
 
     N, K, G = out_features, in_features, group_size
-    R = tiles_per_task(N, TILES_PER_TASK)
+    R = tiles_per_task(N, tiles or TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
-    tasks = task_loop(N, K)
+    tasks = task_loop(N, K, parallel_min)
     coded = codes is not None  # a Python bool: TVMScript conditions must be one
     NC = mask_codes.MAX_PATTERNS
     mask_shape = (NT, mask_codes.code_width(K)) if coded else (NT, C, LANES)

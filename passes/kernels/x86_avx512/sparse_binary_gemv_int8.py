@@ -101,8 +101,12 @@ def _vpdpbusd(acc, unsigned, signed):
 
 
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
-              has_bias: bool, codes: tuple[int, int] | None = None):
+              has_bias: bool, codes: tuple[int, int] | None = None, tiles: int | None = None,
+              parallel_min: int | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
+
+    ``tiles``: 16-row tiles per task (default :data:`TILES_PER_TASK`); ``parallel_min``: see
+    :func:`~pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv.task_loop` (the tuner's knobs).
 
     ``codes=(n, m)``: the mask arrives as pattern codes (:mod:`pbs2pc.passes.kernels.x86_avx512.mask_codes`, ``[N/16,
     W]``) and the sign plane as ``P = sign & mask``; ``IM`` is then looked up per code: a 32-entry table per
@@ -110,7 +114,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     result byte, and the same ``vpdpbusd`` sums.
     """
     N, K, G = out_features, in_features, group_size
-    R = tiles_per_task(N, TILES_PER_TASK)
+    R = tiles_per_task(N, tiles or TILES_PER_TASK)
     NT, C, GB = N // LANES, K // 8, K // G
     CG = G // 8  # plane bytes per row per group
     CB = CG // 4  # 64-byte (4 column bytes x 16 rows) loads per group
@@ -120,7 +124,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     NC = mask_codes.MAX_PATTERNS
 
     quantise = quantiser(K, G, group_sums=not has_mask)
-    tasks = task_loop(N, K)
+    tasks = task_loop(N, K, parallel_min)
     ones_signed, ones_unsigned = T.broadcast(T.int8(1), 64), T.broadcast(T.uint8(1), 64)
     # the table offset of each byte's column in the row-major load: 16 x (byte index mod 4)
     column_offset = T.Cast("uint8x64", T.shift_left(T.bitwise_and(T.ramp(0, 1, 64), 3), 4))

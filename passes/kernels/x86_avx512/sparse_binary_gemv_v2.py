@@ -74,10 +74,11 @@ def transposed(buf, tile, col, cw: int):
 
 def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
             has_groups: bool, has_residual: bool, residual_bytes: int = 1, codes: tuple[int, int] | None = None,
-            tiles: int = TILES_PER_TASK):
+            tiles: int = TILES_PER_TASK, parallel_min: int | None = None):
     """The PrimFunc ``(x, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu], [salient,
     residual, residual_alpha, residual_mu], y)`` for one layer shape; ``codes=(n, m)``: the mask as pattern
-    codes ``[N/16, W]`` and the sign plane as ``sign & mask``; ``residual_bytes``: ``ceil(S / 8)``."""
+    codes ``[N/16, W]`` and the sign plane as ``sign & mask``; ``residual_bytes``: ``ceil(S / 8)``; ``tiles``: 16-row tiles per task, ``parallel_min``: see
+    :func:`~.sparse_binary_gemv.task_loop` (the tuner's knobs)."""
     coded = codes is not None
     if not supported(out_features, in_features, group_size, LANES, "uint8", has_groups, has_residual, coded):
         raise ValueError(f"the AVX-512 v2 GEMV does not cover N={out_features}, K={in_features}, G={group_size} "
@@ -87,7 +88,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
     CW = chunk_bytes(G)
     CPG = CG // CW  # chunks per scale group
     R = tiles_per_task(N, tiles)
-    tasks = task_loop(N, K)
+    tasks = task_loop(N, K, parallel_min)
     plane_mask = has_mask and not coded
     NC = mask_codes.MAX_PATTERNS
     mask_shape = (NT, mask_codes.code_width(K)) if coded else (NT, C, LANES)
