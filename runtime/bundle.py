@@ -155,6 +155,10 @@ def runner_spec(manifest: dict) -> str:
 
 
 def _check_language_model(manifest: dict, lib: Path) -> None:
+    kind = manifest.get("target_dict", {}).get("kind", "llvm")
+    if kind != "llvm":
+        raise Pbs2pcError(f"{lib.name} was compiled for {manifest.get('target')} ({kind}); a bundle runs CPU targets "
+                          "(arm, rpi5, jetson-orin, x86).")
     inputs = manifest.get("inputs", [])
     if not manifest.get("kv_cache") or "input_ids" not in inputs or not set(inputs) <= set(LM_INPUTS):
         raise Pbs2pcError(f"{lib.name} is not a language model with a KV cache (it takes {', '.join(inputs)}); "

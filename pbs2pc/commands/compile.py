@@ -112,10 +112,14 @@ def _prepare_bundle(args) -> None:
     """Before minutes of compiling: refuse a bad bundle folder, find the target's compiler and fetch its
     runtime libraries (downloaded once), so those errors come first."""
     from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.errors import Pbs2pcError
     from pbs2pc.runtime import bundle
     from pbs2pc.runtime.native.toolchain import compiler_for, host_machine, native_runtime
 
     preset = get_preset(args.target).require()
+    if preset.family != "cpu":
+        raise Pbs2pcError(f"--bundle packs CPU targets (arm, rpi5, jetson-orin, x86), not {preset.name}; "
+                          "use -o for this one.")
     bundle.check_directory(Path(args.bundle))
     if preset.machine == host_machine() or not preset.cross_compiler:
         compiler_for(preset.machine)
