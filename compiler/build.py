@@ -30,9 +30,9 @@ def _host_compiler_present() -> bool:
 
 
 def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, target: str = "x86",
-                  dump_ir: str | os.PathLike | None = None, activations: str = "fp32",
+                  dump_ir: str | os.PathLike | None = None, activations: str | None = None,
                   progress: Callable[[str], None] | None = None, lm_head: str = "fp32",
-                  options=None) -> dict:
+                  options=None, tuning_db: str | os.PathLike | None = None) -> dict:
     """Compile ``onnx_path`` for the preset ``target`` into ``output`` (a ``.so`` path); return the manifest.
 
     ``target`` is a preset name (``x86``: this machine's best x86 preset, see
@@ -42,11 +42,14 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
 
     ``progress`` receives a short description of each step: ``"phase NAME"`` for every compiler phase,
     then ``"phase codegen"`` and ``"phase link and write"`` (``len(phases) + 2`` steps in all).
-    ``activations="int8"`` quantises the inputs of the sparse-binary linear layers to int8 (see
+    ``activations`` (default: the preset's ``default_activations``, int8 on ARM, else fp32): ``"int8"``
+    quantises the inputs of the sparse-binary linear layers to int8 (see
     :mod:`pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8` and ``sparse_binary_gemm_int8``); the default keeps
     fp32 everywhere. ``lm_head="fp16"`` stores the LM head's table rounded to fp16 (see
     :mod:`pbs2pc.passes.store_lm_head_fp16`), ``lm_head="int8"`` as int8 with one fp16 scale per 32 columns
-    (:mod:`pbs2pc.passes.store_lm_head_int8`).
+    (:mod:`pbs2pc.passes.store_lm_head_int8`). ``tuning_db``: a folder ``pbs2pc tune`` wrote for this
+    target; its kernels are built with their tuned knobs, the rest with the defaults, and the manifest's
+    ``tuned_kernels`` lists those that came from it (a database made for another target is refused).
     """
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.pipeline import make_pipeline
@@ -60,9 +63,14 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     if output.suffix != ".so":
         raise Pbs2pcError(f"the output must be a .so path, got {output.name!r}; e.g. -o model.so")
     preset = (target if isinstance(target, TargetPreset) else get_preset(target)).require()
-    options = (options or CompileOptions(activations, lm_head)).check(preset)
+    options = (options or CompileOptions(activations or preset.default_activations, lm_head)).check(preset)
     if preset.cross_compiler is None and not _host_compiler_present():
         raise ToolchainError("no C++ compiler found to link the library; install one (apt-get install g++).")
+    knobs, tuned = None, set()
+    if tuning_db is not None:
+        from pbs2pc.compiler.tune import knobs_from
+
+        knobs, tuned = knobs_from(tuning_db, preset)
     timings = {}
     start = time.perf_counter()
     say(f"loading {onnx_path}")
@@ -79,7 +87,7 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
     mod, params = to_target_layout(imported.mod, imported.params, preset, options, vocab=_vocab_size(imported))
     used_kernels: set = set()
     pipeline = make_pipeline(preset, options, dump_ir=dump_ir, on_phase=lambda name: say(f"phase {name}"),
-                             used_kernels=used_kernels)
+                             used_kernels=used_kernels, knobs=knobs)
     executable = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=pipeline)
     timings["compile_s"] = round(time.perf_counter() - start, 2)
 
@@ -103,6 +111,8 @@ def compile_model(onnx_path: str | os.PathLike, output: str | os.PathLike, targe
         "layout": dataclasses.asdict(layout),
         # the kernel registry entries that run at least one layer (the TE kernel runs the rest)
         "kernels": sorted(used_kernels),
+        # the tuning keys (pbs2pc.compiler.tune) built with knobs from --tuning-db; the rest use the defaults
+        "tuned_kernels": sorted(tuned),
         "host": platform.machine(),
         "library": lib_path.name,
         "weights": weights_path.name,

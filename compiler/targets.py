@@ -46,6 +46,9 @@ class TargetPreset:
     #: CPUs of the board a cross-compiled preset is for (the parallel loops are sized by it; ``--cores``
     #: overrides it); None: this machine's.
     board_cores: int | None = None
+    #: ``--activations`` when the user gives none: int8 where the preset's hand-written kernels are int8 (ARM:
+    #: the ``tbl`` GEMVs and ``sdot`` GEMMs; its fp32 calls run the generic TE kernel), fp32 elsewhere.
+    default_activations: str = "fp32"
     #: The GPU architecture a CUDA preset's device code is compiled for (``"sm_90"``); None for CPUs.
     gpu_arch: str | None = None
     description: str = ""
@@ -186,6 +189,7 @@ ARM = _preset(
     machine="aarch64",
     cross_compiler=AARCH64_CXX,
     cross_flags=("-march=armv8-a",),
+    default_activations="int8",
     board_cores=4,
     description="aarch64 Linux, armv8-a NEON (Cortex-A53/A72 and newer), cross-compiled",
 )
@@ -199,6 +203,7 @@ RPI5 = _preset(
     machine="aarch64",
     cross_compiler=AARCH64_CXX,
     cross_flags=("-mcpu=cortex-a76",),
+    default_activations="int8",
     board_cores=4,
     description="Raspberry Pi 5 (4x Cortex-A76: NEON, dot product, fp16), cross-compiled",
 )
@@ -212,6 +217,7 @@ JETSON_ORIN = _preset(
     machine="aarch64",
     cross_compiler=AARCH64_CXX,
     cross_flags=("-mcpu=cortex-a78ae",),
+    default_activations="int8",
     board_cores=6,
     description="Jetson Orin CPU (Cortex-A78AE: NEON, dot product, fp16), cross-compiled",
 )
