@@ -27,10 +27,10 @@ def add_parser(sub):
                                                 "H200), sm_89, sm_87 (Jetson Orin), sm_86 or sm_80; the library "
                                                 "embeds compiled code (SASS) for it and its PTX")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler phase into DIR")
-    p.add_argument("--activations", choices=["fp32", "int8"], default="fp32",
-                   help="fp32 (default), or int8: the sparse-binary linear layers quantise their inputs to int8 per "
-                        "scale group (x86-avx512: decode and prompt; x86-avx2: decode; faster; accuracy cost in "
-                        "docs/performance.md)")
+    p.add_argument("--activations", choices=["fp32", "int8"], default=None,
+                   help="fp32 or int8: the sparse-binary linear layers quantise their inputs to int8 per scale "
+                        "group (faster; accuracy cost in docs/performance.md). Default: int8 on the ARM targets "
+                        "(their NEON kernels are int8), fp32 elsewhere")
     p.add_argument("--lm-head", choices=list(LM_HEAD_TYPES), default="fp32",
                    help="fp32 (default: as exported); fp16: store the LM head's table (the tied embedding) "
                         "rounded to fp16, half the bytes of the largest read of a decode step; or int8: as int8 "
@@ -44,7 +44,7 @@ def add_parser(sub):
     return p
 
 
-def compile_with_progress(model, output, target: str, dump_ir=None, activations: str = "fp32",
+def compile_with_progress(model, output, target: str, dump_ir=None, activations: str | None = None,
                           lm_head: str = "fp32", arch: str | None = None) -> dict:
     """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
@@ -54,7 +54,7 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
     from pbs2pc.compiler.targets import CompileOptions, explain_host_choice, get_preset
 
     preset = get_preset(target, arch=arch).require()
-    options = CompileOptions(activations, lm_head).check(preset)
+    options = CompileOptions(activations or preset.default_activations, lm_head).check(preset)
     if target == "x86":
         print(explain_host_choice(preset), flush=True)
     bar = None  # opened at the first compiler phase, so input errors print alone
