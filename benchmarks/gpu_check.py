@@ -10,7 +10,8 @@ machine with TVM's runtime only.
   shapes (v1 with and without mask, mu, bias; v2 with magnitude groups), and the benchmark shapes
   4096x11008, 11008x4096, 8192x28672, 28672x8192 (N x K, 6:8, G = 128);
 * ``layer_*.so``: one pbs2p layer compiled through the whole pipeline for any number of rows (the prompt
-  path: the TE kernel under dlight's GPU rules), for M = 16 and 64 and the odd M = 5;
+  path: the fp16 tensor-core GEMM, ``passes/kernels/cuda/sparse_binary_gemm.py``), for M = 16 and 64 and
+  the odd M = 5 (against the fp32 reference: fp16 inputs and weights, so 3e-3 of the range);
 * ``attn_*.so``: the KV-cache attention kernel for SmolLM2's heads and an odd shape;
 * ``tiny/``: the tests' random 2-layer Llama compiled for the GPU, with onnxruntime's logits and greedy
   tokens (the whole compiled-model path in a few hundred KB);
@@ -374,7 +375,8 @@ def check_layers(tvm, dev, spec, results) -> None:
             ref = (torch.from_numpy(x).cuda() @ w.T).cpu().numpy()
             err = _rel(vm["main"](tvm.runtime.tensor(x, dev), *args).numpy(), ref)
             results["layers"][f"{entry['name']}_m{m}"] = err
-            log(f"layer {entry['name']} M={m}: max rel err {err:.2e} {'OK' if err < 1e-4 else 'FAIL'}")
+            # fp16 inputs and weights on the tensor cores (passes/kernels/cuda/sparse_binary_gemm.py)
+            log(f"layer {entry['name']} M={m}: max rel err {err:.2e} {'OK' if err < 3e-3 else 'FAIL'}")
 
 
 def check_attention(tvm, dev, spec, results) -> None:
@@ -467,7 +469,7 @@ def bench(tvm, dev, spec, results) -> None:
             floor_torch = (2 * n * k + 2 * m * (k + n)) / bw
             row = {"n": n, "k": k, "m": m, "pbs2pc_us": t_ours * 1e6, "torch_fp16_us": t_torch * 1e6,
                    "speedup": t_torch / t_ours, "pbs2pc_floor_us": floor_ours * 1e6, "torch_floor_us": floor_torch * 1e6,
-                   "copies": copies, "path": "hand GEMV" if m == 1 else "TE kernel + dlight (Relax VM call)"}
+                   "copies": copies, "path": "hand GEMV" if m == 1 else "fp16 tensor-core GEMM (Relax VM call)"}
             results["bench"].append(row)
             log(f"{n}x{k} M={m}: pbs2pc {t_ours * 1e6:8.1f} us (floor {floor_ours * 1e6:6.1f}, {row['path']}), "
                 f"torch fp16 {t_torch * 1e6:8.1f} us (floor {floor_torch * 1e6:6.1f}): {row['speedup']:.2f}x")

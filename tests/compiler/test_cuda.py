@@ -181,3 +181,44 @@ def test_v2_one_token_layers_run_the_gpu_gemv(groups, salient, tmp_path):
         x = np.random.default_rng(0).standard_normal((1, 192)).astype(np.float32)
         got = load(tmp_path / "layer.so").run({"x": x})["y"]
         assert np.abs(got - layer.matmul(x)).max() < 1e-4 * np.abs(layer.matmul(x)).max()
+
+
+def test_prompt_gemm_uses_tensor_cores(tmp_path):
+    from pbs2pc.passes.kernels.cuda import sparse_binary_gemm as gemm
+    from pbs2pc.passes.schedules import gpu_rules
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tvm_compat import dlight, tvm
+
+    target = get_preset("cuda").tvm_target()
+    mod = tvm.IRModule({"main": gemm.gemm(128, 256, 128, True, True, True).with_attr("global_symbol", "main")})
+    with target:
+        mod = dlight.ApplyDefaultSchedule(*gpu_rules())(mod)
+    ex = tvm.compile(mod, target=target)
+    fatbin = cuda_export.compile_fatbin(ex.mod.imports[0].inspect_source("cuda"), "sm_90", tmp_path)
+    assert "HMMA.16816.F32" in _sass(_cuobjdump(), fatbin, tmp_path)
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_prompt_gemm_compute_on_the_cpu(groups):
+    """The GEMM's compute (decode, fp16 rounding, fp32 sums, bias), unscheduled and built for the CPU."""
+    from pbs2pc.passes.kernels.cuda import sparse_binary_gemm as gemm
+    from pbs2pc.compiler.tvm_compat import tvm
+    from testutil import v2_layer
+
+    n, k, g = 80, 96, 32
+    layer = v2_layer(n, k, g, groups=groups, salient=0)
+    func = gemm.gemm(n, k, g, True, True, True, has_groups=groups).with_attr("global_symbol", "main")
+    f = tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
+    inter = lambda a: np.ascontiguousarray(a.reshape(n // 4, 4, -1).swapaxes(1, 2))  # noqa: E731
+    args = [inter(layer.sign.view(np.uint32)), inter(layer.mask.view(np.uint32)), inter(layer.alpha),
+            inter(layer.mu), layer.bias]
+    if groups:
+        args += [inter(layer.group), inter(layer.group_alpha), inter(layer.group_mu)]
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    y = tvm.runtime.tensor(np.full((5, n), np.nan, np.float32))
+    f(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in args], y)
+    w16 = layer.dense().astype(np.float16).astype(np.float64)
+    ref = x.astype(np.float16).astype(np.float64) @ w16.T + layer.bias
+    assert np.abs(y.numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+    # against the fp32 layer: the cost of fp16 inputs and weights
+    assert np.abs(y.numpy() - layer.matmul(x)).max() < 3e-3 * np.abs(layer.matmul(x)).max()
