@@ -222,3 +222,13 @@ def test_prompt_gemm_compute_on_the_cpu(groups):
     assert np.abs(y.numpy() - ref).max() < 1e-5 * np.abs(ref).max()
     # against the fp32 layer: the cost of fp16 inputs and weights
     assert np.abs(y.numpy() - layer.matmul(x)).max() < 3e-3 * np.abs(layer.matmul(x)).max()
+
+
+@pytest.mark.skipif(not _gpu_reason(), reason="this machine has a GPU")
+def test_without_a_gpu_running_says_so_in_one_line(cuda_library, capsys):
+    from pbs2pc.cli import main
+
+    lib, _ = cuda_library
+    assert main(["run", str(lib), "--input-ids", "1,2,3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and ("NVIDIA" in err or "GPU" in err), err
