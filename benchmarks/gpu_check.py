@@ -13,8 +13,9 @@ machine with TVM's runtime only.
   path: the fp16 tensor-core GEMM, ``passes/kernels/cuda/sparse_binary_gemm.py``), for M = 16 and 64 and
   the odd M = 5 (against the fp32 reference: fp16 inputs and weights, so 3e-3 of the range);
 * ``attn_*.so``: the KV-cache attention kernel for SmolLM2's heads and an odd shape;
-* ``tiny/``: the tests' random 2-layer Llama compiled for the GPU, with onnxruntime's logits and greedy
-  tokens (the whole compiled-model path in a few hundred KB);
+* ``tiny/``: the tests' random 2-layer Llama compiled for the GPU (``model.so``: decode as CUDA graphs, the
+  default; ``nograph.so``: without), with onnxruntime's logits and greedy tokens (the whole compiled-model
+  path in a few hundred KB);
 * ``smollm2/``: the demo's compressed SmolLM2 (``out/demo/model.onnx``) compiled for the GPU, with
   onnxruntime's (CPU) last-position logits and 16 greedy tokens for 5 prompts; its 179 MB weights file is
   split into 56 MB parts in ``out/gpu_parts/`` (a call to the GPU machine carries at most 64 MiB, so each
@@ -165,7 +166,11 @@ def _build_tiny(args) -> dict:
     model = hf.tiny_llama()
     info = compress.compress_model(model, "6:8", progress=False)
     export.export(model, folder / "model.onnx", {"source_model": "tiny-llama", **info})
-    compile_model(folder / "model.onnx", folder / "model.so", _arch_preset(args.arch))
+    from pbs2pc.compiler.targets import CompileOptions
+
+    compile_model(folder / "model.onnx", folder / "model.so", _arch_preset(args.arch))  # decode as CUDA graphs
+    compile_model(folder / "model.onnx", folder / "nograph.so", _arch_preset(args.arch),
+                  options=CompileOptions(cuda_graph=False))
     ort = OrtDecoder(folder / "model.onnx")
     cases = []
     for i, (batch, seq) in enumerate(((1, 1), (1, 17), (2, 5), (1, 70))):
@@ -176,7 +181,7 @@ def _build_tiny(args) -> dict:
     greedy = gen.generate(ort, [1, 2, 3, 4], 24, SamplingParams(), ()).token_ids
     for name in ("model.onnx", "model.onnx.data"):
         (folder / name).unlink(missing_ok=True)
-    return {"cases": cases, "greedy_prompt": [1, 2, 3, 4], "greedy": greedy}
+    return {"cases": cases, "greedy_prompt": [1, 2, 3, 4], "greedy": greedy, "variants": ["model", "nograph"]}
 
 
 def _build_smollm2(args) -> dict:
@@ -480,16 +485,18 @@ def check_tiny(tvm, dev, spec, results) -> None:
     from pbs2pc.runtime import load
 
     folder = OUT / "tiny"
-    model = load(folder / "model.so")
-    for i in spec["tiny"]["cases"]:
-        ids = np.load(folder / f"ids_{i}.npy")
-        err = _rel(model.logits(ids), np.load(folder / f"ort_logits_{i}.npy"))
-        results["tiny"][f"logits_{ids.shape[0]}x{ids.shape[1]}"] = err
-        log(f"tiny Llama logits {ids.shape}: max rel err {err:.2e} against onnxruntime {'OK' if err < 1e-4 else 'FAIL'}")
-    tokens = model.generate_ids(spec["tiny"]["greedy_prompt"], 24)
-    same = sum(a == b for a, b in zip(tokens, spec["tiny"]["greedy"]))
-    results["tiny"]["greedy_match"] = f"{same}/24"
-    log(f"tiny Llama greedy tokens equal to onnxruntime's: {same}/24")
+    for variant in spec["tiny"]["variants"]:  # decode as CUDA graphs, and without them
+        model = load(folder / f"{variant}.so")
+        for i in spec["tiny"]["cases"]:
+            ids = np.load(folder / f"ids_{i}.npy")
+            err = _rel(model.logits(ids), np.load(folder / f"ort_logits_{i}.npy"))
+            results["tiny"][f"{variant}_logits_{ids.shape[0]}x{ids.shape[1]}"] = err
+            log(f"tiny Llama ({variant}) logits {ids.shape}: max rel err {err:.2e} against onnxruntime "
+                f"{'OK' if err < 1e-4 else 'FAIL'}")
+        tokens = model.generate_ids(spec["tiny"]["greedy_prompt"], 24)
+        same = sum(a == b for a, b in zip(tokens, spec["tiny"]["greedy"]))
+        results["tiny"][f"{variant}_greedy_match"] = f"{same}/24"
+        log(f"tiny Llama ({variant}) greedy tokens equal to onnxruntime's: {same}/24")
 
 
 def check_smollm2(spec, results) -> None:

@@ -41,6 +41,25 @@ def _dead_code(entries: list[str]) -> "tvm.transform.Pass":
     return dead_code
 
 
+def _cuda_graphs() -> "tvm.transform.Pass":
+    """TVM's RewriteCUDAGraph, switched on: the regions of a function whose shapes and allocations are
+    static (a decode step's kernels between two attention calls: norms, GEMVs, rotary) are lifted into
+    functions that the runtime captures as a CUDA graph on the first call and replays after, one launch
+    instead of dozens. Parameters after the graph inputs (``num_input``: the weights) are taken as fixed
+    tensors, which the runtime's are; inputs and the KV caches stay outside the graphs."""
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriteCUDAGraphOn")
+    def rewrite(mod, _ctx):
+        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+            return relax.transform.RewriteCUDAGraph()(mod)
+
+    return rewrite
+
+
+#: Each target family's phases after memory planning, from the compile options.
+FAMILY_PHASES = {"cuda": lambda options: [("rewrite_cuda_graph", _cuda_graphs())] if options.cuda_graph else []}
+
+
 def phases(preset: TargetPreset, options: CompileOptions | None = None,
            used_kernels: set | None = None, knobs=None) -> list[tuple[str, "tvm.transform.Pass"]]:
     """The ordered phases for ``preset`` with ``options`` (default options when None); ``used_kernels``, a
@@ -78,6 +97,8 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
         ("remove_purity_checking", rt.RemovePurityChecking()),
         ("call_tir_rewrite", rt.CallTIRRewrite()),
         ("plan_memory", rt.StaticPlanBlockMemory()),
+        # The target family's additions once memory is planned (CUDA: decode's static regions as graphs).
+        *FAMILY_PHASES.get(preset.family, lambda _options: [])(options),
         ("lower_alloc_tensor", rt.LowerAllocTensor()),
         ("kill_after_last_use", rt.KillAfterLastUse()),
         ("lower_runtime_builtin", rt.LowerRuntimeBuiltin()),

@@ -119,13 +119,15 @@ class CompileOptions:
     exported, ``"fp16"`` (``--lm-head fp16``: the LM head's table stored rounded to fp16) or ``"int8"``
     (``--lm-head int8``: stored as int8 with one fp16 scale per 32 columns, GGUF's Q8_0).
     ``layout`` and ``kernels`` are for experiments and benchmarks: a weight layout instead of the
-    registry's choice, and the names of the registry entries allowed (``()``: the TE kernel only).
+    registry's choice, and the names of the registry entries allowed (``()``: the TE kernel only);
+    ``cuda_graph=False`` leaves CUDA graphs out of a CUDA build (:data:`pbs2pc.compiler.pipeline.FAMILY_PHASES`).
     """
 
     activations: str = "fp32"
     lm_head: str = "fp32"
     layout: object | None = None  # pbs2pc.passes.kernels.registry.Layout
     kernels: tuple[str, ...] | None = None
+    cuda_graph: bool = True
 
     def __post_init__(self):
         if self.activations not in ("fp32", "int8"):
@@ -153,6 +155,8 @@ class CompileOptions:
             out["layout"] = dataclasses.asdict(self.layout)
         if self.kernels is not None:
             out["kernels"] = list(self.kernels)
+        if not self.cuda_graph:
+            out["cuda_graph"] = False
         return out
 
 

@@ -62,6 +62,7 @@ def test_library_embeds_sm90_sass_and_no_source(cuda_library, tmp_path):
     assert modules and all(fmt == "fatbin" for fmt, _ in modules)
     # No CUDA source, nothing that would compile at load time.
     assert b"__global__" not in data and b"tvm_callback_cuda_compile" not in data and b"extern \"C\"" not in data
+    assert b"vm.builtin.cuda_graph.run_or_capture" in data  # decode's static regions run as CUDA graphs
     fatbin = modules[0][1]
     assert sorted(cuda_export.fatbin_archs(fatbin)) == ["compute_90", "sm_90"]
     listing = subprocess.run([_cuobjdump(), "-lelf", "-lptx", str(_write(tmp_path / "m.fatbin", fatbin))],
@@ -107,8 +108,8 @@ def test_gemv_sass_has_128_bit_loads_and_lop3(groups, tmp_path):
     sass = _sass(_cuobjdump(), fatbin, tmp_path)
     assert "uint4" in source  # the planes' words of 4 rows: one 16-byte vector
     assert "LDG.E.128" in sass and "LOP3" in sass and "BAR.SYNC" in sass
-    assert gemv.splits_for(4096, 11008) == 2  # 344 words per row: two K splits, a second launch adds them
-    assert "main_kernel_1" in source
+    assert gemv.splits_for(4096, 11008) == 2  # 344 words per row: two K splits, added atomically
+    assert "REDG.E.ADD.F32" in sass and "main_kernel_1" in source  # y set to the bias first, then the splits
 
 
 def test_gemv_split_k_and_arch_choice(tmp_path):

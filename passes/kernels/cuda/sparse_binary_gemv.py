@@ -18,7 +18,9 @@ Per block: :data:`WARPS` warps, one tile of 4 rows each, over one K split of ``C
    the salient plane in shared memory); a word's salient columns then add ``ra (2 r - 1) + rm`` for kept
    weights, ``r`` the row's residual bit at the column's rank (about 11 % of the columns in PBS2P models);
 3. the 32 lanes' row sums are added through shared memory; with several K splits (tall K, or too few
-   row tiles to fill the GPU) each split writes a partial row and a second launch adds them and the bias.
+   row tiles to fill the GPU) a first launch sets ``y`` to the bias and each split adds its partial rows
+   with ``atomicAdd`` (``RED.E.ADD.F32``): no workspace, so the kernel can sit inside a captured CUDA
+   graph (a workspace pointer would be baked into the graph).
 
 Activations stay fp32: at one token ``x`` is K floats against ``N K / 4`` bytes of weights and more, so
 fp16 activations would save nothing measurable and would round the model's inputs.
@@ -120,7 +122,12 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                residual: T.Buffer((NT, RB, ROWS), "uint8"), residual_alpha: T.Buffer((NT, GB, ROWS), "float16"),
                residual_mu: T.Buffer((NT, GB, ROWS), "float16"), y: T.Buffer((1, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        part = T.alloc_buffer((S, N), "float32")
+        if S > 1:
+            # Split K: y starts as the bias (or 0) and each split adds its partial rows atomically.
+            for bx in T.thread_binding((N + 127) // 128, thread="blockIdx.x"):
+                for tx in T.thread_binding(128, thread="threadIdx.x"):
+                    if bx * 128 + tx < N:
+                        y[0, bx * 128 + tx] = plus_bias(T.float32(0), bias, bx * 128 + tx)
         for bx in T.thread_binding(NT // WARPS, thread="blockIdx.x"):
             for sp in T.thread_binding(S, thread="blockIdx.y"):
                 for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
@@ -253,16 +260,8 @@ def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, h
                             if S == 1:
                                 y[0, tile * ROWS + lane] = plus_bias(acc[0], bias, tile * ROWS + lane)
                             else:
-                                part[sp, tile * ROWS + lane] = acc[0]
-        if S > 1:
-            for bx in T.thread_binding((N + 127) // 128, thread="blockIdx.x"):
-                for tx in T.thread_binding(128, thread="threadIdx.x"):
-                    if bx * 128 + tx < N:
-                        y[0, bx * 128 + tx] = part[0, bx * 128 + tx]
-                        for s in range(1, S):
-                            y[0, bx * 128 + tx] = y[0, bx * 128 + tx] + part[s, bx * 128 + tx]
-                        if has_bias:
-                            y[0, bx * 128 + tx] = y[0, bx * 128 + tx] + bias[bx * 128 + tx]
+                                T.evaluate(T.call_intrin("float32", "tirx.cuda.atomic_add",
+                                                         T.address_of(y[0, tile * ROWS + lane]), acc[0]))
 
     present = [True, True, has_mask, True, has_mu, has_bias, *[has_groups] * 3, *[has_residual] * 4, True]
     return without_absent(kernel, present)
