@@ -57,5 +57,51 @@ from tvm.s_tir.dlight.gpu.matmul import IterKind as MatmulIterKind  # noqa: E402
 from tvm.s_tir.dlight.gpu.matmul import detect_iter_traits as matmul_iter_traits  # noqa: E402,F401
 # The SBlockRealize (iteration bindings) of a block in a schedule.
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize as get_sblock_realize  # noqa: E402,F401
+
+
+def meta_schedule():
+    """``tvm.s_tir.meta_schedule`` (``tvm.meta_schedule`` before 0.27), imported on first use: the tuner's
+    builder, runners, cost model and feature extractor."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms
+
+
+def tune_context(target):
+    """A MetaSchedule ``TuneContext`` holding only ``target``: what the cost model and the feature extractor
+    are given. Made with its FFI constructor: ``TuneContext.__init__`` first imports
+    ``tvm.s_tir.tensor_intrin``, which parses every tensor intrinsic TVM ships (over a minute on a busy
+    2-core machine), and the registry's kernels use none of them."""
+    ms = meta_schedule()
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
+
+    context = ms.TuneContext.__new__(ms.TuneContext)
+    context.__init_handle_by_constructor__(_ffi_api.TuneContext, None, target, None, None, "pbs2pc", 1, -1,
+                                           get_logging_func(get_logger("pbs2pc.tune")))
+    _ffi_api.TuneContextInitialize(context)
+    return context
+
+
+def build_tir(mod, target):
+    """Code for a module of scheduled PrimFuncs (MetaSchedule's default builder does this after importing
+    every tensor intrinsic; see :func:`tune_context`): a runtime module, as MetaSchedule's export expects."""
+    return tirx.build(mod, target=target)
+
+
+def popen_pool(**kwargs):
+    """``tvm.support.popen_pool.PopenPoolExecutor``: worker processes, each task killed past ``timeout``."""
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    return PopenPoolExecutor(**kwargs)
+
+
+def rpc():
+    """``tvm.rpc`` (tracker sessions; ``python -m tvm.exec.rpc_tracker`` / ``rpc_server`` start the services)."""
+    from tvm import rpc as tvm_rpc
+
+    return tvm_rpc
+
+
 # A copy of a Relax function with fresh variables (two functions of a module must not share bindings).
 from tvm.relax.utils import copy_with_new_vars  # noqa: E402,F401

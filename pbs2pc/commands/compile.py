@@ -36,6 +36,9 @@ def add_parser(sub):
                         "rounded to fp16, half the bytes of the largest read of a decode step; or int8: as int8 "
                         "with one fp16 scale per 32 columns (GGUF's Q8_0), about a quarter of the bytes (faster "
                         "decode; accuracy cost of both in docs/performance.md)")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="a tuning database from pbs2pc tune for this target: its kernels are built with their "
+                        "tuned settings, the others with the defaults (the manifest lists which came from it)")
     p.add_argument("--bundle", metavar="DIR",
                    help="also write an edge bundle of the language model into DIR: the compiled model, a native "
                         "runner built for the target, TVM's runtime libraries, the tokenizer and run.sh (copy DIR "
@@ -45,7 +48,7 @@ def add_parser(sub):
 
 
 def compile_with_progress(model, output, target: str, dump_ir=None, activations: str | None = None,
-                          lm_head: str = "fp32", arch: str | None = None) -> dict:
+                          lm_head: str = "fp32", arch: str | None = None, tuning_db=None) -> dict:
     """:func:`pbs2pc.compiler.build.compile_model` with a progress bar over the compiler's phases."""
     from tqdm.auto import tqdm
 
@@ -68,7 +71,8 @@ def compile_with_progress(model, output, target: str, dump_ir=None, activations:
             bar.set_postfix_str(message[len("phase "):], refresh=True)
 
     try:
-        return compile_model(model, output, preset, dump_ir=dump_ir, progress=progress, options=options)
+        return compile_model(model, output, preset, dump_ir=dump_ir, progress=progress, options=options,
+                             tuning_db=tuning_db)
     finally:
         if bar is not None:
             bar.close()
@@ -92,11 +96,14 @@ def run(args) -> int:
     with scratch as folder:
         output = args.output or str(Path(folder) / "model.so")
         manifest = compile_with_progress(args.model, output, args.target, args.dump_ir, args.activations,
-                                         args.lm_head, args.arch)
+                                         args.lm_head, args.arch, args.tuning_db)
         s = manifest["summary"]
         print(f"wrote {args.output or 'the model'} ({manifest['sizes']['library'] / 1e6:.1f} MB) and weights "
               f"({manifest['sizes']['weights'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
               f"{s.get('layers', 0)} sparse-binary layers, {s.get('bits_interchange', 0)} bits/weight as stored")
+        if args.tuning_db:
+            print(f"{len(manifest['tuned_kernels'])} kernels built with settings from {args.tuning_db}, the others "
+                  "with the defaults")
         if args.bundle:
             _write_bundle(output, args.bundle, manifest["target"])
     return 0

@@ -1,0 +1,113 @@
+"""Tuning the kernel registry's hand-written kernels for a model and a target (``pbs2pc tune``).
+
+The registry's kernels (:mod:`pbs2pc.passes.kernels.registry`) are hand-written TIR, not schedules of a
+compute, so MetaSchedule's schedule-space generators have nothing to search in them. What moves their
+speed is a handful of choices each builder takes as keyword arguments: 16-row tiles per parallel task,
+whether the tasks run in parallel at all for a layer this size, the widening variant of the AVX2 int8
+GEMV. Each :class:`~pbs2pc.passes.kernels.registry.KernelEntry` declares them as ``knobs(call)`` (the
+hand-picked default first), and the tuner searches those settings with MetaSchedule's own components
+(:mod:`.search`): its builder, its local or RPC runner, and its XGBoost cost model over the per-store
+features of each candidate's TIR.
+
+Steps: list the model's distinct kernels (:func:`.kernels.extract`), open or create the database for
+the target (:mod:`.database`: refused if made for another), tune each kernel, print a table.
+``pbs2pc compile --tuning-db DIR`` then builds every kernel the database has with its fastest setting
+(:func:`knobs_from`), the rest with their defaults, and the manifest lists which came from the database.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pbs2pc.compiler.tune.database import Database, open_database
+from pbs2pc.compiler.tune.kernels import Kernel, extract, kernel_key, knob_id
+from pbs2pc.compiler.tune.search import Runner, Search
+from pbs2pc.errors import UnsupportedError
+
+__all__ = ["Database", "Kernel", "Runner", "Search", "extract", "knobs_from", "open_database", "table", "tune_model"]
+
+
+def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, runner: Runner | None = None,
+               progress: bool = False, log=None) -> dict:
+    """Tune the registry kernels of the model at ``onnx_path`` for ``target`` into the database folder
+    ``output`` (resuming what it holds); return ``{"kernels": [row per kernel], "wall_s": ...}`` (rows as
+    :func:`table` prints them). ``log`` receives progress lines; ``progress`` shows a bar with time left."""
+    from pbs2pc.compiler.targets import CompileOptions, TargetPreset, get_preset
+
+    start = time.perf_counter()
+    say = log or (lambda _msg: None)
+    preset = target if isinstance(target, TargetPreset) else get_preset(target)
+    if preset.family == "cuda":
+        raise UnsupportedError(f"tuning for {preset.name!r} is not supported yet: the CUDA target is not "
+                               "implemented; tune an x86 or ARM target.")
+    preset = preset.require()
+    options = (options or CompileOptions(preset.default_activations)).check(preset)
+    if trials < 1:
+        raise UnsupportedError(f"--trials must be at least 1, not {trials}.")
+    db = open_database(output, preset, create=True)
+    say(f"listing the kernels of {onnx_path} for {preset.name}")
+    kernels = extract(onnx_path, preset, options)
+    runner = runner or Runner()
+    todo = {k.key: max(0, min(trials, len(k.space())) - sum(1 for s in k.space() if knob_id(s) in db.finished(k.key)))
+            for k in kernels}
+    say(f"{len(kernels)} distinct kernels, {sum(todo.values())} trials to run ({runner.describe()}); "
+        f"records: {db.path}")
+    search = Search(preset, runner)
+    from tqdm import tqdm
+
+    with tqdm(total=sum(todo.values()), unit="trial", disable=not progress, dynamic_ncols=True) as bar:
+        search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1))
+    return {"kernels": [_row(k, db) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
+            "database": str(db.folder), "target": preset.name}
+
+
+def _row(kernel: Kernel, db: Database) -> dict:
+    best = db.best().get(kernel.key)
+    default = db.default(kernel.key)
+    return {"key": kernel.key, "calls": kernel.calls, "space": len(kernel.space()),
+            "measured": sum(1 for r in db.records if r["key"] == kernel.key and r.get("us") is not None),
+            "default_us": default["us"] if default else None, "tuned_us": best["us"] if best else None,
+            "knobs": best["knobs"] if best else None}
+
+
+def table(result: dict, step_us: float | None = None) -> str:
+    """The closing table: per kernel the calls per decode step, default and tuned time, speed-up, and the
+    share of the decode step it covers: of ``step_us`` (a measured step) when given, else of the step's
+    time in these kernels (labelled so)."""
+    rows = result["kernels"]
+    in_kernels = sum(r["calls"] * (r["default_us"] or 0) for r in rows)
+    whole = step_us or in_kernels
+    share_label = "share of step" if step_us else "share of kernels"
+    lines = [f"{'kernel':<62} {'calls':>5} {'default us':>10} {'tuned us':>9} {'speed-up':>8} {share_label:>16}  knobs"]
+    for r in rows:
+        d, t = r["default_us"], r["tuned_us"]
+        speed = f"{d / t:.2f}x" if d and t else "-"
+        share = f"{100 * r['calls'] * d / whole:.1f} %" if d and whole else "-"
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted((r["knobs"] or {}).items()))
+        lines.append(f"{r['key']:<62} {r['calls']:>5} {_us(d):>10} {_us(t):>9} {speed:>8} {share:>16}  {knobs}")
+    tuned = sum(r["calls"] * (r["tuned_us"] or r["default_us"] or 0) for r in rows)
+    lines.append(f"decode step in these kernels: {in_kernels:.1f} us default, {tuned:.1f} us tuned"
+                 + (f"; measured step {step_us:.1f} us" if step_us else "")
+                 + f"; tuning took {result['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _us(value) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+def knobs_from(folder, preset):
+    """The database in ``folder`` (refused if made for another target) as the lowering's ``knobs``
+    callback, and the set that receives the keys it applied: ``(knobs, applied)``."""
+    db = open_database(folder, preset)
+    best = db.best()
+    applied: set = set()
+
+    def knobs(_function, entry, call):
+        record = best.get(kernel_key(entry, call))
+        if record is None:
+            return None  # not in the database: the defaults
+        applied.add(record["key"])
+        return record["knobs"]
+
+    return knobs, applied

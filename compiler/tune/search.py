@@ -1,0 +1,247 @@
+"""The search: MetaSchedule's builder, runner and XGBoost cost model over a kernel's knob settings.
+
+Per kernel, rounds of: rank the settings not measured yet with the cost model (XGBoost over
+MetaSchedule's per-store features of each candidate's TIR; random until it has data), build the best
+``batch`` of them with MetaSchedule's ``LocalBuilder`` (cross-compiled and linked by the preset's
+compiler for a board), time them with its ``LocalRunner`` or, for a board behind TVM's RPC tracker,
+its ``RPCRunner``, write each record as it returns, and update the model; until ``trials`` settings
+(or the whole space, where it is smaller) are done. The default setting is always measured first, so
+every kernel has its baseline from the same runner.
+
+Timing: one call per repeat, each after flushing the caches of every argument but the input vector,
+median of the repeats. A decode step streams each layer's weights from memory once, so a kernel timed
+with its weights warm in cache would be a kernel the model never runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+import statistics
+
+from pbs2pc.compiler.tune.kernels import Kernel, inputs, knob_id
+from pbs2pc.compiler.tvm_compat import popen_pool, tune_context
+
+#: Timed calls per candidate (each after a cache flush); the median is its time.
+REPEATS = 25
+#: Candidates built and timed per round (the builder starts a process per round: a few seconds).
+BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """Where candidates run: this machine, or a board behind an RPC tracker (``host:port``, ``key``)."""
+
+    tracker: tuple[str, int] | None = None
+    key: str | None = None
+    timeout_s: float = 60.0
+
+    def describe(self) -> str:
+        return f"rpc {self.tracker[0]}:{self.tracker[1]} key {self.key}" if self.tracker else "local"
+
+
+def _alloc_local(table, device, args_info, alloc_repeat):
+    """MetaSchedule's ``f_alloc_argument`` for the local runner: the realistic inputs of the kernel whose
+    parameters are ``args_info`` (``table``: :func:`_signature` -> arrays)."""
+    from pbs2pc.compiler.tvm_compat import tensor
+
+    arrays = table[json.dumps(args_info)]
+    return [[tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]
+
+
+def _alloc_rpc(table, _session, device, args_info, alloc_repeat):
+    """The same for the RPC runner (arrays copied to the board)."""
+    return _alloc_local(table, device, args_info, alloc_repeat)
+
+
+def _build(mod, target, _params):
+    """MetaSchedule's ``f_build``: the candidate's code, without the default builder's import of every
+    tensor intrinsic TVM ships (a minute per builder process on a busy machine; see
+    :func:`pbs2pc.compiler.tvm_compat.tune_context`)."""
+    from pbs2pc.compiler.tvm_compat import build_tir
+
+    return build_tir(mod, target)
+
+
+def _export_cross(compiler, flags, rt_mod) -> str:
+    """MetaSchedule's ``f_export`` for a cross-compiled preset: a shared library the board loads as is."""
+    import os
+    import tempfile
+
+    from pbs2pc.compiler.tvm_compat import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="pbs2pc_tune_"), "candidate.so")
+    rt_mod.export_library(path, fcompile=cc.cross_compiler(compiler, options=list(flags)))
+    return path
+
+
+class Search:
+    """Tunes kernels for one preset with one builder and runner kind (see the module docstring)."""
+
+    def __init__(self, preset, runner: Runner, workers: int = 1):
+        from pbs2pc.compiler.tvm_compat import meta_schedule
+
+        self.ms = meta_schedule()
+        self.preset = preset
+        self.target = preset.tvm_target()
+        self.runner_spec = runner
+        export = functools.partial(_export_cross, preset.cross_compiler, preset.cross_flags) \
+            if preset.cross_compiler else None
+        self.builder = self.ms.builder.LocalBuilder(max_workers=workers, timeout_sec=300, f_build=_build,
+                                                    f_export=export)
+        self.evaluator = self.ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=0,
+                                                        enable_cpu_cache_flush=True)
+
+    def _runner(self, table: dict):
+        ms = self.ms
+        if self.runner_spec.tracker:
+            host, port = self.runner_spec.tracker
+            config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=self.runner_spec.key,
+                                         session_timeout_sec=int(self.runner_spec.timeout_s))
+            runner = ms.runner.RPCRunner(config, self.evaluator, f_alloc_argument=functools.partial(_alloc_rpc, table),
+                                         max_workers=1)
+            # MetaSchedule's RPC runner waits for the tracker's session without limit: a board that went away
+            # would hang the tune. Its worker pool with a timeout kills the wait (the runner's future reports
+            # "Timeout"), so each candidate costs at most timeout_s and the tune goes on.
+            runner.pool.shutdown()
+            runner.pool = popen_pool(max_workers=1, timeout=self.runner_spec.timeout_s)
+            return runner
+        return ms.runner.LocalRunner(timeout_sec=self.runner_spec.timeout_s, evaluator_config=self.evaluator,
+                                     f_alloc_argument=functools.partial(_alloc_local, table))
+
+    def tune(self, kernels: list[Kernel], db, trials: int, on_record=None, batch: int = BATCH, seed: int = 0) -> None:
+        """Measure up to ``trials`` settings of each kernel (fewer where its space is smaller), skipping those
+        ``db`` has finished; every record goes to ``db`` as it returns and to ``on_record``. Each round
+        builds the next batch of every kernel together and times them with one runner (each builder round
+        and the runner start a process: a few seconds each on a busy machine)."""
+        states = [s for s in (_State(self.ms, k, db, trials, self.target, seed) for k in kernels) if s.left() > 0]
+        if not states:
+            return
+        runner = self._runner({_signature(s.args_info): inputs(s.kernel, seed) for s in states})
+        try:
+            while states:
+                chosen = [(s, knobs) for s in states for knobs in s.next_batch(batch)]
+                if not chosen:
+                    break
+                for (state, knobs), record in zip(chosen, self._measure(chosen, runner)):
+                    state.done_with(knobs, record)
+                    db.append(record)
+                    if on_record:
+                        on_record(record)
+                for state in states:
+                    state.learn()
+                states = [s for s in states if s.left() > 0]
+        finally:
+            pool = getattr(runner, "pool", None)
+            if pool is not None:
+                pool.shutdown()
+
+    def _measure(self, chosen: list, runner) -> list[dict]:
+        """Build and time the ``(state, knobs)`` pairs of ``chosen``: one record each, in order."""
+        ms = self.ms
+        records = [{"key": s.kernel.key, "knobs": k, "default": knob_id(k) == s.default, "us": None, "runs_us": None,
+                    "error": None} for s, k in chosen]
+        built = self.builder.build([ms.builder.BuilderInput(s.kernel.build(k), self.target) for s, k in chosen])
+        runs = []
+        for record, (state, _), result in zip(records, chosen, built):
+            if result.error_msg:
+                record["error"] = "build: " + _last_line(result.error_msg)
+            else:
+                runs.append((record, ms.runner.RunnerInput(result.artifact_path, _device_type(self.target),
+                                                           state.args_info)))
+        futures = runner.run([r for _, r in runs]) if runs else []
+        for (record, _), future in zip(runs, futures):
+            result = future.result()
+            if result.error_msg:
+                record["error"] = "run: " + _last_line(result.error_msg)
+            else:
+                times = [float(t) * 1e6 for t in result.run_secs]
+                record["runs_us"] = [round(t, 3) for t in times]
+                record["us"] = round(statistics.median(times), 3)
+        return records
+
+
+class _State:
+    """One kernel's search: its space, what is finished, its cost model."""
+
+    def __init__(self, ms, kernel: Kernel, db, trials: int, target, seed: int):
+        self.ms, self.kernel = ms, kernel
+        self.space = kernel.space()
+        self.default = knob_id(self.space[0])
+        finished = db.finished(kernel.key)
+        self.attempted = set(finished)
+        self.budget = min(trials, len(self.space))
+        self.done = sum(1 for k in self.space if knob_id(k) in finished)
+        self.rng = random.Random(seed)
+        self.context = tune_context(target)
+        self.args_info = ms.arg_info.ArgInfo.from_prim_func(kernel.build(self.space[0])["main"])
+        self.model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(), num_warmup_samples=0,
+                                            adaptive_training=False, num_tuning_cores=1)
+        self.trained = 0
+        # a resumed tune: the model learns what the records say first
+        self.fresh = [(k, finished[knob_id(k)]["runs_us"]) for k in self.space
+                      if knob_id(k) in finished and finished[knob_id(k)].get("runs_us")]
+        if self.left() > 0:
+            self.learn()
+
+    def left(self) -> int:
+        return self.budget - self.done
+
+    def candidate(self, knobs):
+        """What the feature extractor reads: the candidate's TIR as a schedule."""
+        return self.ms.MeasureCandidate(_schedule(self.kernel.build(knobs)), self.args_info)
+
+    def next_batch(self, batch: int) -> list[dict]:
+        """The next settings to measure: the default first, then the cost model's best guesses (random
+        until it has data; a sample of 64 ranked where the space is larger)."""
+        pending = [k for k in self.space if knob_id(k) not in self.attempted]
+        if not pending or self.left() <= 0:
+            return []
+        if self.default not in self.attempted:
+            order = [self.space[0]] + [k for k in pending if knob_id(k) != self.default]
+        elif self.trained:
+            pool = self.rng.sample(pending, min(len(pending), 64))
+            scores = self.model.predict(self.context, [self.candidate(k) for k in pool])
+            order = [k for _, k in sorted(zip(scores, range(len(pool))), key=lambda p: -p[0])]
+            order = [pool[i] for i in order]
+        else:
+            order = self.rng.sample(pending, len(pending))
+        return order[:min(batch, self.left())]
+
+    def done_with(self, knobs: dict, record: dict) -> None:
+        self.attempted.add(knob_id(knobs))
+        self.done += 1
+        if record.get("runs_us"):
+            self.fresh.append((knobs, record["runs_us"]))
+
+    def learn(self) -> None:
+        """Update the cost model with the measurements it has not seen."""
+        if not self.fresh:
+            return
+        ms = self.ms
+        self.model.update(self.context, [self.candidate(k) for k, _ in self.fresh],
+                          [ms.runner.RunnerResult([t * 1e-6 for t in runs], None) for _, runs in self.fresh])
+        self.trained += len(self.fresh)
+        self.fresh = []
+
+
+def _signature(args_info) -> str:
+    """The kernel's parameter types as a string: how the runner's argument allocator finds its inputs."""
+    return json.dumps([a.as_json() for a in args_info])
+
+
+def _device_type(target) -> str:
+    return "cuda" if target.kind.name == "cuda" else "cpu"
+
+
+def _schedule(mod):
+    from pbs2pc.compiler.tvm_compat import Schedule
+
+    return Schedule(mod)
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "failed"

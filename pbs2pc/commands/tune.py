@@ -1,0 +1,146 @@
+"""``pbs2pc tune model.onnx --target PRESET --trials N -o tune_db/``: tune the model's kernels for a target.
+
+Lists the model's distinct registry kernels, searches each one's knobs (tiles per task, parallel or not,
+...) with MetaSchedule's builder, runner and XGBoost cost model, and writes every measurement to the
+database folder as it is made (a killed tune resumes where it stopped). ``pbs2pc compile --tuning-db DIR``
+then uses it. Boards: ``--rpc-tracker HOST:PORT --rpc-key KEY`` runs the candidates, cross-compiled, on a
+device registered with TVM's RPC tracker. Details: docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+
+def add_parser(sub):
+    from pbs2pc.compiler.targets import TARGET_NAMES  # no TVM import: --help stays fast
+
+    p = sub.add_parser("tune", help="tune a model's kernels for a target into a database for compile --tuning-db",
+                       description=__doc__)
+    p.add_argument("model", help="the .onnx file to tune the kernels of")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="the tuning database folder (created; an existing one for the same target is resumed)")
+    p.add_argument("--target", default="x86", choices=list(TARGET_NAMES), help="target preset (default: x86)")
+    p.add_argument("--trials", type=int, default=64,
+                   help="knob settings measured per kernel, at most (default 64; fewer where a kernel has fewer)")
+    p.add_argument("--activations", choices=["fp32", "int8"],
+                   help="tune the kernels a compile with these activations runs (default: the target's, as compile)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="run candidates on a board registered with this TVM RPC tracker (with --rpc-key)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the board's key at the RPC tracker")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a candidate's run may take, upload included, before it counts as failed "
+                        "(default 60): a board that goes away costs this much per candidate, then the tune goes on")
+    p.add_argument("--library", metavar="MODEL.so",
+                   help="a library compiled from the same model without tuning: its decode step is timed so the "
+                        "table gives each kernel's share of the step (else: its share of these kernels' time)")
+    return p
+
+
+def _tracker(value: str | None, key: str | None):
+    from pbs2pc.errors import Pbs2pcError
+
+    if value is None:
+        if key is not None:
+            raise Pbs2pcError("--rpc-key needs --rpc-tracker HOST:PORT.")
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise Pbs2pcError(f"--rpc-tracker takes HOST:PORT (e.g. 127.0.0.1:9190), not {value!r}.")
+    if not key:
+        raise Pbs2pcError("--rpc-tracker needs --rpc-key KEY, the key the board registered with.")
+    return host, int(port)
+
+
+def check_tracker(tracker, key: str) -> None:
+    """One clear error unless the tracker answers and has a board registered with ``key``."""
+    from pbs2pc.compiler.tvm_compat import rpc
+    from pbs2pc.errors import Pbs2pcError
+
+    host, port = tracker
+    try:
+        with socket.create_connection((host, port), timeout=10):
+            pass  # something listens (TVM's connect_tracker retries for a minute before it gives up)
+        summary = rpc().connect_tracker(host, port).summary()
+    except Exception:  # noqa: BLE001 - any failure to talk to it says the same thing
+        raise Pbs2pcError(f"cannot reach an RPC tracker at {host}:{port}; start one with: python -m "
+                          f"tvm.exec.rpc_tracker --host {host} --port {port}") from None
+    keys = set(summary.get("queue_info", {}))
+    if key not in keys:
+        known = f" (it has: {', '.join(sorted(keys))})" if keys else " (it has none)"
+        raise Pbs2pcError(f"the RPC tracker at {host}:{port} has no board with key {key!r}{known}; on the board run: "
+                          f"python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}")
+
+
+def _check_local(preset) -> None:
+    """A local runner needs a target this machine executes."""
+    from pbs2pc import cpu
+    from pbs2pc.errors import Pbs2pcError
+
+    if preset.machine != cpu.architecture() or preset.cross_compiler:
+        raise Pbs2pcError(f"target {preset.name!r} runs on a board, not this {cpu.architecture()} machine; give "
+                          "--rpc-tracker HOST:PORT --rpc-key KEY for a board registered with TVM's RPC tracker.")
+    lacking = cpu.missing(preset.features)
+    if lacking:
+        raise Pbs2pcError(f"this CPU lacks {', '.join(lacking)}, which target {preset.name!r} executes; tune it on a "
+                          "machine that has them (or through --rpc-tracker).")
+
+
+def step_time_us(library: str, steps: int = 32) -> float:
+    """The median time of one decode step of ``library`` (a short prompt, then ``steps`` steps)."""
+    import statistics
+    import time
+
+    from pbs2pc.runtime import load
+
+    model = load(library)
+    model.prefill([1, 2, 3, 4], capacity=8 + steps)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        model.step(5 + i % 7)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1e6
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
+    from pbs2pc.compiler.tune import Runner, table, tune_model
+    from pbs2pc.errors import Pbs2pcError, UnsupportedError
+
+    tracker = _tracker(args.rpc_tracker, args.rpc_key)
+    if args.trials < 1:
+        raise Pbs2pcError(f"--trials must be at least 1, not {args.trials}.")
+    if args.timeout <= 0:
+        raise Pbs2pcError(f"--timeout must be positive, not {args.timeout}.")
+    if not Path(args.model).is_file():
+        raise Pbs2pcError(f"{args.model} does not exist; give the .onnx file pbs2pc export wrote.")
+    if args.library and not Path(args.library).is_file():
+        raise Pbs2pcError(f"--library {args.library} does not exist; compile the model first (pbs2pc compile).")
+    preset = get_preset(args.target)
+    if preset.family == "cuda":
+        raise UnsupportedError(f"tuning for {preset.name!r} is not supported yet: the CUDA target is not implemented; "
+                               "tune an x86 or ARM target.")
+    preset = preset.require()
+    if (Path(args.output) / "target.json").exists():  # an existing database: refused now if for another target
+        from pbs2pc.compiler.tune import open_database
+
+        open_database(args.output, preset)
+    if tracker:
+        check_tracker(tracker, args.rpc_key)
+    else:
+        _check_local(preset)
+    runner = Runner(tracker, args.rpc_key, args.timeout)
+    result = tune_model(args.model, args.output, preset, trials=args.trials,
+                        options=CompileOptions(args.activations or preset.default_activations), runner=runner,
+                        progress=True,
+                        log=lambda msg: print(msg, flush=True))
+    step = step_time_us(args.library) if args.library else None
+    print(table(result, step))
+    print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target} "
+          f"--tuning-db {args.output} -o model.so")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,205 @@
+"""pbs2pc tune: a small tune of the tiny model end to end (killed and resumed), its database used by compile
+with the untuned build's numerics, the RPC runner through a tracker and server on loopback, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pbs2pc.cli import main
+from testutil import X86
+
+TRIALS = 2
+ENV = {**os.environ, "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def _measured(records) -> list[tuple]:
+    return [(r["key"], json.dumps(r["knobs"], sort_keys=True)) for r in records if r.get("us") is not None]
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_onnx, tmp_path_factory):
+    """A database of the tiny model: a ``pbs2pc tune`` killed (SIGKILL) after its first records, then run
+    again to the end. ``(folder, lines at the kill)``."""
+    folder = tmp_path_factory.mktemp("tune") / "db"
+    argv = ["tune", str(tiny_onnx), "--target", X86, "--trials", str(TRIALS), "-o", str(folder)]
+    proc = subprocess.Popen([sys.executable, "-m", "pbs2pc", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    records = folder / "records.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.exists() and records.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the tune and the builder and runner processes it started
+        proc.wait()
+    at_kill = records.read_bytes()
+    assert at_kill.count(b"\n") >= 1, "the first tune wrote no record"
+    assert main(argv) == 0
+    return folder, at_kill
+
+
+def test_a_killed_tune_resumes_without_losing_or_repeating_records(tuned, capsys):
+    folder, at_kill = tuned
+    final = (folder / "records.jsonl").read_bytes()
+    kept = at_kill[:at_kill.rfind(b"\n") + 1]
+    assert final.startswith(kept)  # every finished record of the killed run is still there, first
+    records = _records(folder)
+    measured = _measured(records)
+    assert len(measured) == len(set(measured)), "a setting was measured twice"
+    keys = {r["key"] for r in records}
+    assert len(keys) == 4 and all(k.startswith("x86_avx") for k in keys)  # the tiny model's four GEMV shapes
+    assert len(measured) == TRIALS * len(keys)
+    assert all(sum(1 for r in records if r["key"] == k and r["default"] and r["us"]) == 1 for k in keys)
+    target = json.loads((folder / "target.json").read_text())
+    assert target["preset"] in ("x86-avx512", "x86-avx2") and target["tvm_version"]
+
+
+def test_compile_with_the_database_keeps_the_numerics(tuned, tiny_onnx, tiny_library, tmp_path, capsys):
+    from pbs2pc.runtime import load
+
+    folder, _ = tuned
+    lib = tmp_path / "tuned.so"
+    assert main(["compile", str(tiny_onnx), "--target", X86, "--tuning-db", str(folder), "-o", str(lib)]) == 0
+    assert "4 kernels built with settings from" in capsys.readouterr().out
+    manifest = json.loads(lib.with_name("tuned.manifest.json").read_text())
+    assert len(manifest["tuned_kernels"]) == 4
+    ids = np.array([[1, 5, 9, 2, 7]])
+    np.testing.assert_allclose(load(lib).logits(ids), load(tiny_library).logits(ids), rtol=1e-6, atol=1e-6)
+
+    # a database without one kernel: that one falls back to its defaults
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial)
+    records = _records(partial)
+    dropped = records[0]["key"]
+    (partial / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["key"] != dropped))
+    from pbs2pc.compiler.build import compile_model
+
+    manifest = compile_model(tiny_onnx, tmp_path / "partial.so", X86, tuning_db=partial)
+    assert dropped not in manifest["tuned_kernels"] and len(manifest["tuned_kernels"]) == 3
+
+
+def _other_x86(folder: Path) -> str:
+    made_for = json.loads((folder / "target.json").read_text())["preset"]
+    return "x86-avx2" if made_for == "x86-avx512" else "x86-avx512"
+
+
+def _user_error(argv, capsys, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+
+
+def test_a_database_for_another_target_is_refused(tuned, tiny_onnx, tmp_path, capsys):
+    folder, _ = tuned
+    other = _other_x86(folder)
+    before = (folder / "records.jsonl").read_bytes()
+    _user_error(["compile", str(tiny_onnx), "--target", other, "--tuning-db", str(folder), "-o",
+                 str(tmp_path / "m.so")], capsys, "was made for")
+    _user_error(["tune", str(tiny_onnx), "--target", other, "-o", str(folder)], capsys, "was made for")
+    assert (folder / "records.jsonl").read_bytes() == before
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tune import open_database
+    from pbs2pc.errors import Pbs2pcError
+
+    with pytest.raises(Pbs2pcError, match="was made for"):
+        open_database(folder, get_preset(other))
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
+    db = str(tmp_path / "db")
+    _user_error(["tune", str(tiny_onnx), "--target", "cuda", "-o", db], capsys, "not supported yet")
+    _user_error(["tune", str(tiny_onnx), "--trials", "0", "-o", db], capsys, "--trials must be at least 1")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "localhost"], capsys, "HOST:PORT")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9"], capsys, "--rpc-key")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", f"127.0.0.1:{_free_port()}", "--rpc-key", "k"],
+                capsys, "cannot reach an RPC tracker")
+    _user_error(["tune", str(tmp_path / "missing.onnx"), "-o", db], capsys, "does not exist")
+    _user_error(["compile", str(tiny_onnx), "--tuning-db", db, "-o", str(tmp_path / "m.so")], capsys,
+                "pbs2pc tune")
+    assert not (tmp_path / "db").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path, capsys):
+    from pbs2pc.compiler.tvm_compat import rpc
+
+    port, key = _free_port(), "pbs2pc-test"
+    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+                      str(port + 1)])
+    server = None
+    try:
+        board_port = _free_port()
+        server = _start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host",
+                         "127.0.0.1", "--port", str(board_port), "--port-end", str(board_port + 1)])
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2):
+                    pass  # the tracker listens: ask it (connect_tracker itself retries for a minute)
+                if key in rpc().connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
+                    break
+            except OSError:  # not up yet
+                pass
+            assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
+            time.sleep(0.5)
+        db = tmp_path / "db"
+        argv = ["tune", str(tiny_onnx), "--target", X86, "--trials", "1", "-o", str(db),
+                "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", key, "--timeout", "20"]
+        assert main(argv) == 0
+        assert "rpc 127.0.0.1" in capsys.readouterr().out
+        records = _records(db)
+        assert len(records) == 4 and all(r["us"] is not None and r["default"] for r in records), records
+
+        # the board goes away: its candidates time out, are recorded as failed runs, and the tune finishes
+        _stop(server)
+        server = None
+        from pbs2pc.compiler.targets import CompileOptions, get_preset
+        from pbs2pc.compiler.tune import Runner, Search, extract, open_database
+
+        preset = get_preset(X86)
+        kernels = extract(tiny_onnx, preset, CompileOptions())[:1]
+        start = time.monotonic()
+        Search(preset, Runner(("127.0.0.1", port), key, timeout_s=2)).tune(kernels, open_database(db, preset), 3)
+        failed = _records(db)[4:]
+        assert len(failed) == 2 and all("Timeout" in r["error"] and r["error"].startswith("run:") for r in failed)
+        assert time.monotonic() - start < 60
+    finally:
+        if server is not None:
+            _stop(server)
+        _stop(tracker)
