@@ -129,14 +129,14 @@ def test_neon_kernel_hot_loop_matches_its_documented_step():
     from pbs2pc.passes.kernels.arm_neon import sparse_binary_gemv_int8 as v1
 
     N, K, G = 512, 1024, 128  # N K = 2^19: the parallel path
-    step = v1.TILES_PER_TASK * v1.INTERLEAVE * v1.COLUMNS_PER_STEP
     for mask, per_tbl in ((True, 16), (False, 32)):
+        step = v1.TILES_PER_TASK[mask] * v1.INTERLEAVE * v1.COLUMNS_PER_STEP  # tiles per task: by mask plane
         asm = arm.tvm_asm(v1.gemv_int8(N, K, G, mask, True, False))
         loop = loop_model.hot_loop(loop_model.find_loops(asm), "tbl", "parallel")
         weights = loop_model.count(loop.body, "tbl") * per_tbl
         assert weights % step == 0
         trips = loop_model.trip_count(asm, loop)
-        assert trips is not None and trips * weights == v1.TILES_PER_TASK * v1.INTERLEAVE * G  # one group per entry
+        assert trips is not None and trips * weights == v1.TILES_PER_TASK[mask] * v1.INTERLEAVE * G  # a group per entry
 
 
 def test_fp32_gemv_loop_is_vector_fmla():
