@@ -8,9 +8,14 @@ its ``RPCRunner``, write each record as it returns, and update the model; until 
 (or the whole space, where it is smaller) are done. The default setting is always measured first, so
 every kernel has its baseline from the same runner.
 
-Timing: one call per repeat, each after flushing the caches of every argument but the input vector,
-median of the repeats. A decode step streams each layer's weights from memory once, so a kernel timed
-with its weights warm in cache would be a kernel the model never runs.
+Timing, local runner: as a decode step runs a kernel. A step streams each layer's weights from memory
+(the model's weights are larger than the last-level cache), and the kernel threads are awake from the
+kernel before. So the runner allocates enough copies of the kernel's arguments to exceed
+:data:`ROTATE_BYTES` and calls the kernel on each copy in turn, back to back (:func:`_run_rotating`): per
+repeat the time of one pass over the copies divided by their number, median of the repeats. Timing one
+call after a cache flush instead (MetaSchedule's default) measured parallel launches from cold threads
+and picked serial loops that made SmolLM2's decode no faster (docs/tuning.md). RPC runner: one call per
+repeat after a cache flush on the board (a loop of calls over RPC would time the network).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import statistics
 from pbs2pc.compiler.tune.kernels import Kernel, inputs, knob_id
 from pbs2pc.compiler.tvm_compat import popen_pool, tune_context
 
-#: Timed calls per candidate (each after a cache flush); the median is its time.
+#: Timed repeats per candidate; the median is its time.
 REPEATS = 25
+#: Bytes of argument copies a local candidate rotates over: twice a 32 MiB last-level cache, so every call
+#: reads its weights from memory, as in a decode step.
+ROTATE_BYTES = 64 << 20
 #: Candidates built and timed per round (the builder starts a process per round: a few seconds).
 BATCH = 8
 
@@ -42,18 +50,40 @@ class Runner:
         return f"rpc {self.tracker[0]}:{self.tracker[1]} key {self.key}" if self.tracker else "local"
 
 
-def _alloc_local(table, device, args_info, alloc_repeat):
-    """MetaSchedule's ``f_alloc_argument`` for the local runner: the realistic inputs of the kernel whose
-    parameters are ``args_info`` (``table``: :func:`_signature` -> arrays)."""
+def _alloc_local(table, device, args_info, _alloc_repeat):
+    """MetaSchedule's ``f_alloc_argument`` for the local runner: copies of the realistic inputs of the kernel
+    whose parameters are ``args_info`` (``table``: :func:`_signature` -> arrays), :data:`ROTATE_BYTES` in all."""
     from pbs2pc.compiler.tvm_compat import tensor
 
     arrays = table[json.dumps(args_info)]
-    return [[tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]
+    copies = max(2, min(1024, -(-ROTATE_BYTES // sum(a.nbytes for a in arrays))))
+    return [[tensor(a, device) for a in arrays] for _ in range(copies)]
+
+
+def _run_rotating(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
+    """MetaSchedule's ``f_run_evaluator`` for the local runner: per repeat, one call on each argument copy in
+    turn; seconds per call (see the module docstring). One untimed pass first."""
+    import time
+
+    func = rt_mod[rt_mod.entry_name]
+    for args in repeated_args:
+        func(*args)
+    costs = []
+    for _ in range(evaluator_config.repeat):
+        device.sync()
+        start = time.perf_counter()
+        for args in repeated_args:
+            func(*args)
+        device.sync()
+        costs.append((time.perf_counter() - start) / len(repeated_args))
+    return costs
 
 
 def _alloc_rpc(table, _session, device, args_info, alloc_repeat):
-    """The same for the RPC runner (arrays copied to the board)."""
-    return _alloc_local(table, device, args_info, alloc_repeat)
+    """The RPC runner's ``f_alloc_argument``: the kernel's inputs copied to the board, once."""
+    from pbs2pc.compiler.tvm_compat import tensor
+
+    return [[tensor(a, device) for a in table[json.dumps(args_info)]] for _ in range(alloc_repeat)]
 
 
 def _build(mod, target, _params):
@@ -92,7 +122,7 @@ class Search:
         self.builder = self.ms.builder.LocalBuilder(max_workers=workers, timeout_sec=300, f_build=_build,
                                                     f_export=export)
         self.evaluator = self.ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=0,
-                                                        enable_cpu_cache_flush=True)
+                                                        enable_cpu_cache_flush=bool(runner.tracker))
 
     def _runner(self, table: dict):
         ms = self.ms
@@ -109,7 +139,8 @@ class Search:
             runner.pool = popen_pool(max_workers=1, timeout=self.runner_spec.timeout_s)
             return runner
         return ms.runner.LocalRunner(timeout_sec=self.runner_spec.timeout_s, evaluator_config=self.evaluator,
-                                     f_alloc_argument=functools.partial(_alloc_local, table))
+                                     f_alloc_argument=functools.partial(_alloc_local, table),
+                                     f_run_evaluator=_run_rotating)
 
     def tune(self, kernels: list[Kernel], db, trials: int, on_record=None, batch: int = BATCH, seed: int = 0) -> None:
         """Measure up to ``trials`` settings of each kernel (fewer where its space is smaller), skipping those
