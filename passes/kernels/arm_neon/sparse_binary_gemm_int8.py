@@ -49,6 +49,66 @@ def sdot(acc, a, b):
     return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", acc, a, b)
 
 
+def nibble(v, half):
+    """The low (``half`` = 0) or high nibble of each byte of ``v`` (uint8x16; ``half`` an unrolled loop variable)."""
+    return T.Select(half == 0, T.bitwise_and(v, T.broadcast(T.uint8(15), 16)),
+                    T.shift_right(v, T.broadcast(T.uint8(4), 16)))
+
+
+def expand(v, half, j):
+    """0/1 bytes of nibble ``half`` of the 16 rows' plane bytes ``v``, rows 4j .. 4j+3, in the sdot layout (row
+    4j + r's 4 inputs in bytes 4r .. 4r+3): each row's nibble repeated 4 times (``tbl``), then bit r % 4 tested
+    (``cmtst``)."""
+    rep = T.Cast("int8x16", T.ramp(0, 1, 16) // 4 + T.broadcast(4 * j, 16))
+    spread = T.reinterpret("uint8x16", tbl(nibble(v, half), rep))
+    bits = T.Cast("uint8x16", T.shift_left(1, T.ramp(0, 1, 16) % 4))
+    return T.Select(tirx.NE(T.bitwise_and(spread, bits), T.broadcast(T.uint8(0), 16)),
+                    T.broadcast(T.int8(1), 16), T.broadcast(T.int8(0), 16))
+
+
+def quad(xq, row, k):
+    """The 4 quantised inputs ``k .. k+3`` of ``row`` in every int32 lane (``ld1r``), as int8x16."""
+    return T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", xq.vload([row, k], "int8x4")), 4))
+
+
+def row_quantiser(in_features: int, group_size: int, group_sums: bool):
+    """A TVMScript macro ``quantise_rows(x, M, MP, xq, xs, qsum)``: every row of ``x`` [M, K] quantised per group
+    (the x86 int8 kernels' quantiser), rows ``M .. MP-1`` (the padding of an odd M) zeros."""
+    K, GB = in_features, in_features // group_size
+    quantise = quantiser(K, group_size, group_sums=group_sums)
+
+    @T.macro
+    def quantise_rows(x, M, MP, xq, xs, qsum):
+        for m in range(M):
+            quantise(x, m, xq, xs, qsum)
+        for m in range(M, MP):
+            for k in range(K):
+                xq[m, k] = T.int8(0)
+            for g in range(GB):
+                xs[m, g] = T.float32(0)
+                qsum[m, g] = 0
+
+    return quantise_rows
+
+
+def row_writer(out_features: int, has_bias: bool):
+    """A TVMScript macro ``write_rows(y, out, bias, M, mb, tile)``: the tile's outputs of rows ``ROWS mb ..``
+    of ``x`` (``out`` ``[ROWS, 16]``) into ``y``, plus the bias; rows past ``M`` are not written."""
+    L = INTERLEAVE
+
+    @T.macro
+    def write_rows(y, out, bias, M, mb, tile):
+        for r in range(ROWS):
+            if mb * ROWS + r < M:
+                for l in T.vectorized(L):
+                    if has_bias:
+                        y[mb * ROWS + r, tile * L + l] = out[r, l] + bias[tile * L + l]
+                    else:
+                        y[mb * ROWS + r, tile * L + l] = out[r, l]
+
+    return write_rows
+
+
 def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool):
     """The PrimFunc ``(x [M, K] f32, sign, [mask], alpha, [mu], [bias], y [M, N] f32)`` for one layer shape,
     ``M`` symbolic. Planes ``[N/16, K/8, 16]`` uint8, scales ``[N/16, K/G, 16]`` float16."""
@@ -58,24 +118,10 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     L = INTERLEAVE
     NT, C, GB, K4, G4 = N // L, K // 8, K // G, K // 4, G // 4
     P = 2 if has_mask else 1  # decoded planes: t (and mask)
-    quantise = quantiser(K, G, group_sums=not has_mask)
+    quantise_rows = row_quantiser(K, G, group_sums=not has_mask)
+    write_rows = row_writer(N, has_bias)
     i8 = "int8x16"
-    bits = T.Cast("uint8x16", T.shift_left(1, T.ramp(0, 1, 16) % 4))  # bit r % 4 of each byte's nibble
-    one, zero = T.broadcast(T.int8(1), 16), T.broadcast(T.int8(0), 16)
-
-    def nibble(v, half):
-        return T.Select(half == 0, T.bitwise_and(v, T.broadcast(T.uint8(15), 16)),
-                        T.shift_right(v, T.broadcast(T.uint8(4), 16)))
-
-    def expand(v, half, j):
-        # 0/1 bytes of nibble ``half`` of the 16 rows' plane bytes v, rows 4j .. 4j+3, in the sdot layout
-        rep = T.Cast(i8, T.ramp(0, 1, 16) // 4 + T.broadcast(4 * j, 16))  # row 4j + r's nibble, 4 times
-        spread = T.reinterpret("uint8x16", tbl(nibble(v, half), rep))
-        return T.Select(tirx.NE(T.bitwise_and(spread, bits), T.broadcast(T.uint8(0), 16)), one, zero)
-
-    def quad(xq, row, k):
-        # x's 4 quantised inputs k .. k+3 of ``row`` in every int32 lane (ld1r)
-        return T.reinterpret(i8, T.broadcast(T.reinterpret("int32", xq.vload([row, k], "int8x4")), 4))
+    one = T.broadcast(T.int8(1), 16)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(var_x: T.handle, sign: T.Buffer((NT, C, L), "uint8"), mask: T.Buffer((NT, C, L), "uint8"),
@@ -90,14 +136,7 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         xs = T.alloc_buffer((MP, GB), "float32")
         qsum = T.alloc_buffer((MP, GB), "int32")
         # 1. Quantise every row of x; the padding row (odd M) is zeros.
-        for m in range(M):
-            quantise(x, m, xq, xs, qsum)
-        for m in range(M, MP):
-            for k in range(K):
-                xq[m, k] = T.int8(0)
-            for g in range(GB):
-                xs[m, g] = T.float32(0)
-                qsum[m, g] = 0
+        quantise_rows(x, M, MP, xq, xs, qsum)
         # 2. Per 16-row tile: decode t (and mask) to int8, then sdot against every pair of rows.
         for tile in T.parallel(NT):
             w = T.alloc_buffer((P, K4, 4, L), "int8")  # [t | mask, k / 4, row group, 4 rows x 4 inputs]
@@ -140,12 +179,6 @@ def gemm_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
                                               if has_mu else a * it)
                             out[r, T.ramp(4 * j, 1, 4)] = out.vload([r, 4 * j], "float32x4") + T.broadcast(
                                 xs[mb * ROWS + r, g], 4) * part
-                for r in range(ROWS):
-                    if mb * ROWS + r < M:
-                        for l in T.vectorized(L):
-                            if has_bias:
-                                y[mb * ROWS + r, tile * L + l] = out[r, l] + bias[tile * L + l]
-                            else:
-                                y[mb * ROWS + r, tile * L + l] = out[r, l]
+                write_rows(y, out, bias, M, mb, tile)
 
     return without_absent(kernel, has_mask, has_mu, has_bias)

@@ -19,10 +19,9 @@ quantised activation, scaled per group in fp32. Oracle: :func:`.sparse_binary_ge
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T, tirx
-from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8 import quantiser
-
-from .sparse_binary_gemm_int8 import ROWS, sdot, supported as v1_supported
-from .sparse_binary_gemv_int8 import INTERLEAVE, tbl
+from .sparse_binary_gemm_int8 import (ROWS, expand, quad, row_quantiser, row_writer, sdot,
+                                      supported as v1_supported)
+from .sparse_binary_gemv_int8 import INTERLEAVE
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str,
@@ -50,19 +49,9 @@ def gemm_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
         kinds = ["T0", "M0"] if has_mask else ["T0"]
     NP = len(kinds)
     SP = K  # the padded salient list's room: a group's columns padded to a multiple of 4 stay within G
-    quantise = quantiser(K, G, group_sums=True)
+    quantise_rows = row_quantiser(K, G, group_sums=True)
+    write_rows = row_writer(N, has_bias)
     i8, u8 = "int8x16", "uint8x16"
-    bits = T.Cast(u8, T.shift_left(1, T.ramp(0, 1, 16) % 4))
-    one, zero = T.broadcast(T.int8(1), 16), T.broadcast(T.int8(0), 16)
-
-    def nibble(v, half):
-        return T.Select(half == 0, T.bitwise_and(v, T.broadcast(T.uint8(15), 16)),
-                        T.shift_right(v, T.broadcast(T.uint8(4), 16)))
-
-    def expand(v, half, j):
-        rep = T.Cast(i8, T.ramp(0, 1, 16) // 4 + T.broadcast(4 * j, 16))
-        spread = T.reinterpret(u8, tbl(nibble(v, half), rep))
-        return T.Select(tirx.NE(T.bitwise_and(spread, bits), T.broadcast(T.uint8(0), 16)), one, zero)
 
     def plane(sign, mask, group, tile, c, half, j, p):
         """Decoded plane ``p`` (0/1 or -1/0/1 bytes) of rows 4j .. 4j+3, inputs of nibble ``half`` of byte c."""
@@ -80,9 +69,6 @@ def gemm_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
         for index in range(NP - 2, -1, -1):
             expr = T.Select(p == index, options[kinds[index]], expr)
         return expr
-
-    def quad(buf, row, k):
-        return T.reinterpret(i8, T.broadcast(T.reinterpret("int32", buf.vload([row, k], "int8x4")), 4))
 
     def scale(buf, tile, g, j):
         return T.Cast("float32x4", buf.vload([tile, g, 4 * j], "float16x4"))
@@ -132,14 +118,7 @@ def gemm_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
         count = T.alloc_buffer((2,), "int32")  # [padded list length, salient columns so far]
         xr = T.alloc_buffer((MP, SP), "int8")  # q at the padded salient columns
         # 1. Quantise every row (padding rows: zeros); list the salient columns, padded per group.
-        for m in range(M):
-            quantise(x, m, xq, xs, qsum)
-        for m in range(M, MP):
-            for k in range(K):
-                xq[m, k] = T.int8(0)
-            for g in range(GB):
-                xs[m, g] = T.float32(0)
-                qsum[m, g] = 0
+        quantise_rows(x, M, MP, xq, xs, qsum)
         if has_residual:
             count[0] = 0
             count[1] = 0
@@ -218,13 +197,7 @@ def gemm_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
                                 xs[mb * ROWS + r, g], 4) * group_total(
                                 acc, racc, qsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu,
                                 tile, g, r, j, mb * ROWS + r)
-                for r in range(ROWS):
-                    if mb * ROWS + r < M:
-                        for l in T.vectorized(L):
-                            if has_bias:
-                                y[mb * ROWS + r, tile * L + l] = out[r, l] + bias[tile * L + l]
-                            else:
-                                y[mb * ROWS + r, tile * L + l] = out[r, l]
+                write_rows(y, out, bias, M, mb, tile)
 
     keep = [True, True, has_mask, True, has_mu, has_bias] + [has_groups] * 3 + [has_residual] * 4 + [True]
     params = [p for p, k in zip(kernel.params, keep) if k]

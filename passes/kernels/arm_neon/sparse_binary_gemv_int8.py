@@ -95,6 +95,28 @@ def build_table(parts, col, half, high):
     return total
 
 
+def table_builder(in_features: int, group_size: int, group_sums: bool):
+    """A TVMScript macro ``build_tables(x, xq, xs, qsum, parts, tab)``: ``x`` ``[1, K]`` quantised per group (the
+    x86 int8 kernels' quantiser: ``xq``, scales ``xs``, with ``group_sums`` each group's sum of ``q`` in ``qsum``),
+    split into ``ql``/``qh`` (``parts`` ``[2, K]``) and the TL / TH tables of every column byte's nibbles
+    (``tab`` ``[K/8, 2, 2, 16]``: column byte, nibble half, TL | TH, entry)."""
+    K, C = in_features, in_features // 8
+    quantise = quantiser(K, group_size, group_sums=group_sums)
+
+    @T.macro
+    def build_tables(x, xq, xs, qsum, parts, tab):
+        quantise(x, 0, xq, xs, qsum)
+        for k in T.vectorized(K):
+            parts[0, k] = T.bitwise_and(xq[0, k], T.int8(15))  # ql
+            parts[1, k] = T.shift_right(xq[0, k], T.int8(4))  # qh (arithmetic)
+        for c in range(C):
+            for half in T.unroll(2):
+                for t in T.unroll(2):
+                    tab[c, half, t, T.ramp(0, 1, INTERLEAVE)] = build_table(parts, c, half, t)
+
+    return build_tables
+
+
 def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool,
               has_bias: bool, tiles: int | None = None, parallel_min: int | None = None):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], y [1, N] f32)`` for one layer shape.
@@ -114,7 +136,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
     STEPS = B // COLUMNS_PER_STEP  # widening steps per block
     CG, CB = G // 8, B // 8  # column bytes per group, per block
     P = 2 if has_mask else 1  # planes looked up: P (and M)
-    quantise = quantiser(K, G, group_sums=not has_mask)
+    build_tables = table_builder(K, G, group_sums=not has_mask)
     tasks = T.parallel if N * K >= (parallel_min or PARALLEL_MIN_WEIGHTS) else T.serial
     offset = 128 * B  # a lane's TH offsets over a block: 512 per lookup, B / 4 lookups
     u8, u16 = "uint8x16", "uint16x8"
@@ -152,14 +174,7 @@ def gemv_int8(out_features: int, in_features: int, group_size: int, has_mask: bo
         parts = T.alloc_buffer((2, K), "int8")  # [ql | qh, k]
         tab = T.alloc_buffer((C, 2, 2, L), "int8")  # [column byte, nibble half, TL | TH, e]
         # 1. Quantise x per group (the x86 int8 kernels' quantiser), 2. the TL / TH tables.
-        quantise(x, 0, xq, xs, qsum)
-        for k in T.vectorized(K):
-            parts[0, k] = T.bitwise_and(xq[0, k], T.int8(15))  # ql
-            parts[1, k] = T.shift_right(xq[0, k], T.int8(4))  # qh (arithmetic)
-        for c in range(C):
-            for half in T.unroll(2):
-                for t in T.unroll(2):
-                    tab[c, half, t, T.ramp(0, 1, L)] = build_table(parts, c, half, t)
+        build_tables(x, xq, xs, qsum, parts, tab)
         # 3. The GEMV: R tiles of 16 rows per task.
         for task in tasks(NT // R):
             # global scope: stack allocas, registers after LLVM's SROA (see the x86 kernels)

@@ -28,11 +28,11 @@ salient plane stays ``[1, K/8]``).
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T, tirx
+from pbs2pc.passes.kernels.salient import salient_lister
 from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import plus_bias
-from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv_int8 import quantiser
 
-from .sparse_binary_gemv_int8 import (BLOCK, COLUMNS_PER_STEP, INTERLEAVE, PARALLEL_MIN_WEIGHTS, TH_OFFSET,
-                                      build_table, supported as v1_supported, tbl, umull)
+from .sparse_binary_gemv_int8 import (BLOCK, COLUMNS_PER_STEP, INTERLEAVE, PARALLEL_MIN_WEIGHTS,
+                                      supported as v1_supported, table_builder, tbl, umull)
 
 #: 16-row tiles per parallel task: one (four planes of two tiles would spill NEON registers).
 TILES_PER_TASK = 1
@@ -73,7 +73,7 @@ def gemv_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
     else:
         kinds = ["P0", "M0"] if has_mask else ["P0"]
     NP = len(kinds)
-    quantise = quantiser(K, G, group_sums=not has_mask)
+    build_tables = table_builder(K, G, group_sums=not has_mask)
     tasks = T.parallel if N * K >= (parallel_min or PARALLEL_MIN_WEIGHTS) else T.serial
     offset = 128 * B
     u8, u16, i32 = "uint8x16", "uint16x8", "int32x16"
@@ -138,6 +138,8 @@ def gemv_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
                 scale(residual_mu, tile, g) - ra) * T.Cast("float32x16", res.vload([1, 0], i32))
         return total
 
+    list_salient = salient_lister(K, G)
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, L), "uint8"),
                mask: T.Buffer((NT, C, L), "uint8"), alpha: T.Buffer((NT, GB, L), "float16"),
@@ -156,24 +158,9 @@ def gemv_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
         start = T.alloc_buffer((GB + 1,), "int32")  # scale group g's salient columns: cols[start[g]:start[g+1]]
         count = T.alloc_buffer((1,), "int32")
         # 1. Quantise x, the TL / TH tables, the salient columns.
-        quantise(x, 0, xq, xs, qsum)
-        for k in T.vectorized(K):
-            parts[0, k] = T.bitwise_and(xq[0, k], T.int8(15))
-            parts[1, k] = T.shift_right(xq[0, k], T.int8(4))
-        for c in range(C):
-            for half in T.unroll(2):
-                for t in T.unroll(2):
-                    tab[c, half, t, T.ramp(0, 1, L)] = build_table(parts, c, half, t)
+        build_tables(x, xq, xs, qsum, parts, tab)
         if has_residual:
-            count[0] = 0
-            for g in range(GB):
-                start[g] = count[0]
-                for k in range(G):
-                    if tirx.NE(T.bitwise_and(T.shift_right(salient[0, (g * G + k) // 8], T.uint8(k % 8)), T.uint8(1)),
-                               T.uint8(0)):
-                        cols[count[0]] = g * G + k
-                        count[0] = count[0] + 1
-            start[GB] = count[0]
+            list_salient(salient, cols, start, count)
         # 2. Per 16-row tile: NP looked-up planes, the residual walk, scaled per group.
         for tile in tasks(NT):
             acc = T.alloc_buffer((L,), "float32")

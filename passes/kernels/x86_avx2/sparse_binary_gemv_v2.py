@@ -34,6 +34,7 @@ scales ``[N/16, K/G, 16]``), the salient plane stays ``[1, K/8]``. Measurements:
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T, tirx
+from pbs2pc.passes.kernels.salient import salient_lister
 from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import plus_bias, task_loop
 
 from .sparse_binary_gemv import CHUNKS, INTERLEAVE, LANES, byte_sum, chunk_sum, supported as v1_supported, widen
@@ -93,6 +94,8 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                 scale(residual_mu, tile, g, u) - ra) * res.vload([u, 1, 0], f32x8)
         return total
 
+    list_salient = salient_lister(K, G)
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, T_), "uint8"),
                mask: T.Buffer((NT, C, T_), "uint8"), alpha: T.Buffer((NT, GB, T_), "float16"),
@@ -118,15 +121,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                 for k in range(G):
                     xm[g] = xm[g] + x[0, g * G + k]
         if has_residual:
-            count[0] = 0
-            for g in range(GB):
-                start[g] = count[0]
-                for k in range(G):
-                    if tirx.NE(T.bitwise_and(T.shift_right(salient[0, (g * G + k) // 8], T.uint8(k % 8)), T.uint8(1)),
-                               T.uint8(0)):
-                        cols[count[0]] = g * G + k
-                        count[0] = count[0] + 1
-            start[GB] = count[0]
+            list_salient(salient, cols, start, count)
         # 2. Per 16-row tile: partial sums per (8 rows, sum), scaled per group.
         for tile in tasks(NT):
             acc = T.alloc_buffer((HALVES, LANES), "float32")
