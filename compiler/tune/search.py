@@ -13,9 +13,9 @@ Timing, local runner: as a decode step runs a kernel. A step streams each layer'
 kernel before. So the runner allocates enough copies of the kernel's arguments to exceed
 :data:`ROTATE_BYTES` and calls the kernel on each copy in turn, back to back (:func:`_run_rotating`): per
 repeat the time of one pass over the copies divided by their number, median of the repeats. Timing one
-call after a cache flush instead (MetaSchedule's default) measured parallel launches from cold threads
-and picked serial loops that made SmolLM2's decode no faster (docs/tuning.md). RPC runner: one call per
-repeat after a cache flush on the board (a loop of calls over RPC would time the network).
+call after a cache flush instead (MetaSchedule's default) times every parallel launch from sleeping
+threads, which a decode step does not see (docs/tuning.md). RPC runner: one call per repeat after a cache
+flush on the board (a loop of calls over RPC would time the network).
 """
 
 from __future__ import annotations
