@@ -3,6 +3,7 @@ with the untuned build's numerics, the RPC runner through a tracker and server o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -203,3 +204,55 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         if server is not None:
             _stop(server)
         _stop(tracker)
+
+
+def _call(**kw):
+    from pbs2pc.passes.kernels.registry import Call
+
+    base = dict(out_features=64, in_features=128, group_size=64, one_row=True, interleave=16, plane_dtype="uint8",
+                has_mask=True, has_mu=True, has_bias=False)
+    return Call(**{**base, **kw})
+
+
+def test_every_registry_knob_setting_builds():
+    """Each entry's declared space: the default first, and every setting a kernel its builder accepts."""
+    from pbs2pc.compiler.tune import Kernel
+    from pbs2pc.passes.kernels import registry
+
+    calls = [_call(), _call(coded=(6, 8)), _call(has_groups=True, has_residual=True, residual_bytes=2),
+             _call(has_groups=True, has_residual=True, residual_bytes=2, coded=(6, 8))]
+    tuned = set()
+    for entry in registry.all_kernels():
+        if entry.knobs is None or entry.family != "cpu":
+            continue
+        call = next((c for c in calls if entry.accepts(c if entry.reads_codes else dataclasses.replace(c, coded=None))),
+                    None)
+        if call is None:
+            continue
+        kernel = Kernel("k", entry, call, 1)
+        space = kernel.space()
+        assert space[0] == {k: v[0] for k, v in entry.knobs(call).items()}
+        assert len({json.dumps(s, sort_keys=True) for s in space}) == len(space) >= 2
+        for knobs in space:
+            assert kernel.build(knobs)["main"] is not None
+        tuned.add(entry.name)
+    assert {"x86_avx512.gemv_v2_fp32", "x86_avx2.gemv_int8", "arm_neon.gemv_int8"} <= tuned, tuned
+
+
+def test_board_candidates_are_cross_compiled_shared_libraries():
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tune import Kernel, Runner, Search
+    from pbs2pc.passes.kernels import registry
+
+    preset = get_preset("rpi5")
+    if shutil.which(preset.cross_compiler) is None:
+        pytest.skip(f"{preset.cross_compiler} is not installed")
+    entry = next(e for e in registry.all_kernels() if e.name == "arm_neon.gemv_int8")
+    kernel = Kernel("k", entry, _call(), 1)
+    search = Search(preset, Runner(("127.0.0.1", 9), "rpi5"))
+    built = search.builder.build([search.ms.builder.BuilderInput(kernel.build(k), search.target)
+                                  for k in kernel.space()[:2]])
+    for result in built:
+        assert result.error_msg is None, result.error_msg
+        head = Path(result.artifact_path).read_bytes()[:20]
+        assert result.artifact_path.endswith(".so") and head[:4] == b"\x7fELF" and head[18] == 0xB7  # EM_AARCH64
