@@ -192,8 +192,9 @@ def _incbin_asm(blob_path: Path) -> str:
 
 
 def export_library(executable, path: str | os.PathLike, arch: str) -> list[dict]:
-    """Write ``executable`` (a ``tvm.compile`` result for a CUDA target) to ``path`` with its device code
-    as a fatbin for ``arch``; returns :func:`with_fatbins`'s records."""
+    """Write ``executable`` (a ``tvm.compile`` result for a CUDA target: a Relax executable, or the runtime
+    module of a TIR build) to ``path`` with its device code as a fatbin for ``arch``; returns
+    :func:`with_fatbins`'s records."""
     import tvm_ffi
 
     records: list[dict] = []
@@ -210,7 +211,7 @@ def export_library(executable, path: str | os.PathLike, arch: str) -> list[dict]
         asm.write_text(_incbin_asm(blob_path))
         return str(asm)
 
-    executable.mod.export_library(str(path), fpack_imports=pack_imports)
+    getattr(executable, "mod", executable).export_library(str(path), fpack_imports=pack_imports)
     return records
 
 

@@ -17,8 +17,10 @@ the target (:mod:`.database`: refused if made for another), tune each kernel, pr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+from pbs2pc.compiler.tune import device
 from pbs2pc.compiler.tune.database import Database, open_database
 from pbs2pc.compiler.tune.kernels import Kernel, extract, kernel_key, knob_id
 from pbs2pc.compiler.tune.search import Runner, Search
@@ -37,17 +39,18 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
     start = time.perf_counter()
     say = log or (lambda _msg: None)
     preset = target if isinstance(target, TargetPreset) else get_preset(target)
-    if preset.family == "cuda":
-        raise UnsupportedError(f"tuning for {preset.name!r} is not supported yet: the CUDA target is not "
-                               "implemented; tune an x86 or ARM target.")
     preset = preset.require()
+    runner = runner or Runner()
+    if preset.family == "cuda" and not runner.offline:
+        runner = dataclasses.replace(runner, offline=True)  # no runner reaches a GPU: the device script times them
     options = (options or CompileOptions(preset.default_activations)).check(preset)
     if trials < 1:
         raise UnsupportedError(f"--trials must be at least 1, not {trials}.")
     db = open_database(output, preset, create=True)
     say(f"listing the kernels of {onnx_path} for {preset.name}")
     kernels = extract(onnx_path, preset, options)
-    runner = runner or Runner()
+    if runner.offline:
+        return _tune_offline(kernels, db, preset, trials, say, progress, start)
     todo = {k.key: max(0, min(trials, len(k.space())) - sum(1 for s in k.space() if knob_id(s) in db.finished(k.key)))
             for k in kernels}
     say(f"{len(kernels)} distinct kernels, {sum(todo.values())} trials to run ({runner.describe()}); "
@@ -59,6 +62,22 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
         search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1))
     return {"kernels": [_row(k, db) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
             "database": str(db.folder), "target": preset.name}
+
+
+def _tune_offline(kernels, db, preset, trials, say, progress, start) -> dict:
+    """The device-script way (:mod:`.device`): take in the results copied back, export what is missing."""
+    taken = device.take_results(db)
+    if taken:
+        say(f"took {taken} results from {device.folder_of(db) / device.RESULTS} into {db.path}")
+    todo = device.pending(kernels, db, trials)
+    say(f"{len(kernels)} distinct kernels, {len(todo)} candidates to measure on the device")
+    result = {"kernels": [_row(k, db) for k in kernels], "database": str(db.folder), "target": preset.name}
+    if todo:
+        plan = device.export(todo, db, preset, say, progress)
+        result["pending"] = device.instructions(db, plan)
+        result["device_folder"] = str(device.folder_of(db))
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result
 
 
 def _row(kernel: Kernel, db: Database) -> dict:

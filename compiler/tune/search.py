@@ -45,8 +45,13 @@ class Runner:
     tracker: tuple[str, int] | None = None
     key: str | None = None
     timeout_s: float = 60.0
+    #: Neither: candidates are built into the database's ``device/`` folder with a script that times them
+    #: where they run (:mod:`pbs2pc.compiler.tune.device`; a CUDA target always goes this way).
+    offline: bool = False
 
     def describe(self) -> str:
+        if self.offline:
+            return "built here, timed by device/measure.py where they run"
         return f"rpc {self.tracker[0]}:{self.tracker[1]} key {self.key}" if self.tracker else "local"
 
 

@@ -10,6 +10,7 @@ device registered with TVM's RPC tracker. Details: docs/tuning.md.
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 
 
@@ -29,6 +30,11 @@ def add_parser(sub):
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="run candidates on a board registered with this TVM RPC tracker (with --rpc-key)")
     p.add_argument("--rpc-key", metavar="KEY", help="the board's key at the RPC tracker")
+    p.add_argument("--offline", action="store_true",
+                   help="build the candidates into DIR/device/ with a script that times them where they run (a device "
+                        "no runner reaches); copy DIR/device/results.jsonl back and run the command again. A CUDA "
+                        "target always tunes this way")
+    p.add_argument("--arch", metavar="SM", help="with --target cuda: the GPU architecture, as for compile (default sm_90)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="seconds a candidate's run may take, upload included, before it counts as failed "
                         "(default 60): a board that goes away costs this much per candidate, then the tune goes on")
@@ -87,6 +93,16 @@ def _check_local(preset) -> None:
                           "machine that has them (or through --rpc-tracker).")
 
 
+def _local_gpu() -> bool:
+    """Whether TVM's runtime sees a CUDA device on this machine."""
+    from pbs2pc.compiler.tvm_compat import tvm
+
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - a runtime without CUDA: no GPU here
+        return False
+
+
 def step_time_us(library: str, steps: int = 32) -> float:
     """The median time of one decode step of ``library`` (a short prompt, then ``steps`` steps)."""
     import statistics
@@ -109,7 +125,7 @@ def run(args) -> int:
 
     from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.compiler.tune import Runner, table, tune_model
-    from pbs2pc.errors import Pbs2pcError, UnsupportedError
+    from pbs2pc.errors import Pbs2pcError
 
     tracker = _tracker(args.rpc_tracker, args.rpc_key)
     if args.trials < 1:
@@ -120,24 +136,33 @@ def run(args) -> int:
         raise Pbs2pcError(f"{args.model} does not exist; give the .onnx file pbs2pc export wrote.")
     if args.library and not Path(args.library).is_file():
         raise Pbs2pcError(f"--library {args.library} does not exist; compile the model first (pbs2pc compile).")
-    preset = get_preset(args.target)
-    if preset.family == "cuda":
-        raise UnsupportedError(f"tuning for {preset.name!r} is not supported yet: the CUDA target is not implemented; "
-                               "tune an x86 or ARM target.")
-    preset = preset.require()
+    preset = get_preset(args.target, arch=args.arch).require()
+    offline = args.offline or preset.family == "cuda"
+    if offline and tracker:
+        raise Pbs2pcError("--rpc-tracker times candidates on a board through TVM's RPC; --offline (and a CUDA target) "
+                          "times them with a script run there: choose one.")
     if (Path(args.output) / "target.json").exists():  # an existing database: refused now if for another target
         from pbs2pc.compiler.tune import open_database
 
         open_database(args.output, preset)
     if tracker:
         check_tracker(tracker, args.rpc_key)
-    else:
+    elif not offline:
         _check_local(preset)
-    runner = Runner(tracker, args.rpc_key, args.timeout)
+    runner = Runner(tracker, args.rpc_key, args.timeout, offline=offline)
     result = tune_model(args.model, args.output, preset, trials=args.trials,
                         options=CompileOptions(args.activations or preset.default_activations), runner=runner,
                         progress=True,
                         log=lambda msg: print(msg, flush=True))
+    if result.get("pending") and preset.family == "cuda" and _local_gpu():
+        # this machine has the GPU: time the candidates here, then take the results in
+        subprocess.run([sys.executable, str(Path(result["device_folder"]) / "measure.py")], check=False)
+        result = tune_model(args.model, args.output, preset, trials=args.trials,
+                            options=CompileOptions(args.activations or preset.default_activations), runner=runner,
+                            log=lambda msg: print(msg, flush=True))
+    if result.get("pending"):
+        print(result["pending"])
+        return 0
     step = step_time_us(args.library) if args.library else None
     print(table(result, step))
     print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target} "

@@ -128,7 +128,9 @@ def test_a_database_for_another_target_is_refused(tuned, tiny_onnx, tmp_path, ca
 
 def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     db = str(tmp_path / "db")
-    _user_error(["tune", str(tiny_onnx), "--target", "cuda", "-o", db], capsys, "not supported yet")
+    _user_error(["tune", str(tiny_onnx), "--target", "x86", "--arch", "sm_90", "-o", db], capsys, "--arch is for")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--offline", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"],
+                capsys, "choose one")
     _user_error(["tune", str(tiny_onnx), "--trials", "0", "-o", db], capsys, "--trials must be at least 1")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "localhost"], capsys, "HOST:PORT")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9"], capsys, "--rpc-key")
@@ -214,6 +216,77 @@ def _call(**kw):
     return Call(**{**base, **kw})
 
 
+def test_offline_tune_a_device_script_times_the_candidates(tiny_onnx, tiny_library, tmp_path, capsys):
+    """--offline: candidates built into db/device/, timed there by measure.py (here: this machine's CPU, in a
+    subprocess with TVM's runtime), taken in by the next tune; a candidate that fails on the device is a
+    failed run, exported again; compile with the database keeps the numerics."""
+    from pbs2pc.runtime import load
+
+    db = tmp_path / "db"
+    argv = ["tune", str(tiny_onnx), "--target", X86, "--offline", "--trials", str(TRIALS), "-o", str(db)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "python3 device/measure.py" in out and not (db / "records.jsonl").exists()
+    plan = json.loads((db / "device" / "plan.json").read_text())
+    keys = {c["key"] for c in plan["candidates"]}
+    assert len(keys) == 4 and len(plan["candidates"]) == TRIALS * 4
+    assert all(sum(c["default"] for c in plan["candidates"] if c["key"] == k) == 1 for k in keys)
+    # one candidate's library swapped for another kernel's: it fails on the device, the rest are timed
+    broken = next(c for c in plan["candidates"] if not c["default"])
+    other = next(c for c in plan["candidates"] if c["key"] != broken["key"])
+    shutil.copyfile(db / "device" / other["library"], db / "device" / broken["library"])
+    run = subprocess.run([sys.executable, str(db / "device" / "measure.py"), "--repeats", "3"], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = [json.loads(line) for line in (db / "device" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == len(plan["candidates"])
+    failed = [r for r in results if r["error"]]
+    assert [(r["key"], r["knobs"]) for r in failed] == [(broken["key"], broken["knobs"])], failed
+    assert failed[0]["error"].startswith("run:")
+    assert all(r["us"] > 0 and len(r["runs_us"]) == 3 and r["timer"] == "wall" for r in results if not r["error"])
+
+    assert main(argv) == 0  # takes the results in; the failed one is exported again
+    out = capsys.readouterr().out
+    assert f"took {len(results)} results" in out and "2 candidates to measure" in out  # it and its default
+    again = json.loads((db / "device" / "plan.json").read_text())["candidates"]
+    assert {(c["key"], json.dumps(c["knobs"], sort_keys=True)) for c in again if not c["default"]} == {
+        (broken["key"], json.dumps(broken["knobs"], sort_keys=True))}
+    assert len(_measured(_records(db))) == len(results) - 1
+
+    lib = tmp_path / "tuned.so"
+    assert main(["compile", str(tiny_onnx), "--target", X86, "--tuning-db", str(db), "-o", str(lib)]) == 0
+    ids = np.array([[3, 1, 4, 1, 5]])
+    np.testing.assert_allclose(load(lib).logits(ids), load(tiny_library).logits(ids), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_tune_builds_fatbin_candidates_for_the_gpu_machine(tiny_onnx, tmp_path, capsys):
+    """--target cuda: each candidate a library with its device code compiled (a fatbin for the arch), the
+    CUDA GEMV's knobs (warps per block, K splits) in the plan; measure.py refuses a machine without a GPU."""
+    from pbs2pc.compiler import cuda_export
+
+    if cuda_export.nvcc_path() is None:
+        pytest.skip("no nvcc: CUDA builds need the CUDA toolkit")
+    db = tmp_path / "db"
+    argv = ["tune", str(tiny_onnx), "--target", "cuda", "--arch", "sm_80", "-o", str(db)]
+    assert main(argv) == 0
+    assert "the GPU machine" in capsys.readouterr().out
+    plan = json.loads((db / "device" / "plan.json").read_text())
+    assert plan["device"] == "cuda" and json.loads((db / "target.json").read_text())["preset"] == "cuda"
+    assert {c["key"].split(":")[0] for c in plan["candidates"]} == {"cuda.gemv_fp32"}
+    assert {c["knobs"]["warps"] for c in plan["candidates"]} == {2, 4, 8}
+    for cand in plan["candidates"]:
+        path = db / "device" / cand["library"]
+        assert [m for m, _ in cuda_export.device_modules(path)] == ["fatbin"], cand
+        assert [cuda_export.fatbin_archs(f) for f in cuda_export.fatbins(path)] == [["compute_80", "sm_80"]]
+    run = subprocess.run([sys.executable, str(db / "device" / "measure.py")], env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and "no cuda device" in run.stdout, run.stdout + run.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in (db / "device" / "lib").iterdir()}
+    assert main(argv) == 0  # nothing measured yet: the same candidates, not built again
+    assert "built already" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (db / "device" / "lib").iterdir()} == before
+
+
 def test_every_registry_knob_setting_builds():
     """Each entry's declared space: the default first, and every setting a kernel its builder accepts."""
     from pbs2pc.compiler.tune import Kernel
@@ -221,9 +294,11 @@ def test_every_registry_knob_setting_builds():
 
     calls = [_call(), _call(coded=(6, 8)), _call(has_groups=True, has_residual=True, residual_bytes=2),
              _call(has_groups=True, has_residual=True, residual_bytes=2, coded=(6, 8))]
+    calls += [dataclasses.replace(c, out_features=256, in_features=1024, interleave=4, plane_dtype="uint32")
+              for c in calls[:3:2]]  # the CUDA layout, K with several splits
     tuned = set()
     for entry in registry.all_kernels():
-        if entry.knobs is None or entry.family != "cpu":
+        if entry.knobs is None:
             continue
         call = next((c for c in calls if entry.accepts(c if entry.reads_codes else dataclasses.replace(c, coded=None))),
                     None)
@@ -236,7 +311,7 @@ def test_every_registry_knob_setting_builds():
         for knobs in space:
             assert kernel.build(knobs)["main"] is not None
         tuned.add(entry.name)
-    assert {"x86_avx512.gemv_v2_fp32", "x86_avx2.gemv_int8", "arm_neon.gemv_int8"} <= tuned, tuned
+    assert {"x86_avx512.gemv_v2_fp32", "x86_avx2.gemv_int8", "arm_neon.gemv_int8", "cuda.gemv_fp32"} <= tuned, tuned
 
 
 def test_board_candidates_are_cross_compiled_shared_libraries():

@@ -30,7 +30,7 @@ KERNELS = [
                 activations="fp32", rows="one", covers=lambda c: gemv.supported(*_shape(c)),
                 build=lambda c, **k: gemv.gemv(*_shape(c)[:3], c.has_mask, c.has_mu, c.has_bias, c.has_groups,
                                                c.has_residual, max(c.residual_bytes, 1), **k),
-                structure=("groups", "residual")),
+                structure=("groups", "residual"), knobs=lambda c: gemv.knobs(c.out_features, c.in_features)),
     # the prompt: fp16 tensor cores through dlight, v1 layers (v2 layers keep the fp32 TE kernel: the
     # tensorized schedule vectorizes the byte group plane's decode, and TVM 0.27's CUDA code generator
     # cannot broadcast uint8 vectors)

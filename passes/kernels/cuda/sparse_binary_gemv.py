@@ -35,6 +35,7 @@ ROWS = 4  # rows per tile: one 16-byte vector of 32-bit words
 WARPS = 4  # tiles (warps) per block
 LAYOUT = Layout(word_bits=32, interleave=ROWS)
 MAX_SPLIT_WORDS = 256  # words of K per split: 32 KB of x in shared memory
+MIN_SPLIT_WORDS = 4  # words of K per split the tuner tries at least (4 of 32 lanes busy)
 TARGET_BLOCKS = 264  # two blocks per SM of an H100 (132 SMs): split K until the grid has this many
 
 
@@ -43,10 +44,10 @@ def supported(out_features: int, in_features: int, group_size: int, interleave: 
             and in_features % 32 == 0 and group_size % 32 == 0 and in_features % group_size == 0)
 
 
-def splits_for(out_features: int, in_features: int) -> int:
+def splits_for(out_features: int, in_features: int, warps: int = WARPS) -> int:
     """K splits: the fewest with at most :data:`MAX_SPLIT_WORDS` words each, then more (while each keeps at
-    least 32 words, one per lane) until the grid has :data:`TARGET_BLOCKS` blocks."""
-    words, blocks = in_features // 32, out_features // (ROWS * WARPS)
+    least 32 words, one per lane) until the grid has :data:`TARGET_BLOCKS` blocks of ``warps`` warps."""
+    words, blocks = in_features // 32, out_features // (ROWS * warps)
     divisors = [s for s in range(1, words + 1) if words % s == 0]
     split = next(s for s in divisors if words // s <= MAX_SPLIT_WORDS)
     for s in divisors:
@@ -55,23 +56,47 @@ def splits_for(out_features: int, in_features: int) -> int:
     return split
 
 
+def split_choices(in_features: int) -> list[int]:
+    """The K splits worth a try: each split a whole number of words, at most :data:`MAX_SPLIT_WORDS` of
+    them (its ``x`` fits the shared memory) and at least :data:`MIN_SPLIT_WORDS`. Splits of fewer than 32
+    words leave lanes idle but multiply the blocks: a small layer (SmolLM2's 576x576 has 36 blocks of 4
+    warps) fills a fraction of a 132-SM GPU otherwise."""
+    words = in_features // 32
+    return [s for s in range(1, words + 1)
+            if words % s == 0 and words // s <= MAX_SPLIT_WORDS and (words // s >= MIN_SPLIT_WORDS or s == 1)]
+
+
+def knobs(out_features: int, in_features: int) -> dict:
+    """The tuner's search space (:mod:`pbs2pc.compiler.tune`): ``warps`` per block (rows per block: 4 each)
+    and K ``splits``, the defaults (:data:`WARPS`, :func:`splits_for`) first."""
+    warps = [w for w in (WARPS, 2, 8) if (out_features // ROWS) % w == 0]
+    default = splits_for(out_features, in_features)
+    return {"warps": tuple(warps),
+            "splits": (default, *(s for s in split_choices(in_features) if s != default))}
+
+
 def without_absent(kernel, present: list[bool]):
     params = [p for p, keep in zip(kernel.params, present) if keep]
     return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
 
 
 def gemv(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
-         has_groups: bool = False, has_residual: bool = False, residual_bytes: int = 1, splits: int | None = None):
+         has_groups: bool = False, has_residual: bool = False, residual_bytes: int = 1, splits: int | None = None,
+         warps: int = WARPS):
     """The PrimFunc ``(x [1, K] f32, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu],
     [salient, residual, residual_alpha, residual_mu], y [1, N] f32)`` for one layer shape (layout: the
     module docstring; ``residual_bytes``: the residual plane's bytes per row); ``splits``: K splits (default
-    :func:`splits_for`)."""
+    :func:`splits_for`), ``warps``: warps (4-row tiles) per block (the tuner's knobs, :func:`knobs`)."""
+    if (out_features // ROWS) % warps or (splits and (in_features // 32) % splits):
+        raise ValueError(f"the CUDA GEMV cannot run N={out_features}, K={in_features} with {warps} warps per block "
+                         f"and {splits} K splits")
+    WARPS = warps  # noqa: N806 - the module default, for this build
     N, K, G = out_features, in_features, group_size
     RB = residual_bytes
     THREADS = WARPS * 32
     RCHUNK = (K // 32 + THREADS - 1) // THREADS  # salient words per thread in the rank prologue
     NT, C, GB, C8 = N // ROWS, K // 32, K // G, K // 8
-    S = splits or splits_for(N, K)
+    S = splits or splits_for(N, K, warps)
     CS = C // S  # words per split
     XS = CS * 32  # floats of x per split
     WPG = G // 32  # words per scale group
