@@ -9,6 +9,10 @@ hand-picked default first), and the tuner searches those settings with MetaSched
 (:mod:`.search`): its builder, its local or RPC runner, and its XGBoost cost model over the per-store
 features of each candidate's TIR.
 
+A device no runner reaches (a CUDA GPU, a board without a network; ``Runner(offline=True)``) is served by
+:mod:`.device`: the candidates are built into the database's ``device/`` folder with a script that times
+them there, and the next tune takes the results in.
+
 Steps: list the model's distinct kernels (:func:`.kernels.extract`), open or create the database for
 the target (:mod:`.database`: refused if made for another), tune each kernel, print a table.
 ``pbs2pc compile --tuning-db DIR`` then builds every kernel the database has with its fastest setting

@@ -4,7 +4,9 @@ Lists the model's distinct registry kernels, searches each one's knobs (tiles pe
 ...) with MetaSchedule's builder, runner and XGBoost cost model, and writes every measurement to the
 database folder as it is made (a killed tune resumes where it stopped). ``pbs2pc compile --tuning-db DIR``
 then uses it. Boards: ``--rpc-tracker HOST:PORT --rpc-key KEY`` runs the candidates, cross-compiled, on a
-device registered with TVM's RPC tracker. Details: docs/tuning.md.
+device registered with TVM's RPC tracker; ``--target cuda`` (and ``--offline`` for any target) builds the
+candidates into DIR/device/ with a script that times them where they run, and the next run takes the
+results in. Details: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -86,11 +88,12 @@ def _check_local(preset) -> None:
 
     if preset.machine != cpu.architecture() or preset.cross_compiler:
         raise Pbs2pcError(f"target {preset.name!r} runs on a board, not this {cpu.architecture()} machine; give "
-                          "--rpc-tracker HOST:PORT --rpc-key KEY for a board registered with TVM's RPC tracker.")
+                          "--rpc-tracker HOST:PORT --rpc-key KEY for a board registered with TVM's RPC tracker, "
+                          "or --offline to build the candidates with a script that times them on the board.")
     lacking = cpu.missing(preset.features)
     if lacking:
         raise Pbs2pcError(f"this CPU lacks {', '.join(lacking)}, which target {preset.name!r} executes; tune it on a "
-                          "machine that has them (or through --rpc-tracker).")
+                          "machine that has them (through --rpc-tracker, or --offline).")
 
 
 def _local_gpu() -> bool:
