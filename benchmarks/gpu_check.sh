@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_check.sh prepare   # here (nvcc, TVM, onnxruntime; no GPU): build, print the calls
 #   bash benchmarks/gpu_check.sh device    # on the GPU machine, from the project root: load and check
 #
-# "prepare" builds out/gpu_check/ and out/gpu_parts/ (benchmarks/gpu_check.py build) and .device/ (TVM's
-# runtime without its compiler, ../shared/tools/device-bundle), then prints what to send: each SmolLM2
+# "prepare" builds out/gpu_check/ and out/gpu_parts/ (benchmarks/gpu_check.py build), SmolLM2's CUDA tuning
+# candidates (out/gpu_check/tune_db/device/, pbs2pc tune --target cuda) and .device/ (TVM's runtime
+# without its compiler, ../shared/tools/device-bundle), then prints what to send: each SmolLM2
 # weight part in a call of its own (56 MB each: a call carries at most 64 MiB), then the run itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,10 @@ case "${1:-}" in
   prepare)
     PY=${PY:-.venv/bin/python}
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" benchmarks/gpu_check.py build "${@:2}"
+    if [ -f out/demo/model.onnx ]; then
+      # the CUDA tuning candidates of SmolLM2's GEMVs, timed by measure.py in the same device call
+      "$PY" -m pbs2pc tune out/demo/model.onnx --target cuda --arch "${ARCH:-sm_90}" -o out/gpu_check/tune_db
+    fi
     if [ -x ../shared/tools/device-bundle ]; then ../shared/tools/device-bundle "$PY"; fi
     echo
     echo "Send, back to back (the GPU machine keeps ignored files between calls while it stays warm):"
@@ -25,7 +30,12 @@ case "${1:-}" in
   device)
     # shellcheck disable=SC1091
     source .device/env.sh
-    timeout 480 python3 benchmarks/gpu_check.py run "${@:2}"
+    timeout 420 python3 benchmarks/gpu_check.py run "${@:2}" || true
+    if [ -f out/gpu_check/tune_db/device/plan.json ]; then
+      timeout 120 python3 out/gpu_check/tune_db/device/measure.py || true
+      # back here: copy results.jsonl into out/gpu_check/tune_db/device/ and run the prepare's tune again
+      cp out/gpu_check/tune_db/device/results.jsonl "${OUT:-out}/tune_results.jsonl" 2>/dev/null || true
+    fi
     ;;
   *)
     echo "usage: bash benchmarks/gpu_check.sh prepare|device" >&2
