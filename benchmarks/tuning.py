@@ -34,7 +34,7 @@ class Repeats:
         self.repeat = repeat
 
 
-def kernel_ab(onnx: str, db: str, rounds: int, repeats: int) -> list[dict]:
+def kernel_ab(onnx: str, db: str, rounds: int, repeats: int, lm_head: str = "fp32") -> list[dict]:
     from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.compiler.tune import extract, open_database
     from pbs2pc.compiler.tune.kernels import inputs
@@ -45,7 +45,7 @@ def kernel_ab(onnx: str, db: str, rounds: int, repeats: int) -> list[dict]:
     best = open_database(db, preset).best()
     rows = []
     records = open_database(db, preset).records
-    for kernel in extract(onnx, preset, CompileOptions()):
+    for kernel in extract(onnx, preset, CompileOptions(lm_head=lm_head)):
         record = best.get(kernel.key)
         if record is None:
             continue
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--lm-head", default="fp32", choices=["fp32", "fp16", "int8"],
+                        help="the --lm-head the database was tuned and the libraries compiled with")
     args = parser.parse_args(argv)
 
     import sys
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     from machine import read_bandwidth
 
     bandwidth = read_bandwidth()
-    rows = kernel_ab(args.model, args.db, args.rounds, args.repeats)
+    rows = kernel_ab(args.model, args.db, args.rounds, args.repeats, args.lm_head)
     decode = decode_rates({"default": args.default, "tuned": args.tuned}, args.tokens, args.rounds)
     data = {"read_gbps": bandwidth, "kernels": rows, "decode_tokens_per_s": decode}
     RESULTS.parent.mkdir(exist_ok=True)

@@ -76,7 +76,7 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
         ("lower_pbs2p", LowerSparseBinaryLinear(kernels, used_kernels, knobs)),
         # With --lm-head fp16 / int8: the token lookup reads the fp16 / int8 table's rows, the one-token
         # entries' head the fp16 / int8 GEMV; neither converts the whole table per call.
-        ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32")),
+        ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32", knobs=knobs)),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),

@@ -42,6 +42,8 @@ per call and its fp32 product.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import lm_head_fp16, lm_head_int8
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
@@ -59,9 +61,42 @@ _TAKE = tvm.ir.Op.get("relax.take")
 ONE_TOKEN_ENTRIES = (DECODE, PREFILL)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadCall:
+    """A one-token LM head as its kernel sees it (what the tuner keys and measures it by)."""
+
+    kernel: str  # "lm_head_fp16" or "lm_head_int8"
+    vocab: int
+    hidden: int
+    one_row: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadEntry:
+    """An LM head kernel as the tuner (:mod:`pbs2pc.compiler.tune`) sees a kernel registry entry: a name,
+    ``build(call, **knobs)`` (one row, as a decode step calls it) and ``knobs(call)``, its search space."""
+
+    name: str
+
+    @property
+    def _module(self):
+        return lm_head_fp16 if self.name == "lm_head_fp16" else lm_head_int8
+
+    def build(self, call: HeadCall, **knobs):
+        return getattr(self._module, self.name)(call.vocab, call.hidden, rows=1, **knobs)
+
+    def knobs(self, call: HeadCall) -> dict:
+        return self._module.knobs(call.vocab, call.hidden)
+
+
+HEAD_ENTRIES = {name: HeadEntry(name) for name in ("lm_head_fp16", "lm_head_int8")}
+
+
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, knobs=None):
+        self.knobs = knobs  # (function, entry, call) -> knob settings or None: see LowerLMHead
+        self.function = None
         super().__init__(mod)
         self.head = False  # whether the function being visited is a one-token entry
         self._kernels = {}  # (kernel name, vocab, hidden) -> GlobalVar of its PrimFunc
@@ -143,7 +178,9 @@ class _Lowerer(relax.PyExprMutator):
         bb = self.builder_
         name = kernels.__name__.rsplit(".", 1)[1]  # lm_head_fp16 / lm_head_int8: the PrimFunc's builder too
         if (name, vocab, hidden) not in self._kernels:
-            self._kernels[name, vocab, hidden] = bb.add_func(getattr(kernels, name)(vocab, hidden), name)
+            settings = self.knobs(self.function, HEAD_ENTRIES[name], HeadCall(name, vocab, hidden)) if self.knobs else None
+            self._kernels[name, vocab, hidden] = bb.add_func(getattr(kernels, name)(vocab, hidden, **(settings or {})),
+                                                             name)
         x2 = bb.emit(relax.op.reshape(x, [-1, hidden])) if len(lead) != 1 else x
         y = bb.emit(relax.call_tir(self._kernels[name, vocab, hidden], [x2, table],
                                    relax.TensorType([x2.ty.shape[0], vocab], "float32")))
@@ -153,17 +190,21 @@ class _Lowerer(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="LowerLMHead")
 class LowerLMHead:
     """Read an fp16 or int8 LM head table without a float32 copy (see the module docstring);
-    ``enabled=False`` (an fp32 head) leaves the module as it is."""
+    ``enabled=False`` (an fp32 head) leaves the module as it is. ``knobs(function, entry, call)``, as for
+    :class:`~pbs2pc.passes.LowerSparseBinaryLinear`: the head kernel's tuned settings (``entry`` one of
+    :data:`HEAD_ENTRIES`, ``call`` a :class:`HeadCall`), or None for its defaults."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, knobs=None):
         self.enabled = enabled
+        self.knobs = knobs
 
     def transform_module(self, mod, _ctx):
         if not self.enabled:
             return mod
-        lowerer = _Lowerer(mod)
+        lowerer = _Lowerer(mod, self.knobs)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                lowerer.function = gv.name_hint
                 lowerer.head = gv.name_hint in ONE_TOKEN_ENTRIES
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
         return lowerer.builder_.get()

@@ -50,6 +50,8 @@ def knob_id(knobs: dict) -> str:
 def kernel_key(entry, call) -> str:
     """The tuning key of ``call`` run by ``entry``: ``entry:NxK/gG`` and the inputs it has, e.g.
     ``x86_avx512.gemv_v2_fp32:576x576/g64+mask+mu+groups+residual+codes``."""
+    if hasattr(call, "vocab"):  # the LM head (pbs2pc.passes.lower_lm_head.HeadCall)
+        return f"{entry.name}:{call.vocab}x{call.hidden}"
     parts = [f"{entry.name}:{call.out_features}x{call.in_features}/g{call.group_size}"]
     flags = (("mask", call.has_mask), ("mu", call.has_mu), ("bias", call.has_bias), ("groups", call.has_groups),
              ("residual", call.has_residual), ("codes", call.coded is not None))
@@ -63,7 +65,7 @@ def extract(onnx_path, preset, options) -> list[Kernel]:
     the most called first."""
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.build import _vocab_size, to_target_layout
-    from pbs2pc.passes import LowerSparseBinaryLinear, UseKVCache
+    from pbs2pc.passes import LowerLMHead, LowerSparseBinaryLinear, UseKVCache
     from pbs2pc.passes.kernels import registry
     from pbs2pc.passes.kv_cache import DECODE
 
@@ -81,6 +83,7 @@ def extract(onnx_path, preset, options) -> list[Kernel]:
         mod = UseKVCache()(mod)
         names = {gv.name_hint for gv in mod.get_global_vars()}
         LowerSparseBinaryLinear(registry.for_target(preset, options), None, observe)(mod)
+        LowerLMHead(options.lm_head != "fp32", observe)(mod)  # --lm-head fp16 / int8: the head kernel
     step = DECODE if DECODE in names else "main"
     kernels = []
     for key, uses in seen.items():
@@ -94,7 +97,12 @@ def extract(onnx_path, preset, options) -> list[Kernel]:
     if not kernels:
         raise UnsupportedError(f"the model has no tunable kernels for target {preset.name!r} (no registry kernel with "
                                "knobs runs its one-token calls); compile it without --tuning-db.")
-    return sorted(kernels, key=lambda k: (-k.calls * k.call.out_features * k.call.in_features, k.key))
+    return sorted(kernels, key=lambda k: (-k.calls * weights(k.call), k.key))
+
+
+def weights(call) -> int:
+    """The weights a call reads: a layer's ``N x K``, the LM head's ``vocab x hidden``."""
+    return call.vocab * call.hidden if hasattr(call, "vocab") else call.out_features * call.in_features
 
 
 def inputs(kernel: Kernel, seed: int = 0) -> list:
@@ -119,6 +127,12 @@ def inputs(kernel: Kernel, seed: int = 0) -> list:
             bits = np.zeros(columns, np.uint8)
             bits[rng.choice(columns, count, replace=False)] = 1
             out.append(np.packbits(bits, bitorder="little").reshape(shape))
+        elif name == "table" and dtype == "int8":  # the int8 LM head: a quantised table (codes and fp16 scales)
+            from pbs2pc.passes.kernels import lm_head_int8
+
+            vocab, width = shape
+            table = rng.standard_normal((vocab, lm_head_int8.hidden_of(width))).astype(np.float32) * 0.05
+            out.append(lm_head_int8.quantize(table))
         elif dtype == "uint8":
             out.append(rng.integers(0, 256, shape, dtype=np.uint8))
         elif dtype == "float16":

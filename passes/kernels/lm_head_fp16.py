@@ -17,7 +17,7 @@ loop over tasks of ``ROWS_PER_TASK`` table rows. Needs ``H % 16 == 0`` and ``V %
 
 from __future__ import annotations
 
-from pbs2pc.compiler.tvm_compat import T
+from pbs2pc.compiler.tvm_compat import T, tirx
 
 #: fp32 lanes of one vector of the sums (a zmm register).
 LANES = 16
@@ -49,10 +49,24 @@ def _rows_per_task(vocab: int) -> int:
     return next(r for r in (ROWS_PER_TASK, 32, 16, 8, 4) if vocab % r == 0)
 
 
-def prefetch(buffer, *index):
-    """Prefetch the cache line of ``buffer[index]`` into L2 (it never faults; the index is kept in range)."""
+def prefetch(buffer, *index, locality: int = PREFETCH_LOCALITY):
+    """Prefetch the cache line of ``buffer[index]`` (``locality`` 1: into L2, ``prefetcht2``; 2: ``prefetcht1``;
+    3: into L1, ``prefetcht0``). It never faults; the index is kept in range."""
     return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]), T.int32(0),
-                                         T.int32(PREFETCH_LOCALITY), T.int32(1)))
+                                         T.int32(locality), T.int32(1)))
+
+
+def knobs(vocab: int, hidden: int, unroll_units: int = 1) -> dict:
+    """The tuner's search space (:mod:`pbs2pc.compiler.tune`), the hand-picked defaults first: rows side by
+    side (``step``), rows prefetched ahead (``prefetch_rows``; 0: none), the prefetch's cache level
+    (``locality``), vectors of the K loop unrolled (``k_unroll``; multiples of ``unroll_units``) and table
+    rows per parallel task (``rows_per_task``)."""
+    vectors = hidden // LANES
+    unrolls = [u for u in K_UNROLL if vectors % u == 0 and u % unroll_units == 0]
+    tasks = [r for r in (_rows_per_task(vocab), 16, 256) if vocab % r == 0]
+    return {"step": (STEP, 1, 4), "prefetch_rows": (PREFETCH_ROWS, 0, 1, 4, 8), "locality": (PREFETCH_LOCALITY, 3),
+            "k_unroll": tuple(unrolls),
+            "rows_per_task": tuple(dict.fromkeys(tasks))}
 
 
 def _sum_lanes(vector, lanes: int = LANES):
@@ -63,22 +77,32 @@ def _sum_lanes(vector, lanes: int = LANES):
     return vector
 
 
-def lm_head_fp16(vocab: int, hidden: int, dtype: str = "float16"):
-    """The PrimFunc ``(x [M, H] f32, table [V, H] f16, y [M, V] f32)``, M symbolic: ``y = x @ tableᵀ``.
+def lm_head_fp16(vocab: int, hidden: int, dtype: str = "float16", rows: int | None = None, step: int = STEP,
+                 prefetch_rows: int | None = None, locality: int = PREFETCH_LOCALITY, k_unroll: int | None = None,
+                 rows_per_task: int | None = None):
+    """The PrimFunc ``(x [M, H] f32, table [V, H] f16, y [M, V] f32)``, M symbolic (``rows``: fixed, as the
+    tuner measures it): ``y = x @ tableᵀ``.
 
-    ``dtype="float32"``: the same loops on a float32 table (the benchmarks' baseline for the fp16 one)."""
+    ``dtype="float32"``: the same loops on a float32 table (the benchmarks' baseline for the fp16 one).
+    ``step``, ``prefetch_rows`` (rows ahead, 0: none; default ``step``), ``locality``, ``k_unroll``,
+    ``rows_per_task``: the tuner's knobs (:func:`knobs`), each result the same bits."""
     V, H = vocab, hidden
-    RT = _rows_per_task(V)
-    KU = next(u for u in K_UNROLL if (H // LANES) % u == 0)
+    STEP = step  # noqa: N806 - the module default, for this build
+    PREFETCH_ROWS = step if prefetch_rows is None else prefetch_rows  # noqa: N806
+    RT = rows_per_task or _rows_per_task(V)
+    KU = k_unroll or next(u for u in K_UNROLL if (H // LANES) % u == 0)
+    if V % RT or RT % STEP or (H // LANES) % KU:
+        raise ValueError(f"the LM head kernel cannot run a {V} x {H} table with {RT} rows per task, step {STEP}, "
+                         f"{KU} vectors unrolled")
+    lead = _prefetch_lines(PREFETCH_ROWS, locality)
     STRIDE = 64 // (int(dtype[5:]) // 8) // LANES  # vectors per 64-byte cache line: 2 of fp16, 1 of fp32
     LINES = (KU + STRIDE - 1) // STRIDE  # lines of one unrolled K block of one row
 
+    M = rows_var(rows)
+
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(var_x: T.handle, table: T.Buffer((V, H), dtype), var_y: T.handle):
+    def kernel(x: T.Buffer((M, H), "float32"), table: T.Buffer((V, H), dtype), y: T.Buffer((M, V), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        M = T.int64()
-        x = T.match_buffer(var_x, (M, H), "float32")
-        y = T.match_buffer(var_y, (M, V), "float32")
         for m in range(M):
             for task in T.parallel(V // RT):
                 acc = T.alloc_buffer((STEP, LANES), "float32", scope="local")
@@ -87,10 +111,10 @@ def lm_head_fp16(vocab: int, hidden: int, dtype: str = "float16"):
                         for l in T.vectorized(LANES):
                             acc[r, l] = T.float32(0)
                     for ko in range(H // LANES // KU):
-                        for line in T.unroll(LINES):
+                        for line in T.unroll(LINES * lead):
                             for r in T.unroll(STEP):
                                 prefetch(table, T.min(task * RT + s * STEP + r + PREFETCH_ROWS, V - 1),
-                                         (ko * KU + STRIDE * line) * LANES)
+                                         (ko * KU + STRIDE * line) * LANES, locality=locality)
                         for ki in T.unroll(KU):
                             for r in T.unroll(STEP):
                                 for l in T.vectorized(LANES):
@@ -100,6 +124,18 @@ def lm_head_fp16(vocab: int, hidden: int, dtype: str = "float16"):
                         y[m, task * RT + s * STEP + r] = _sum_lanes(acc.vload([r, 0], "float32x16"))
 
     return kernel
+
+
+def rows_var(rows: int | None):
+    """The rows of ``x`` and ``y``: ``rows``, or a symbolic ``M`` (int64) where None."""
+    return tirx.Var("M", "int64") if rows is None else rows
+
+
+def _prefetch_lines(rows_ahead: int, locality: int) -> int:
+    """1 where the kernel prefetches, 0 where ``rows_ahead`` is 0 (the prefetch loop is then empty)."""
+    if locality not in (1, 2, 3):
+        raise ValueError(f"prefetch locality is 1, 2 or 3, not {locality}")
+    return 1 if rows_ahead > 0 else 0
 
 
 def reference(x, table):

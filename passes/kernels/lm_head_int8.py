@@ -31,7 +31,8 @@ once per call).
 from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
-from pbs2pc.passes.kernels.lm_head_fp16 import K_UNROLL, ROWS_PER_TASK, _sum_lanes, prefetch
+from pbs2pc.passes.kernels import lm_head_fp16
+from pbs2pc.passes.kernels.lm_head_fp16 import K_UNROLL, ROWS_PER_TASK, _sum_lanes, prefetch, rows_var
 
 #: fp32 lanes of one vector of the sums (a zmm register; two ymm on AVX2).
 LANES = 16
@@ -78,15 +79,31 @@ def _scale(rows, row, hidden: int, group):
     return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_or(lo, hi))))
 
 
-def lm_head_int8(vocab: int, hidden: int):
-    """The PrimFunc ``(x [M, H] f32, table [V, row_bytes(H)] i8, y [M, V] f32)``, M symbolic:
-    ``y = x @ dequantize(table)ᵀ`` (see the module docstring)."""
+def knobs(vocab: int, hidden: int) -> dict:
+    """The tuner's search space: the fp16 kernel's (:func:`~.lm_head_fp16.knobs`), ``k_unroll`` in whole
+    scale groups."""
+    return lm_head_fp16.knobs(vocab, hidden, unroll_units=GROUP // LANES)
+
+
+def lm_head_int8(vocab: int, hidden: int, rows: int | None = None, step: int = STEP, prefetch_rows: int | None = None,
+                 locality: int = lm_head_fp16.PREFETCH_LOCALITY, k_unroll: int | None = None,
+                 rows_per_task: int | None = None):
+    """The PrimFunc ``(x [M, H] f32, table [V, row_bytes(H)] i8, y [M, V] f32)``, M symbolic (``rows``:
+    fixed, as the tuner measures it): ``y = x @ dequantize(table)ᵀ`` (see the module docstring); the
+    tuner's knobs as in :func:`~.lm_head_fp16.lm_head_fp16` (``k_unroll``: vectors, whole groups)."""
     V, H = vocab, hidden
     W = row_bytes(H)
     G = H // GROUP  # groups of a row
     VPG = GROUP // LANES  # vectors of a group
-    RT = _rows_per_task(V)
-    GU = next(u for u in K_UNROLL if u % VPG == 0 and (H // LANES) % u == 0) // VPG  # groups unrolled
+    STEP = step  # noqa: N806 - the module default, for this build
+    PREFETCH_ROWS = step if prefetch_rows is None else prefetch_rows  # noqa: N806
+    RT = rows_per_task or _rows_per_task(V)
+    KU = k_unroll or next(u for u in K_UNROLL if u % VPG == 0 and (H // LANES) % u == 0)
+    if V % RT or RT % STEP or KU % VPG or (H // LANES) % KU:
+        raise ValueError(f"the int8 LM head kernel cannot run a {V} x {H} table with {RT} rows per task, step "
+                         f"{STEP}, {KU} vectors unrolled")
+    GU = KU // VPG  # groups unrolled
+    lead = lm_head_fp16._prefetch_lines(PREFETCH_ROWS, locality)
     BLOCKS = G // GU
     # The next step's rows are STEP * W contiguous bytes; their lines are prefetched spread over the K blocks.
     LINES = -(-(-(-STEP * W // 64) + 1) // BLOCKS)  # ceil((ceil(STEP * W / 64) + 1) / BLOCKS)
@@ -105,12 +122,11 @@ def lm_head_int8(vocab: int, hidden: int):
             total = term if total is None else total + term
         return total
 
+    M = rows_var(rows)
+
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(var_x: T.handle, table: T.Buffer((V, W), "int8"), var_y: T.handle):
+    def kernel(x: T.Buffer((M, H), "float32"), table: T.Buffer((V, W), "int8"), y: T.Buffer((M, V), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        M = T.int64()
-        x = T.match_buffer(var_x, (M, H), "float32")
-        y = T.match_buffer(var_y, (M, V), "float32")
         flat = T.decl_buffer((V * W,), "int8", data=table.data)
         for m in range(M):
             for task in T.parallel(V // RT):
@@ -120,8 +136,9 @@ def lm_head_int8(vocab: int, hidden: int):
                         for l in T.vectorized(LANES):
                             acc[r, l] = T.float32(0)
                     for ko in range(BLOCKS):
-                        for line in T.unroll(LINES):
-                            prefetch(flat, T.min(row(task, s, PREFETCH_ROWS) * W, FIRST_MAX) + (ko * LINES + line) * 64)
+                        for line in T.unroll(LINES * lead):
+                            prefetch(flat, T.min(row(task, s, PREFETCH_ROWS) * W, FIRST_MAX) + (ko * LINES + line) * 64,
+                                     locality=locality)
                         for gi in T.unroll(GU):
                             for r in T.unroll(STEP):
                                 for l in T.vectorized(LANES):

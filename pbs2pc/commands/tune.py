@@ -29,6 +29,9 @@ def add_parser(sub):
                    help="knob settings measured per kernel, at most (default 64; fewer where a kernel has fewer)")
     p.add_argument("--activations", choices=["fp32", "int8"],
                    help="tune the kernels a compile with these activations runs (default: the target's, as compile)")
+    p.add_argument("--lm-head", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="tune the LM head kernel a compile with this --lm-head runs too (fp16, int8: its rows per step, "
+                        "prefetch distance and level, K unroll, rows per task); use the same with compile")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="run candidates on a board registered with this TVM RPC tracker (with --rpc-key)")
     p.add_argument("--rpc-key", metavar="KEY", help="the board's key at the RPC tracker")
@@ -154,14 +157,14 @@ def run(args) -> int:
         _check_local(preset)
     runner = Runner(tracker, args.rpc_key, args.timeout, offline=offline)
     result = tune_model(args.model, args.output, preset, trials=args.trials,
-                        options=CompileOptions(args.activations or preset.default_activations), runner=runner,
+                        options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,
                         progress=True,
                         log=lambda msg: print(msg, flush=True))
     if result.get("pending") and preset.family == "cuda" and _local_gpu():
         # this machine has the GPU: time the candidates here, then take the results in
         subprocess.run([sys.executable, str(Path(result["device_folder"]) / "measure.py")], check=False)
         result = tune_model(args.model, args.output, preset, trials=args.trials,
-                            options=CompileOptions(args.activations or preset.default_activations), runner=runner,
+                            options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,
                             log=lambda msg: print(msg, flush=True))
     if result.get("pending"):
         print(result["pending"])

@@ -287,6 +287,39 @@ def test_cuda_tune_builds_fatbin_candidates_for_the_gpu_machine(tiny_onnx, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in (db / "device" / "lib").iterdir()} == before
 
 
+def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, capsys):
+    """--lm-head fp16: the head kernel is one of the distinct kernels (its space: rows per step, prefetch
+    distance and level, K unroll, rows per task); compile with the database and the same --lm-head builds
+    it with the tuned setting, the logits those of the untuned fp16-head build."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.targets import CompileOptions, get_preset
+    from pbs2pc.compiler.tune import extract
+    from pbs2pc.runtime import load
+
+    kernels = {k.key: k for k in extract(tiny_onnx, get_preset(X86), CompileOptions(lm_head="fp16"))}
+    head = kernels["lm_head_fp16:256x64"]
+    assert head.calls == 1 and len(head.space()) > 100
+    assert set(head.space()[0]) == {"step", "prefetch_rows", "locality", "k_unroll", "rows_per_task"}
+    db = tmp_path / "db"
+    assert main(["tune", str(tiny_onnx), "--target", X86, "--lm-head", "fp16", "--trials", "3", "-o", str(db)]) == 0
+    assert "lm_head_fp16:256x64" in capsys.readouterr().out
+    records = [r for r in _records(db) if r["key"] == "lm_head_fp16:256x64"]
+    assert len(records) == 3 and records[0]["default"] and all(r["us"] for r in records)
+    # the slowest measured setting forced in: compile must build what the database says
+    slowest = max((r for r in records if not r["default"]), key=lambda r: r["us"])
+    (db / "records.jsonl").write_text("".join(json.dumps({**r, "us": 0.0 if r is slowest else r["us"]}) + "\n"
+                                              for r in _records(db)))
+    tuned = compile_model(tiny_onnx, tmp_path / "tuned.so", X86, lm_head="fp16", tuning_db=db)
+    assert "lm_head_fp16:256x64" in tuned["tuned_kernels"]
+    compile_model(tiny_onnx, tmp_path / "plain.so", X86, lm_head="fp16")
+    ids = np.array([[2, 7, 1, 8, 2, 8]])
+    a, b = load(tmp_path / "tuned.so"), load(tmp_path / "plain.so")
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+    a.prefill([2, 7, 1], capacity=8)
+    b.prefill([2, 7, 1], capacity=8)
+    np.testing.assert_array_equal(a.step(8), b.step(8))  # the decode step runs the tuned head kernel
+
+
 def test_every_registry_knob_setting_builds():
     """Each entry's declared space: the default first, and every setting a kernel its builder accepts."""
     from pbs2pc.compiler.tune import Kernel

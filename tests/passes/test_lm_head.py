@@ -47,6 +47,30 @@ def test_kernel_matches_float64_product(vocab, hidden, rows):
     assert rel_err(y.numpy(), head.reference(x, table)) < 1e-6
 
 
+@pytest.mark.parametrize("knobs", [
+    {"step": 1, "prefetch_rows": 0, "k_unroll": 1, "rows_per_task": 16},  # no prefetch, nothing unrolled
+    {"step": 4, "prefetch_rows": 8, "locality": 3, "k_unroll": 6, "rows_per_task": 256},
+])
+def test_every_tuning_knob_gives_the_same_bits(knobs):
+    """The tuner's settings (:func:`head.knobs`) change the loops, not the sums: the same bits as the
+    default, within float32 rounding of the float64 product; the one-row build the tuner times too."""
+    vocab, hidden = 49152 // 16, 576
+    assert all(knobs[k] in head.knobs(vocab, hidden)[k] for k in knobs)
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float16)
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    outs = []
+    for func in (head.lm_head_fp16(vocab, hidden), head.lm_head_fp16(vocab, hidden, **knobs),
+                 head.lm_head_fp16(vocab, hidden, rows=1, **knobs)):
+        lib = tvm.compile(tvm.IRModule({"head": func.with_attr("global_symbol", "head")}), target=TARGET)
+        y = tvm.runtime.tensor(np.full((1, vocab), np.nan, np.float32))
+        lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
+        outs.append(y.numpy())
+    assert rel_err(outs[0], head.reference(x, table)) < 1e-6
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+
+
 @pytest.mark.parametrize("target,reg", [(AVX512_TARGET, "zmm"), (AVX2_TARGET, "ymm")])
 def test_kernel_widens_fp16_in_vector_registers(target, reg):
     asm = _build(256, 64, tvm.target.Target(target)).mod.inspect_source("asm")

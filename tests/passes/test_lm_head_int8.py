@@ -116,6 +116,29 @@ def test_kernel_matches_float64_product(vocab, hidden, rows):
     assert got[:, 1].tolist() == [0.0] * rows  # the zero row
 
 
+@pytest.mark.parametrize("knobs", [
+    {"step": 1, "prefetch_rows": 0, "k_unroll": 2, "rows_per_task": 16},  # no prefetch, one group a block
+    {"step": 4, "prefetch_rows": 8, "locality": 3, "k_unroll": 6, "rows_per_task": 256},
+])
+def test_every_tuning_knob_gives_the_same_bits(knobs):
+    """The tuner's settings change the loops, not the sums (see the fp16 kernel's test)."""
+    vocab, hidden = 49152 // 16, 576
+    assert all(knobs[k] in head.knobs(vocab, hidden)[k] for k in knobs)
+    rng = np.random.default_rng(5)
+    packed = head.quantize(_table(rng, vocab, hidden))
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    outs = []
+    for func in (head.lm_head_int8(vocab, hidden), head.lm_head_int8(vocab, hidden, **knobs),
+                 head.lm_head_int8(vocab, hidden, rows=1, **knobs)):
+        lib = tvm.compile(tvm.IRModule({"head": func.with_attr("global_symbol", "head")}), target=TARGET)
+        y = tvm.runtime.tensor(np.full((1, vocab), np.nan, np.float32))
+        lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), y)
+        outs.append(y.numpy())
+    assert rel_err(outs[0], head.reference(x, packed)) < 1e-6
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+
+
 def test_dequantize_rows_matches_numpy():
     rng = np.random.default_rng(7)
     packed = head.quantize(_table(rng, 1000, 96))
