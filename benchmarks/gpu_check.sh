@@ -30,9 +30,9 @@ case "${1:-}" in
   device)
     # shellcheck disable=SC1091
     source .device/env.sh
-    timeout 420 python3 benchmarks/gpu_check.py run "${@:2}" || true
+    timeout 400 python3 benchmarks/gpu_check.py run "${@:2}" || true
     if [ -f out/gpu_check/tune_db/device/plan.json ]; then
-      timeout 120 python3 out/gpu_check/tune_db/device/measure.py || true
+      timeout 150 python3 out/gpu_check/tune_db/device/measure.py --repeats 10 || true
       # back here: copy results.jsonl into out/gpu_check/tune_db/device/ and run the prepare's tune again
       cp out/gpu_check/tune_db/device/results.jsonl "${OUT:-out}/tune_results.jsonl" 2>/dev/null || true
     fi
