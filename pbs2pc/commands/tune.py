@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 
 def add_parser(sub):
@@ -32,6 +33,9 @@ def add_parser(sub):
     p.add_argument("--lm-head", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="tune the LM head kernel a compile with this --lm-head runs too (fp16, int8: its rows per step, "
                         "prefetch distance and level, K unroll, rows per task); use the same with compile")
+    p.add_argument("--check-step", action="store_true",
+                   help="with --library: compile the model with the tuned settings and time its decode step against "
+                        "the library's, in turns (kernels tuned one at a time need not make the step faster)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="run candidates on a board registered with this TVM RPC tracker (with --rpc-key)")
     p.add_argument("--rpc-key", metavar="KEY", help="the board's key at the RPC tracker")
@@ -126,6 +130,51 @@ def step_time_us(library: str, steps: int = 32) -> float:
     return statistics.median(times[2:]) * 1e6
 
 
+def step_ab(default: str, tuned: str, rounds: int = 7, steps: int = 32) -> dict:
+    """The two libraries' decode steps timed in turns: ``rounds`` rounds of ``steps`` steps each after a
+    short prompt; per library the median step in microseconds, and in how many rounds the tuned one was
+    faster."""
+    import statistics
+    import time
+
+    from pbs2pc.runtime import load
+
+    models = {"default": load(default), "tuned": load(tuned)}
+    medians: dict = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            model.prefill([1, 2, 3, 4], capacity=8 + steps)
+            times = []
+            for i in range(steps):
+                start = time.perf_counter()
+                model.step(5 + i % 7)
+                times.append(time.perf_counter() - start)
+            medians[name].append(statistics.median(times[2:]) * 1e6)
+    wins = sum(t < d for d, t in zip(medians["default"], medians["tuned"]))
+    return {"default_us": statistics.median(medians["default"]), "tuned_us": statistics.median(medians["tuned"]),
+            "tuned_faster_rounds": wins, "rounds": rounds,
+            "rounds_us": {k: [round(v, 1) for v in vals] for k, vals in medians.items()}}
+
+
+def check_step(args, preset, options) -> str:
+    """Compile the tuned library next to the database, A/B its decode step against ``--library``, record the
+    result in the database folder (``step_check.json``) and return a line saying it."""
+    import json
+
+    from pbs2pc.compiler.build import compile_model
+
+    lib = Path(args.output) / "step_check" / "model.so"
+    compile_model(args.model, lib, preset, options=options, tuning_db=args.output)
+    result = step_ab(args.library, str(lib))
+    (Path(args.output) / "step_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    d, t = result["default_us"], result["tuned_us"]
+    verdict = "faster" if t < d else "slower"
+    return (f"decode step with the tuned settings: {t / 1e3:.2f} ms against {d / 1e3:.2f} ms untuned ({d / t:.2f}x, "
+            f"{verdict}; tuned faster in {result['tuned_faster_rounds']} of {result['rounds']} paired rounds); library: "
+            f"{lib}" + ("" if t < d else "; kernels tuned alone can slow the step together: compare a database with "
+                        "fewer kernels' records (docs/tuning.md)"))
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -140,6 +189,8 @@ def run(args) -> int:
         raise Pbs2pcError(f"--timeout must be positive, not {args.timeout}.")
     if not Path(args.model).is_file():
         raise Pbs2pcError(f"{args.model} does not exist; give the .onnx file pbs2pc export wrote.")
+    if args.check_step and not args.library:
+        raise Pbs2pcError("--check-step needs --library MODEL.so, the model compiled without tuning, to compare with.")
     if args.library and not Path(args.library).is_file():
         raise Pbs2pcError(f"--library {args.library} does not exist; compile the model first (pbs2pc compile).")
     preset = get_preset(args.target, arch=args.arch).require()
@@ -155,6 +206,9 @@ def run(args) -> int:
         check_tracker(tracker, args.rpc_key)
     elif not offline:
         _check_local(preset)
+    if args.check_step and (offline or tracker):
+        raise Pbs2pcError("--check-step times the decode step on this machine; it needs a target tuned here, not "
+                          "through --rpc-tracker, --offline or --target cuda.")
     runner = Runner(tracker, args.rpc_key, args.timeout, offline=offline)
     result = tune_model(args.model, args.output, preset, trials=args.trials,
                         options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,
@@ -171,6 +225,9 @@ def run(args) -> int:
         return 0
     step = step_time_us(args.library) if args.library else None
     print(table(result, step))
+    if args.check_step:
+        sys.stdout.flush()
+        print(check_step(args, preset, CompileOptions(args.activations or preset.default_activations, args.lm_head)))
     print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target} "
           f"--tuning-db {args.output} -o model.so")
     sys.stdout.flush()

@@ -131,6 +131,9 @@ def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
     _user_error(["tune", str(tiny_onnx), "--target", "x86", "--arch", "sm_90", "-o", db], capsys, "--arch is for")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--offline", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"],
                 capsys, "choose one")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--check-step"], capsys, "--check-step needs --library")
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--offline", "--check-step", "--library", str(tiny_onnx)], capsys,
+                "on this machine")
     _user_error(["tune", str(tiny_onnx), "--trials", "0", "-o", db], capsys, "--trials must be at least 1")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "localhost"], capsys, "HOST:PORT")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9"], capsys, "--rpc-key")
@@ -318,6 +321,23 @@ def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, cap
     a.prefill([2, 7, 1], capacity=8)
     b.prefill([2, 7, 1], capacity=8)
     np.testing.assert_array_equal(a.step(8), b.step(8))  # the decode step runs the tuned head kernel
+
+
+def test_check_step_times_the_tuned_decode_step_against_the_library(tiny_onnx, tiny_library, tmp_path, capsys):
+    """--check-step: the model compiled with the tuned settings, its decode step timed against --library's in
+    turns, the result said in one line and kept in the database folder; the tuned library computes the same."""
+    from pbs2pc.runtime import load
+
+    db = tmp_path / "db"
+    assert main(["tune", str(tiny_onnx), "--target", X86, "--trials", "1", "-o", str(db), "--library",
+                 str(tiny_library), "--check-step"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("decode step with the tuned settings"))
+    check = json.loads((db / "step_check.json").read_text())
+    assert check["default_us"] > 0 and check["tuned_us"] > 0 and 0 <= check["tuned_faster_rounds"] <= check["rounds"]
+    assert f"of {check['rounds']} paired rounds" in line
+    ids = np.array([[4, 2, 4, 2]])
+    np.testing.assert_allclose(load(db / "step_check" / "model.so").logits(ids), load(tiny_library).logits(ids),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_every_registry_knob_setting_builds():
