@@ -64,6 +64,10 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
 
     with tqdm(total=sum(todo.values()), unit="trial", disable=not progress, dynamic_ncols=True) as bar:
         search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1))
+    stale = db.folder / "step_check.json"
+    if sum(todo.values()) and stale.exists():  # its verdict was on other records
+        stale.unlink()
+        say("new records: the earlier step check no longer applies (run with --check-step again)")
     return {"kernels": [_row(k, db) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
             "database": str(db.folder), "target": preset.name}
 
@@ -121,9 +125,13 @@ def _us(value) -> str:
 
 def knobs_from(folder, preset):
     """The database in ``folder`` (refused if made for another target) as the lowering's ``knobs``
-    callback, and the set that receives the keys it applied: ``(knobs, applied)``."""
+    callback, and the set that receives the keys it applied: ``(knobs, applied)``. Entries the whole-step
+    check left out (:mod:`.step`) keep their defaults."""
+    from pbs2pc.compiler.tune.step import entry_of, excluded
+
     db = open_database(folder, preset)
-    best = db.best()
+    left_out = excluded(folder)  # the whole-step check's verdict (pbs2pc tune --check-step)
+    best = {key: record for key, record in db.best().items() if entry_of(key) not in left_out}
     applied: set = set()
 
     def knobs(_function, entry, call):

@@ -130,49 +130,13 @@ def step_time_us(library: str, steps: int = 32) -> float:
     return statistics.median(times[2:]) * 1e6
 
 
-def step_ab(default: str, tuned: str, rounds: int = 7, steps: int = 32) -> dict:
-    """The two libraries' decode steps timed in turns: ``rounds`` rounds of ``steps`` steps each after a
-    short prompt; per library the median step in microseconds, and in how many rounds the tuned one was
-    faster."""
-    import statistics
-    import time
-
-    from pbs2pc.runtime import load
-
-    models = {"default": load(default), "tuned": load(tuned)}
-    medians: dict = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            model.prefill([1, 2, 3, 4], capacity=8 + steps)
-            times = []
-            for i in range(steps):
-                start = time.perf_counter()
-                model.step(5 + i % 7)
-                times.append(time.perf_counter() - start)
-            medians[name].append(statistics.median(times[2:]) * 1e6)
-    wins = sum(t < d for d, t in zip(medians["default"], medians["tuned"]))
-    return {"default_us": statistics.median(medians["default"]), "tuned_us": statistics.median(medians["tuned"]),
-            "tuned_faster_rounds": wins, "rounds": rounds,
-            "rounds_us": {k: [round(v, 1) for v in vals] for k, vals in medians.items()}}
-
-
 def check_step(args, preset, options) -> str:
-    """Compile the tuned library next to the database, A/B its decode step against ``--library``, record the
-    result in the database folder (``step_check.json``) and return a line saying it."""
-    import json
+    """The whole-step check (:mod:`pbs2pc.compiler.tune.step`): one line saying what it found."""
+    from pbs2pc.compiler.tune import open_database, step
 
-    from pbs2pc.compiler.build import compile_model
-
-    lib = Path(args.output) / "step_check" / "model.so"
-    compile_model(args.model, lib, preset, options=options, tuning_db=args.output)
-    result = step_ab(args.library, str(lib))
-    (Path(args.output) / "step_check.json").write_text(json.dumps(result, indent=1) + "\n")
-    d, t = result["default_us"], result["tuned_us"]
-    verdict = "faster" if t < d else "slower"
-    return (f"decode step with the tuned settings: {t / 1e3:.2f} ms against {d / 1e3:.2f} ms untuned ({d / t:.2f}x, "
-            f"{verdict}; tuned faster in {result['tuned_faster_rounds']} of {result['rounds']} paired rounds); library: "
-            f"{lib}" + ("" if t < d else "; kernels tuned alone can slow the step together: compare a database with "
-                        "fewer kernels' records (docs/tuning.md)"))
+    result = step.check(open_database(args.output, preset), args.model, args.library, preset, options,
+                        log=lambda msg: print(msg, flush=True))
+    return step.describe(result)
 
 
 def run(args) -> int:

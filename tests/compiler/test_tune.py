@@ -331,13 +331,27 @@ def test_check_step_times_the_tuned_decode_step_against_the_library(tiny_onnx, t
     db = tmp_path / "db"
     assert main(["tune", str(tiny_onnx), "--target", X86, "--trials", "1", "-o", str(db), "--library",
                  str(tiny_library), "--check-step"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("decode step with the tuned settings"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("decode step with every tuned"))
     check = json.loads((db / "step_check.json").read_text())
-    assert check["default_us"] > 0 and check["tuned_us"] > 0 and 0 <= check["tuned_faster_rounds"] <= check["rounds"]
-    assert f"of {check['rounds']} paired rounds" in line
+    first = check["variants"][0]
+    assert first["excluded"] == [] and first["default_us"] > 0 and first["tuned_us"] > 0
+    assert 0 <= first["tuned_faster_rounds"] <= first["rounds"] and f"of {first['rounds']} paired rounds" in line
+    # one registry entry in the tiny model: either its settings stay or it is left at its defaults
+    assert check["excluded"] in ([], ["x86_avx512.gemv_fp32"], ["x86_avx2.gemv_fp32"])
     ids = np.array([[4, 2, 4, 2]])
-    np.testing.assert_allclose(load(db / "step_check" / "model.so").logits(ids), load(tiny_library).logits(ids),
+    np.testing.assert_allclose(load(first["library"]).logits(ids), load(tiny_library).logits(ids),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_compile_leaves_the_entries_the_step_check_excluded_at_their_defaults(tuned, tiny_onnx, tmp_path):
+    from pbs2pc.compiler.build import compile_model
+
+    folder, _ = tuned
+    db = tmp_path / "db"
+    shutil.copytree(folder, db)
+    entries = sorted({r["key"].split(":")[0] for r in _records(db)})
+    (db / "step_check.json").write_text(json.dumps({"variants": [], "excluded": entries}))
+    assert compile_model(tiny_onnx, tmp_path / "m.so", X86, tuning_db=db)["tuned_kernels"] == []
 
 
 def test_every_registry_knob_setting_builds():
