@@ -177,3 +177,19 @@ def requires_aarch64():
 
     why = aarch64_tools_missing()
     return pytest.mark.skipif(bool(why), reason=why or "-")
+
+
+def head_outputs(builder, table, x, target, knob_sets) -> list:
+    """The LM head kernel ``builder(vocab, hidden, **knobs)`` run on ``x`` and ``table`` for each setting of
+    ``knob_sets`` (outputs NaN-poisoned first): one output array per setting."""
+    import tvm
+
+    vocab, hidden = table.shape[0], x.shape[1]
+    outs = []
+    for knobs in knob_sets:
+        func = builder(vocab, hidden, **knobs).with_attr("global_symbol", "head")
+        lib = tvm.compile(tvm.IRModule({"head": func}), target=target)
+        y = tvm.runtime.tensor(np.full((x.shape[0], vocab), np.nan, np.float32))
+        lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
+        outs.append(y.numpy())
+    return outs

@@ -40,6 +40,18 @@ def entry_of(key: str) -> str:
     return key.split(":", 1)[0]
 
 
+def median_step_us(model, steps: int = 32) -> float:
+    """The median time of one decode step of a loaded model (a short prompt, then ``steps`` steps; the
+    first two left out), in microseconds."""
+    model.prefill([1, 2, 3, 4], capacity=8 + steps)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        model.step(5 + i % 7)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1e6
+
+
 def step_ab(default: str, tuned: str, rounds: int = 7, steps: int = 32) -> dict:
     """The two libraries' decode steps timed in turns: ``rounds`` rounds of ``steps`` steps each after a
     short prompt; per library the median step in microseconds, and in how many rounds the tuned one was
@@ -50,13 +62,7 @@ def step_ab(default: str, tuned: str, rounds: int = 7, steps: int = 32) -> dict:
     medians: dict = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            model.prefill([1, 2, 3, 4], capacity=8 + steps)
-            times = []
-            for i in range(steps):
-                start = time.perf_counter()
-                model.step(5 + i % 7)
-                times.append(time.perf_counter() - start)
-            medians[name].append(statistics.median(times[2:]) * 1e6)
+            medians[name].append(median_step_us(model, steps))
     wins = sum(t < d for d, t in zip(medians["default"], medians["tuned"]))
     return {"default_us": statistics.median(medians["default"]), "tuned_us": statistics.median(medians["tuned"]),
             "tuned_faster_rounds": wins, "rounds": rounds,

@@ -115,19 +115,10 @@ def _local_gpu() -> bool:
 
 def step_time_us(library: str, steps: int = 32) -> float:
     """The median time of one decode step of ``library`` (a short prompt, then ``steps`` steps)."""
-    import statistics
-    import time
-
+    from pbs2pc.compiler.tune.step import median_step_us
     from pbs2pc.runtime import load
 
-    model = load(library)
-    model.prefill([1, 2, 3, 4], capacity=8 + steps)
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        model.step(5 + i % 7)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]) * 1e6
+    return median_step_us(load(library), steps)
 
 
 def check_step(args, preset, options) -> str:

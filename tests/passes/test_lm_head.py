@@ -21,7 +21,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import Pbs2pcError, UnsupportedError  # noqa: E402
 from pbs2pc.passes.kernels import lm_head_fp16 as head  # noqa: E402
-from testutil import AVX2_TARGET, AVX512_TARGET, X86, host_target, rel_err  # noqa: E402
+from testutil import AVX2_TARGET, AVX512_TARGET, X86, head_outputs, host_target, rel_err  # noqa: E402
 
 #: Numerics on this machine's best x86 target; the assembly of each x86 ISA is checked compile-only.
 TARGET = host_target()
@@ -59,13 +59,7 @@ def test_every_tuning_knob_gives_the_same_bits(knobs):
     rng = np.random.default_rng(3)
     table = (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float16)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
-    outs = []
-    for func in (head.lm_head_fp16(vocab, hidden), head.lm_head_fp16(vocab, hidden, **knobs),
-                 head.lm_head_fp16(vocab, hidden, rows=1, **knobs)):
-        lib = tvm.compile(tvm.IRModule({"head": func.with_attr("global_symbol", "head")}), target=TARGET)
-        y = tvm.runtime.tensor(np.full((1, vocab), np.nan, np.float32))
-        lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
-        outs.append(y.numpy())
+    outs = head_outputs(head.lm_head_fp16, table, x, TARGET, [{}, knobs, {"rows": 1, **knobs}])
     assert rel_err(outs[0], head.reference(x, table)) < 1e-6
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[2], outs[0])

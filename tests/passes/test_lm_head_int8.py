@@ -24,7 +24,7 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.errors import UnsupportedError  # noqa: E402
 from pbs2pc.passes.kernels import lm_head_int8 as head  # noqa: E402
-from testutil import AVX2_TARGET, AVX512_TARGET, X86, host_target, rel_err  # noqa: E402
+from testutil import AVX2_TARGET, AVX512_TARGET, X86, head_outputs, host_target, rel_err  # noqa: E402
 
 #: Numerics on this machine's best x86 target; the assembly of each x86 ISA is checked compile-only.
 TARGET = host_target()
@@ -127,13 +127,7 @@ def test_every_tuning_knob_gives_the_same_bits(knobs):
     rng = np.random.default_rng(5)
     packed = head.quantize(_table(rng, vocab, hidden))
     x = rng.standard_normal((1, hidden)).astype(np.float32)
-    outs = []
-    for func in (head.lm_head_int8(vocab, hidden), head.lm_head_int8(vocab, hidden, **knobs),
-                 head.lm_head_int8(vocab, hidden, rows=1, **knobs)):
-        lib = tvm.compile(tvm.IRModule({"head": func.with_attr("global_symbol", "head")}), target=TARGET)
-        y = tvm.runtime.tensor(np.full((1, vocab), np.nan, np.float32))
-        lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), y)
-        outs.append(y.numpy())
+    outs = head_outputs(head.lm_head_int8, packed, x, TARGET, [{}, knobs, {"rows": 1, **knobs}])
     assert rel_err(outs[0], head.reference(x, packed)) < 1e-6
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[2], outs[0])
