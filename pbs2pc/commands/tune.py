@@ -121,6 +121,26 @@ def step_time_us(library: str, steps: int = 32) -> float:
     return median_step_us(load(library), steps)
 
 
+def _check_library_matches(library: str, preset, options) -> None:
+    """One clear error unless ``library`` was compiled for what is tuned (its manifest's target, activations
+    and LM head): a step check against another build compares different models."""
+    import json
+
+    from pbs2pc.errors import Pbs2pcError
+
+    manifest = Path(library).with_suffix(".manifest.json")
+    try:
+        built = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise Pbs2pcError(f"{manifest} is missing or unreadable; give --library the .so pbs2pc compile wrote "
+                          "(its manifest beside it).") from None
+    want = {"target": preset.name, "activations": options.activations, "lm_head": options.lm_head}
+    differs = {k: built.get(k) for k, v in want.items() if built.get(k) != v}
+    if differs:
+        raise Pbs2pcError(f"--library {library} was compiled with {differs}, not {want}; compile it with the same "
+                          "--target, --activations and --lm-head as this tune.")
+
+
 def check_step(args, preset, options) -> str:
     """The whole-step check (:mod:`pbs2pc.compiler.tune.step`): one line saying what it found."""
     from pbs2pc.compiler.tune import open_database, step
@@ -164,6 +184,9 @@ def run(args) -> int:
     if args.check_step and (offline or tracker):
         raise Pbs2pcError("--check-step times the decode step on this machine; it needs a target tuned here, not "
                           "through --rpc-tracker, --offline or --target cuda.")
+    if args.check_step:
+        _check_library_matches(args.library, preset,
+                               CompileOptions(args.activations or preset.default_activations, args.lm_head))
     runner = Runner(tracker, args.rpc_key, args.timeout, offline=offline)
     result = tune_model(args.model, args.output, preset, trials=args.trials,
                         options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,

@@ -126,12 +126,14 @@ def test_a_database_for_another_target_is_refused(tuned, tiny_onnx, tmp_path, ca
     assert not list(tmp_path.glob("m.*"))
 
 
-def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tmp_path, capsys):
+def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tiny_library, tmp_path, capsys):
     db = str(tmp_path / "db")
     _user_error(["tune", str(tiny_onnx), "--target", "x86", "--arch", "sm_90", "-o", db], capsys, "--arch is for")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--offline", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"],
                 capsys, "choose one")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--check-step"], capsys, "--check-step needs --library")
+    _user_error(["tune", str(tiny_onnx), "--target", X86, "-o", db, "--lm-head", "fp16", "--check-step", "--library",
+                 str(tiny_library)], capsys, "compile it with the same")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--offline", "--check-step", "--library", str(tiny_onnx)], capsys,
                 "on this machine")
     _user_error(["tune", str(tiny_onnx), "--trials", "0", "-o", db], capsys, "--trials must be at least 1")
