@@ -9,7 +9,7 @@ those the tune goes in three steps through the database folder's ``device/`` sub
    device code compiled to a fatbin by nvcc, :mod:`pbs2pc.compiler.cuda_export`, so only TVM's runtime
    is needed to load them; a board's cross-compiled), writes each kernel's inputs
    (``inputs/<n>.npz``: :func:`pbs2pc.compiler.tune.kernels.inputs`), ``plan.json`` (the candidates)
-   and ``measure.py`` (a copy of :mod:`pbs2pc.runtime.measure_candidates`: numpy and TVM's runtime only);
+   and ``measure.py`` (a copy of :mod:`pbs2pc.measure_candidates`: numpy and TVM's runtime only);
 2. ``python3 measure.py`` on the device checks each setting's output against the default's, times it and
    appends ``results.jsonl`` as it goes;
 3. :func:`take_results`, run by the next ``pbs2pc tune`` into the same folder, appends the results the
@@ -44,7 +44,7 @@ def folder_of(db) -> Path:
 def take_results(db) -> int:
     """Append the device results the database lacks (a setting it has measured or failed to build is
     kept as it is); the number taken."""
-    from pbs2pc.runtime.measure_candidates import finished
+    from pbs2pc.measure_candidates import finished
 
     path = folder_of(db) / RESULTS
     if not path.exists():
@@ -117,7 +117,7 @@ def export(todo: list[tuple[Kernel, dict]], db, preset, log=None, progress: bool
             for (kernel, knobs), cand in zip(todo, candidates):
                 build_library(kernel, knobs, preset, tmp / cand["library"])
                 bar.update(1)
-        from pbs2pc.runtime import measure_candidates
+        from pbs2pc import measure_candidates
 
         shutil.copyfile(measure_candidates.__file__, tmp / "measure.py")
         (tmp / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
