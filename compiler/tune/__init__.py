@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pbs2pc.compiler.tune import device
+from pbs2pc.compiler.tune import device, step
 from pbs2pc.compiler.tune.database import Database, open_database
 from pbs2pc.compiler.tune.kernels import Kernel, extract, kernel_key, knob_id
 from pbs2pc.compiler.tune.search import Runner, Search
@@ -64,7 +64,7 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
 
     with tqdm(total=sum(todo.values()), unit="trial", disable=not progress, dynamic_ncols=True) as bar:
         search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1))
-    stale = db.folder / "step_check.json"
+    stale = db.folder / step.STEP_FILE
     if sum(todo.values()) and stale.exists():  # its verdict was on other records
         stale.unlink()
         say("new records: the earlier step check no longer applies (run with --check-step again)")
@@ -127,11 +127,9 @@ def knobs_from(folder, preset):
     """The database in ``folder`` (refused if made for another target) as the lowering's ``knobs``
     callback, and the set that receives the keys it applied: ``(knobs, applied)``. Entries the whole-step
     check left out (:mod:`.step`) keep their defaults."""
-    from pbs2pc.compiler.tune.step import entry_of, excluded
-
     db = open_database(folder, preset)
-    left_out = excluded(folder)  # the whole-step check's verdict (pbs2pc tune --check-step)
-    best = {key: record for key, record in db.best().items() if entry_of(key) not in left_out}
+    left_out = step.excluded(folder)  # the whole-step check's verdict (pbs2pc tune --check-step)
+    best = {key: record for key, record in db.best().items() if step.entry_of(key) not in left_out}
     applied: set = set()
 
     def knobs(_function, entry, call):

@@ -49,7 +49,7 @@ class Database:
     def __init__(self, folder: Path, ident: dict):
         self.folder = folder
         self.identity = ident
-        self.records = list(_read_records(folder / RECORDS_FILE))
+        self.records = list(read_records(folder / RECORDS_FILE))
 
     @property
     def path(self) -> Path:
@@ -84,7 +84,7 @@ class Database:
                     None)
 
 
-def _read_records(path: Path):
+def read_records(path: Path):
     """The records of ``path``; a last line cut short by a kill is dropped (and cut from the file, so the
     next append starts a line of its own)."""
     if not path.exists():

@@ -28,6 +28,7 @@ import random
 import shutil
 from pathlib import Path
 
+from pbs2pc.compiler.tune.database import read_records
 from pbs2pc.compiler.tune.kernels import Kernel, inputs, knob_id
 
 FOLDER = "device"
@@ -44,17 +45,8 @@ def folder_of(db) -> Path:
 def take_results(db) -> int:
     """Append the device results the database lacks (a setting it has measured or failed to build is
     kept as it is); the number taken."""
-    from pbs2pc.measure_candidates import finished
-
-    path = folder_of(db) / RESULTS
-    if not path.exists():
-        return 0
-    finished(path)  # drops a last line cut short
     taken = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_records(folder_of(db) / RESULTS):  # a last line cut short by a kill is dropped
         if knob_id(record["knobs"]) in db.finished(record["key"]):
             continue
         db.append({k: record.get(k) for k in ("key", "knobs", "default", "us", "runs_us", "error", "timer")})

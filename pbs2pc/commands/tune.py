@@ -151,8 +151,6 @@ def check_step(args, preset, options) -> str:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.compiler.tune import Runner, table, tune_model
     from pbs2pc.errors import Pbs2pcError
@@ -184,20 +182,18 @@ def run(args) -> int:
     if args.check_step and (offline or tracker):
         raise Pbs2pcError("--check-step times the decode step on this machine; it needs a target tuned here, not "
                           "through --rpc-tracker, --offline or --target cuda.")
+    options = CompileOptions(args.activations or preset.default_activations, args.lm_head)
     if args.check_step:
-        _check_library_matches(args.library, preset,
-                               CompileOptions(args.activations or preset.default_activations, args.lm_head))
+        _check_library_matches(args.library, preset, options)
     runner = Runner(tracker, args.rpc_key, args.timeout, offline=offline)
     result = tune_model(args.model, args.output, preset, trials=args.trials,
-                        options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,
-                        progress=True,
+                        options=options, runner=runner, progress=True,
                         log=lambda msg: print(msg, flush=True))
     if result.get("pending") and preset.family == "cuda" and _local_gpu():
         # this machine has the GPU: time the candidates here, then take the results in
         subprocess.run([sys.executable, str(Path(result["device_folder"]) / "measure.py")], check=False)
         result = tune_model(args.model, args.output, preset, trials=args.trials,
-                            options=CompileOptions(args.activations or preset.default_activations, args.lm_head), runner=runner,
-                            log=lambda msg: print(msg, flush=True))
+                            options=options, runner=runner, log=lambda msg: print(msg, flush=True))
     if result.get("pending"):
         print(result["pending"])
         return 0
@@ -205,7 +201,7 @@ def run(args) -> int:
     print(table(result, step))
     if args.check_step:
         sys.stdout.flush()
-        print(check_step(args, preset, CompileOptions(args.activations or preset.default_activations, args.lm_head)))
+        print(check_step(args, preset, options))
     print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target} "
           f"--tuning-db {args.output} -o model.so")
     sys.stdout.flush()
