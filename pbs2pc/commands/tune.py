@@ -202,7 +202,10 @@ def run(args) -> int:
     if args.check_step:
         sys.stdout.flush()
         print(check_step(args, preset, options))
-    print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target} "
+    same = "".join(f" {flag} {value}" for flag, value in (("--arch", args.arch), ("--activations", args.activations),
+                                                           ("--lm-head", None if args.lm_head == "fp32" else args.lm_head))
+                   if value)
+    print(f"database: {args.output}; use it with: pbs2pc compile {args.model} --target {args.target}{same} "
           f"--tuning-db {args.output} -o model.so")
     sys.stdout.flush()
     return 0

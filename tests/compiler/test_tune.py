@@ -307,7 +307,8 @@ def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, cap
     assert set(head.space()[0]) == {"step", "prefetch_rows", "locality", "k_unroll", "rows_per_task"}
     db = tmp_path / "db"
     assert main(["tune", str(tiny_onnx), "--target", X86, "--lm-head", "fp16", "--trials", "3", "-o", str(db)]) == 0
-    assert "lm_head_fp16:256x64" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lm_head_fp16:256x64" in out and "--lm-head fp16 --tuning-db" in out  # the compile line says it too
     records = [r for r in _records(db) if r["key"] == "lm_head_fp16:256x64"]
     assert len(records) == 3 and records[0]["default"] and all(r["us"] for r in records)
     # the slowest measured setting forced in: compile must build what the database says
