@@ -60,6 +60,13 @@ def _cuda_graphs() -> "tvm.transform.Pass":
 FAMILY_PHASES = {"cuda": lambda options: [("rewrite_cuda_graph", _cuda_graphs())] if options.cuda_graph else []}
 
 
+def fp32_lanes(preset: TargetPreset) -> int:
+    """A CPU preset's fp32 vector lanes (the fp32 LM head kernel's unit); 0 for other families."""
+    from pbs2pc.passes.schedules.cpu_utils import vector_lanes
+
+    return vector_lanes(preset.tvm_target()) if preset.family == "cpu" else 0
+
+
 def phases(preset: TargetPreset, options: CompileOptions | None = None,
            used_kernels: set | None = None, knobs=None) -> list[tuple[str, "tvm.transform.Pass"]]:
     """The ordered phases for ``preset`` with ``options`` (default options when None); ``used_kernels``, a
@@ -76,7 +83,8 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
         ("lower_pbs2p", LowerSparseBinaryLinear(kernels, used_kernels, knobs)),
         # With --lm-head fp16 / int8: the token lookup reads the fp16 / int8 table's rows, the one-token
         # entries' head the fp16 / int8 GEMV; neither converts the whole table per call.
-        ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32", knobs=knobs)),
+        # An fp32 head with tuned settings (--tuning-db) runs the matmul rule's GEMV with them.
+        ("lower_lm_head", LowerLMHead(enabled=options.lm_head != "fp32", knobs=knobs, fp32_lanes=fp32_lanes(preset))),
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),

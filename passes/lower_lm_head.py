@@ -38,6 +38,11 @@ dequantises only those (``call_tir(lm_head_int8_dequantize, (reshape(take(W8, id
 same PrimFunc on N rows instead of V), and the one-token head calls
 :func:`pbs2pc.passes.kernels.lm_head_int8.lm_head_int8`. ``main`` keeps one dequantisation of the table
 per call and its fp32 product.
+
+An fp32 head (no ``--lm-head``) is left to the schedule rules, unless the tuner's settings for it are
+given (``knobs`` and ``fp32_lanes``, from ``compile --tuning-db``): then the one-token head becomes
+``call_tir`` of :func:`pbs2pc.passes.kernels.lm_head_fp32.lm_head_fp32`, the matmul rule's GEMV schedule of
+the same product with those settings.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
-from pbs2pc.passes.kernels import lm_head_fp16, lm_head_int8
+from pbs2pc.passes.kernels import lm_head_fp16, lm_head_fp32, lm_head_int8
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
 #: Target families with the fp16 and int8 LM head kernels (pbs2pc.passes.kernels.lm_head_fp16 and
@@ -65,10 +70,11 @@ ONE_TOKEN_ENTRIES = (DECODE, PREFILL)
 class HeadCall:
     """A one-token LM head as its kernel sees it (what the tuner keys and measures it by)."""
 
-    kernel: str  # "lm_head_fp16" or "lm_head_int8"
+    kernel: str  # "lm_head_fp16", "lm_head_int8" or "lm_head_fp32"
     vocab: int
     hidden: int
     one_row: bool = True
+    lanes: int = 0  # lm_head_fp32: the target's fp32 vector lanes (its schedule's unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,22 +86,27 @@ class HeadEntry:
 
     @property
     def _module(self):
-        return lm_head_fp16 if self.name == "lm_head_fp16" else lm_head_int8
+        return {"lm_head_fp16": lm_head_fp16, "lm_head_int8": lm_head_int8, "lm_head_fp32": lm_head_fp32}[self.name]
 
     def build(self, call: HeadCall, **knobs):
+        if self.name == "lm_head_fp32":
+            return lm_head_fp32.lm_head_fp32(call.vocab, call.hidden, call.lanes, **knobs)
         return getattr(self._module, self.name)(call.vocab, call.hidden, rows=1, **knobs)
 
     def knobs(self, call: HeadCall) -> dict:
+        if self.name == "lm_head_fp32":
+            return lm_head_fp32.knobs(call.vocab, call.hidden, call.lanes)
         return self._module.knobs(call.vocab, call.hidden)
 
 
-HEAD_ENTRIES = {name: HeadEntry(name) for name in ("lm_head_fp16", "lm_head_int8")}
+HEAD_ENTRIES = {name: HeadEntry(name) for name in ("lm_head_fp16", "lm_head_int8", "lm_head_fp32")}
 
 
 @relax.expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, mod, knobs=None):
+    def __init__(self, mod, knobs=None, fp32_lanes: int = 0):
         self.knobs = knobs  # (function, entry, call) -> knob settings or None: see LowerLMHead
+        self.fp32_lanes = fp32_lanes  # > 0: an fp32 head with tuned settings runs lm_head_fp32
         self.function = None
         super().__init__(mod)
         self.head = False  # whether the function being visited is a one-token entry
@@ -167,7 +178,7 @@ class _Lowerer(relax.PyExprMutator):
             int8 = self._int8_table(perm.args[0])
             table, kernels = (int8[0], lm_head_int8) if int8 is not None else (None, None)
         if table is None:
-            return None
+            return self._head_fp32(call, perm.args[0])
         vocab, hidden = (int(d) for d in table.ty.shape.values)
         if kernels is lm_head_int8:
             hidden = lm_head_int8.hidden_of(hidden)
@@ -186,22 +197,52 @@ class _Lowerer(relax.PyExprMutator):
                                    relax.TensorType([x2.ty.shape[0], vocab], "float32")))
         return relax.op.reshape(y, lead + [vocab]) if len(lead) != 1 else y
 
+    def _head_fp32(self, call, table):
+        """The one-token head on an fp32 table as :func:`lm_head_fp32.lm_head_fp32` with its tuned settings
+        (``knobs`` gives some), else None: the matmul stays for the schedule rules, which build the same
+        product with the defaults."""
+        ty, x = table.ty, call.args[0]
+        if not (self.fp32_lanes and self.knobs and isinstance(ty, relax.TensorType) and ty.ndim == 2
+                and str(ty.dtype) == "float32" and str(x.ty.dtype) == "float32"):
+            return None
+        shape = [d for d in x.ty.shape.values]
+        if not all(isinstance(d, tvm.tirx.IntImm) for d in shape) or any(int(d) != 1 for d in shape[:-1]):
+            return None  # one row of x only (the decode step's, the prefill's last position)
+        vocab, hidden = (int(d) for d in ty.shape.values)
+        if int(shape[-1]) != hidden or not lm_head_fp32.supported(vocab, hidden, self.fp32_lanes):
+            return None
+        head = HeadCall("lm_head_fp32", vocab, hidden, lanes=self.fp32_lanes)
+        settings = self.knobs(self.function, HEAD_ENTRIES["lm_head_fp32"], head)
+        if settings is None:
+            return None
+        bb = self.builder_
+        if ("lm_head_fp32", vocab, hidden) not in self._kernels:
+            self._kernels["lm_head_fp32", vocab, hidden] = bb.add_func(
+                lm_head_fp32.lm_head_fp32(vocab, hidden, self.fp32_lanes, **settings), "lm_head_fp32")
+        x2 = bb.emit(relax.op.reshape(x, [1, hidden])) if len(shape) != 2 else x
+        y = bb.emit(relax.call_tir(self._kernels["lm_head_fp32", vocab, hidden], [x2, table],
+                                   relax.TensorType([1, vocab], "float32")))
+        return relax.op.reshape(y, [*shape[:-1], vocab]) if len(shape) != 2 else y
+
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLMHead")
 class LowerLMHead:
     """Read an fp16 or int8 LM head table without a float32 copy (see the module docstring);
     ``enabled=False`` (an fp32 head) leaves the module as it is. ``knobs(function, entry, call)``, as for
     :class:`~pbs2pc.passes.LowerSparseBinaryLinear`: the head kernel's tuned settings (``entry`` one of
-    :data:`HEAD_ENTRIES`, ``call`` a :class:`HeadCall`), or None for its defaults."""
+    :data:`HEAD_ENTRIES`, ``call`` a :class:`HeadCall`), or None for its defaults. ``fp32_lanes`` (a CPU
+    target's fp32 vector lanes; 0: none): an fp32 head (``enabled=False``) whose ``knobs`` give settings runs
+    :func:`~pbs2pc.passes.kernels.lm_head_fp32.lm_head_fp32` with them; without settings it stays a matmul."""
 
-    def __init__(self, enabled: bool = True, knobs=None):
+    def __init__(self, enabled: bool = True, knobs=None, fp32_lanes: int = 0):
         self.enabled = enabled
         self.knobs = knobs
+        self.fp32_lanes = fp32_lanes
 
     def transform_module(self, mod, _ctx):
-        if not self.enabled:
+        if not self.enabled and not (self.fp32_lanes and self.knobs):
             return mod
-        lowerer = _Lowerer(mod, self.knobs)
+        lowerer = _Lowerer(mod, self.knobs, self.fp32_lanes)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 lowerer.function = gv.name_hint

@@ -65,6 +65,7 @@ def extract(onnx_path, preset, options) -> list[Kernel]:
     the most called first."""
     from pbs2pc.compiler import frontend
     from pbs2pc.compiler.build import _vocab_size, to_target_layout
+    from pbs2pc.compiler.pipeline import fp32_lanes
     from pbs2pc.passes import LowerLMHead, LowerSparseBinaryLinear, UseKVCache
     from pbs2pc.passes.kernels import registry
     from pbs2pc.passes.kv_cache import DECODE
@@ -83,7 +84,8 @@ def extract(onnx_path, preset, options) -> list[Kernel]:
         mod = UseKVCache()(mod)
         names = {gv.name_hint for gv in mod.get_global_vars()}
         LowerSparseBinaryLinear(registry.for_target(preset, options), None, observe)(mod)
-        LowerLMHead(options.lm_head != "fp32", observe)(mod)  # --lm-head fp16 / int8: the head kernel
+        # the head kernel: --lm-head fp16 / int8, or the fp32 head's GEMV schedule on a CPU
+        LowerLMHead(options.lm_head != "fp32", observe, fp32_lanes(preset))(mod)
     step = DECODE if DECODE in names else "main"
     kernels = []
     for key, uses in seen.items():

@@ -285,21 +285,62 @@ def _gemv_outer(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int, tasks: i
     return sch
 
 
-def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int):
+#: Rows of B per tile of ``x @ Wᵀ`` (the first that divides J): the default of :func:`_gemv_inner`.
+GEMV_INNER_ROWS = (16, 8, 4, 2, 1)
+
+
+def gemv_inner_knobs(j_ext: int, k_ext: int, lanes: int) -> dict:
+    """The tuner's search space for :func:`_gemv_inner` on a ``[J, K]`` operand (the fp32 LM head's
+    table; :mod:`pbs2pc.passes.kernels.lm_head_fp32`), the rule's defaults first: ``rows`` of B per tile
+    (their partial sums side by side), ``k_lanes`` (the K elements each row's partial sums span: one
+    vector, or two or four, more independent FMA chains per row), ``unroll_k`` (the K loop unrolled).
+    Settings whose partial sums outgrow a stack tile (:data:`cpu_utils.MAX_STACK_BYTES`) get a heap
+    workspace and measure slow: the search drops them."""
+    default_rows = cu.pick_tile(j_ext, GEMV_INNER_ROWS)
+    default_unroll = k_ext // lanes <= 64
+    return {"rows": tuple(dict.fromkeys(r for r in (default_rows, 8, 4, 16, 12, 2, 32) if j_ext % r == 0)),
+            "k_lanes": tuple(w * lanes for w in (1, 2, 4) if k_ext % (w * lanes) == 0),
+            "unroll_k": (default_unroll, not default_unroll)}
+
+
+def gemv_inner(func: tirx.PrimFunc, lanes: int, rows: int | None = None, k_lanes: int | None = None,
+               unroll_k: bool | None = None) -> tirx.PrimFunc:
+    """``func`` (one reduction block ``C[.., j] += A[.., k] * B[j, k]``) scheduled by :func:`_gemv_inner`
+    with these knobs (None: the rule's defaults), marked scheduled: how the tuner builds the fp32 LM head."""
+    sch = s_tir.Schedule(func)
+    main = _reduction_block(sch)
+    stmt = sch.get(main)
+    iters, loops = list(stmt.iter_vars), sch.get_loops(main)
+    k_pos = next(n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce)
+    j_pos = max(n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.DataPar)  # C's last axis
+    dims = _GemvDims(loops, j_pos, k_pos, cu.const_int(iters[j_pos].dom.extent), cu.const_int(iters[k_pos].dom.extent))
+    if dims.k_ext is None or dims.k_ext % (k_lanes or lanes) or (rows and dims.j_ext % rows):
+        raise ValueError(f"the x @ W^T GEMV schedule cannot take {rows} rows, {k_lanes} lanes at J={dims.j_ext}, "
+                         f"K={dims.k_ext}")
+    if _gemv_inner(sch, main, dims, lanes, rows, k_lanes, unroll_k) is None:
+        raise ValueError("the x @ W^T GEMV schedule does not apply to this function")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int, rows: int | None = None,
+                k_lanes: int | None = None, unroll_k: bool | None = None):
     """``C[j] += A[k] * B[j, k]``: dot products vectorised along K, a few rows of B per A load.
 
     ``rfactor`` splits the reduction into ``lanes`` partial sums per row (vector FMAs); the final
     horizontal sum and any epilogue run per tile of rows, so partials stay in a stack tile. Sixteen rows
     per tile keep 16 zmm accumulators busy per load of A: measured on the tied LM head
     ``[1, 576] x [49152, 576]ᵀ``, 2 threads: 4 rows 9.9 ms, 8 rows 7.5 ms, 16 rows 6.1 ms, 32 rows
-    6.3 ms (torch fp32 10.3 ms in the same run).
+    6.3 ms (torch fp32 10.3 ms in the same run). ``rows``, ``k_lanes`` (K elements per row's partial
+    sums, a multiple of ``lanes``), ``unroll_k``: the tuner's knobs (:func:`gemv_inner_knobs`), None the
+    defaults above.
     """
-    if dims.j_ext is None or dims.k_ext is None or dims.k_ext % lanes:
+    k_lanes = k_lanes or lanes
+    if dims.j_ext is None or dims.k_ext is None or dims.k_ext % k_lanes:
         return None
-    rows = cu.pick_tile(dims.j_ext, [16, 8, 4, 2, 1])
+    rows = rows or cu.pick_tile(dims.j_ext, GEMV_INNER_ROWS)
     epilogues = sch.get_consumers(main)
     j_tile, j_row = sch.split(dims.loops[dims.j_pos], [None, rows])
-    k_out, k_lane = sch.split(dims.loops[dims.k_pos], [None, lanes])
+    k_out, k_lane = sch.split(dims.loops[dims.k_pos], [None, k_lanes])
     sch.reorder(*dims.others(), j_tile, k_out, j_row, k_lane)
     partial = sch.rfactor(k_lane, factor_axis=len(sch.get(main).writes[0].region))
     # rfactor leaves the original loops to the final sum; the partial-sum block gets fresh ones.
@@ -314,9 +355,9 @@ def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int):
     sch.vectorize(rf_lane)
     sch.parallel(outer)
     init = sch.decompose_reduction(partial, rf_k)
-    if dims.k_ext // lanes <= 64:  # short rows (the LM head's K = 576): unrolled, 6.1 -> 5.7 ms
-        sch.unroll(rf_k)
-    cu.vectorize_innermost(sch, init, lanes)
+    if unroll_k if unroll_k is not None else dims.k_ext // lanes <= 64:  # short rows (the LM head's K = 576):
+        sch.unroll(rf_k)  # unrolled, 6.1 -> 5.7 ms
+    cu.vectorize_innermost(sch, init, k_lanes)
     return sch
 
 

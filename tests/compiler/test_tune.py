@@ -66,7 +66,8 @@ def test_a_killed_tune_resumes_without_losing_or_repeating_records(tuned, capsys
     measured = _measured(records)
     assert len(measured) == len(set(measured)), "a setting was measured twice"
     keys = {r["key"] for r in records}
-    assert len(keys) == 4 and all(k.startswith("x86_avx") for k in keys)  # the tiny model's four GEMV shapes
+    # the tiny model's four GEMV shapes and its fp32 LM head (the matmul rule's GEMV schedule)
+    assert len(keys) == 5 and sum(k.startswith("x86_avx") for k in keys) == 4 and "lm_head_fp32:256x64" in keys
     assert len(measured) == TRIALS * len(keys)
     assert all(sum(1 for r in records if r["key"] == k and r["default"] and r["us"]) == 1 for k in keys)
     target = json.loads((folder / "target.json").read_text())
@@ -79,9 +80,9 @@ def test_compile_with_the_database_keeps_the_numerics(tuned, tiny_onnx, tiny_lib
     folder, _ = tuned
     lib = tmp_path / "tuned.so"
     assert main(["compile", str(tiny_onnx), "--target", X86, "--tuning-db", str(folder), "-o", str(lib)]) == 0
-    assert "4 kernels built with settings from" in capsys.readouterr().out
+    assert "5 kernels built with settings from" in capsys.readouterr().out
     manifest = json.loads(lib.with_name("tuned.manifest.json").read_text())
-    assert len(manifest["tuned_kernels"]) == 4
+    assert len(manifest["tuned_kernels"]) == 5
     ids = np.array([[1, 5, 9, 2, 7]])
     np.testing.assert_allclose(load(lib).logits(ids), load(tiny_library).logits(ids), rtol=1e-6, atol=1e-6)
 
@@ -94,7 +95,31 @@ def test_compile_with_the_database_keeps_the_numerics(tuned, tiny_onnx, tiny_lib
     from pbs2pc.compiler.build import compile_model
 
     manifest = compile_model(tiny_onnx, tmp_path / "partial.so", X86, tuning_db=partial)
-    assert dropped not in manifest["tuned_kernels"] and len(manifest["tuned_kernels"]) == 3
+    assert dropped not in manifest["tuned_kernels"] and len(manifest["tuned_kernels"]) == 4
+
+
+def test_the_fp32_head_is_built_with_its_tuned_setting(tuned, tiny_onnx, tiny_library, tmp_path):
+    """The fp32 LM head (the matmul rule's GEMV schedule) with a non-default setting from the database: the
+    one-token entries call it, and logits and decode step are the untuned library's to float32 rounding
+    (another K split sums in another order)."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.runtime import load
+
+    folder, _ = tuned
+    db = tmp_path / "db"
+    shutil.copytree(folder, db)
+    records = _records(db)
+    other = next(r for r in records if r["key"] == "lm_head_fp32:256x64" and not r["default"] and r["us"])
+    (db / "records.jsonl").write_text("".join(json.dumps({**r, "us": 0.0 if r is other else r["us"]}) + "\n"
+                                              for r in records))
+    manifest = compile_model(tiny_onnx, tmp_path / "m.so", X86, tuning_db=db)
+    assert "lm_head_fp32:256x64" in manifest["tuned_kernels"]
+    ids = np.array([[3, 1, 4, 1, 5]])
+    a, b = load(tmp_path / "m.so"), load(tiny_library)
+    np.testing.assert_allclose(a.logits(ids), b.logits(ids), rtol=1e-5, atol=1e-5)
+    a.prefill([3, 1, 4], capacity=8)
+    b.prefill([3, 1, 4], capacity=8)
+    np.testing.assert_allclose(a.step(1), b.step(1), rtol=1e-5, atol=1e-5)
 
 
 def _other_x86(folder: Path) -> str:
@@ -192,7 +217,7 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         assert main(argv) == 0
         assert "rpc 127.0.0.1" in capsys.readouterr().out
         records = _records(db)
-        assert len(records) == 4 and all(r["us"] is not None and r["default"] for r in records), records
+        assert len(records) == 5 and all(r["us"] is not None and r["default"] for r in records), records
 
         # the board goes away: its candidates time out, are recorded as failed runs, and the tune finishes
         _stop(server)
@@ -204,7 +229,7 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         kernels = extract(tiny_onnx, preset, CompileOptions())[:1]
         start = time.monotonic()
         Search(preset, Runner(("127.0.0.1", port), key, timeout_s=2)).tune(kernels, open_database(db, preset), 3)
-        failed = _records(db)[4:]
+        failed = _records(db)[5:]
         assert len(failed) == 2 and all("Timeout" in r["error"] and r["error"].startswith("run:") for r in failed)
         assert time.monotonic() - start < 60
     finally:
@@ -234,7 +259,7 @@ def test_offline_tune_a_device_script_times_the_candidates(tiny_onnx, tiny_libra
     assert "python3 device/measure.py" in out and not (db / "records.jsonl").exists()
     plan = json.loads((db / "device" / "plan.json").read_text())
     keys = {c["key"] for c in plan["candidates"]}
-    assert len(keys) == 4 and len(plan["candidates"]) == TRIALS * 4
+    assert len(keys) == 5 and len(plan["candidates"]) == TRIALS * 5
     assert all(sum(c["default"] for c in plan["candidates"] if c["key"] == k) == 1 for k in keys)
     # one candidate's library swapped for another kernel's: it fails on the device, the rest are timed
     broken = next(c for c in plan["candidates"] if not c["default"])
@@ -339,8 +364,10 @@ def test_check_step_times_the_tuned_decode_step_against_the_library(tiny_onnx, t
     first = check["variants"][0]
     assert first["excluded"] == [] and first["default_us"] > 0 and first["tuned_us"] > 0
     assert 0 <= first["tuned_faster_rounds"] <= first["rounds"] and f"of {first['rounds']} paired rounds" in line
-    # one registry entry in the tiny model: either its settings stay or it is left at its defaults
-    assert check["excluded"] in ([], ["x86_avx512.gemv_fp32"], ["x86_avx2.gemv_fp32"])
+    # two entries in the tiny model (its GEMVs', its fp32 head's): their settings stay, or one is left at its defaults
+    entries = {r["key"].split(":")[0] for r in _records(db)}
+    assert len(entries) == 2 and "lm_head_fp32" in entries and set(check["excluded"]) <= entries
+    assert len(check["excluded"]) != 1 or len(check["variants"]) == 3  # one left out: after trying each
     ids = np.array([[4, 2, 4, 2]])
     np.testing.assert_allclose(load(first["library"]).logits(ids), load(tiny_library).logits(ids),
                                rtol=1e-6, atol=1e-6)
