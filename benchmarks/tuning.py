@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -94,9 +95,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--lm-head", default="fp32", choices=["fp32", "fp16", "int8"],
                         help="the --lm-head the database was tuned and the libraries compiled with")
+    parser.add_argument("--out", default=str(RESULTS), help=f"the JSON results (default {RESULTS})")
     args = parser.parse_args(argv)
 
     import sys
+
+    from pbs2pc.runtime.model import configure_threads
+
+    configure_threads()  # before the first kernel: the model's threads for kernels and steps (TVM's default is fewer)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from machine import read_bandwidth
@@ -104,9 +110,10 @@ def main(argv=None) -> int:
     bandwidth = read_bandwidth()
     rows = kernel_ab(args.model, args.db, args.rounds, args.repeats, args.lm_head)
     decode = decode_rates({"default": args.default, "tuned": args.tuned}, args.tokens, args.rounds)
-    data = {"read_gbps": bandwidth, "kernels": rows, "decode_tokens_per_s": decode}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    data = {"read_gbps": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"]), "kernels": rows, "decode_tokens_per_s": decode}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"read bandwidth {bandwidth} GB/s\n")
     print("| kernel | calls/step | default us | tuned us | speed-up | floor us | default / floor | tuned knobs |")
     print("|---|---|---|---|---|---|---|---|")

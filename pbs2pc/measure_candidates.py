@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     plan = json.loads((folder / PLAN).read_text())
     device_kind = plan["device"]
+    if plan.get("threads") and not os.environ.get("TVM_NUM_THREADS"):
+        # the kernel threads the model gets on its target (TVM's default is half the hardware threads on x86)
+        os.environ["TVM_NUM_THREADS"] = str(plan["threads"])
     try:
         tvm = runtime(device_kind)
         dev = tvm.cuda(0) if device_kind == "cuda" else tvm.cpu(0)

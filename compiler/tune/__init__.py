@@ -27,7 +27,7 @@ import time
 from pbs2pc.compiler.tune import device, step
 from pbs2pc.compiler.tune.database import Database, open_database
 from pbs2pc.compiler.tune.kernels import Kernel, extract, kernel_key, knob_id
-from pbs2pc.compiler.tune.search import Runner, Search
+from pbs2pc.compiler.tune.search import Runner, Search, timing_threads
 from pbs2pc.errors import UnsupportedError
 
 __all__ = ["Database", "Kernel", "Runner", "Search", "extract", "knobs_from", "open_database", "table", "tune_model"]
@@ -57,7 +57,8 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
         return _tune_offline(kernels, db, preset, trials, say, progress, start)
     todo = {k.key: max(0, min(trials, len(k.space())) - sum(1 for s in k.space() if knob_id(s) in db.finished(k.key)))
             for k in kernels}
-    say(f"{len(kernels)} distinct kernels, {sum(todo.values())} trials to run ({runner.describe()}); "
+    where = runner.describe() + ("" if runner.tracker else f", {timing_threads(preset)} threads")
+    say(f"{len(kernels)} distinct kernels, {sum(todo.values())} trials to run ({where}); "
         f"records: {db.path}")
     search = Search(preset, runner)
     from tqdm import tqdm

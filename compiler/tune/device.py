@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pbs2pc.compiler.tune.database import read_records
 from pbs2pc.compiler.tune.kernels import Kernel, inputs, knob_id
+from pbs2pc.compiler.tune.search import timing_threads
 
 FOLDER = "device"
 PLAN, RESULTS = "plan.json", "results.jsonl"
@@ -86,7 +87,7 @@ def export(todo: list[tuple[Kernel, dict]], db, preset, log=None, progress: bool
         candidates.append({"key": kernel.key, "knobs": knobs, "default": knob_id(knobs) == knob_id(kernel.space()[0]),
                            "library": f"lib/{names[kernel.key]}_{tag}.so", "inputs": f"inputs/{names[kernel.key]}.npz"})
     plan = {"preset": preset.name, "device": device, "identity": db.identity, "rotate_bytes": ROTATE_BYTES[device],
-            "candidates": candidates}
+            "threads": timing_threads(preset) if device == "cpu" else None, "candidates": candidates}
     old = folder / PLAN
     if old.exists() and json.loads(old.read_text()).get("candidates") == candidates and all(
             (folder / c["library"]).exists() for c in candidates):

@@ -16,6 +16,12 @@ repeat the time of one pass over the copies divided by their number, median of t
 call after a cache flush instead (MetaSchedule's default) times every parallel launch from sleeping
 threads, which a decode step does not see (docs/tuning.md). RPC runner: one call per repeat after a cache
 flush on the board (a loop of calls over RPC would time the network).
+
+Threads: a candidate runs with as many kernel threads as the compiled model will (:func:`timing_threads`:
+the target's ``num-cores``, or ``TVM_NUM_THREADS`` where the user set it). TVM's own default is half the
+hardware threads on x86 (one on a 2-vCPU machine), which times every parallel kernel on one core and
+makes serial settings win that are slower in the model's step. The local runner's worker processes
+inherit the variable; a board's RPC server sizes its own pool (start it with ``TVM_NUM_THREADS`` set).
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ REPEATS = 25
 ROTATE_BYTES = 64 << 20
 #: Candidates built and timed per round (the builder starts a process per round: a few seconds).
 BATCH = 8
+#: The variable TVM's CPU thread pool takes its size from, when the pool starts.
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def timing_threads(preset) -> int:
+    """The kernel threads candidates are timed with: ``TVM_NUM_THREADS`` where set (as the runtime honours
+    it), else the preset's ``num-cores``, what its parallel loops are sized for and what
+    :func:`pbs2pc.runtime.model.configure_threads` gives the model on the machine it was made for."""
+    import os
+
+    if os.environ.get(THREADS_ENV, "").strip().isdigit() and int(os.environ[THREADS_ENV]) > 0:
+        return int(os.environ[THREADS_ENV])
+    return max(1, int(preset.target.get("num-cores", 1) or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +162,9 @@ class Search:
             runner.pool.shutdown()
             runner.pool = popen_pool(max_workers=1, timeout=self.runner_spec.timeout_s)
             return runner
+        import os
+
+        os.environ[THREADS_ENV] = str(timing_threads(self.preset))  # the workers' pools (see the module docstring)
         return ms.runner.LocalRunner(timeout_sec=self.runner_spec.timeout_s, evaluator_config=self.evaluator,
                                      f_alloc_argument=functools.partial(_alloc_local, table),
                                      f_run_evaluator=_run_rotating)

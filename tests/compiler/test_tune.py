@@ -384,6 +384,23 @@ def test_compile_leaves_the_entries_the_step_check_excluded_at_their_defaults(tu
     assert compile_model(tiny_onnx, tmp_path / "m.so", X86, tuning_db=db)["tuned_kernels"] == []
 
 
+def test_candidates_are_timed_with_the_models_threads(monkeypatch, tiny_onnx, tmp_path, capsys):
+    """TVM's own default is half the hardware threads on x86 (one on a 2-vCPU machine): timed that way,
+    every parallel kernel runs on one core and serial settings win that lose in the model's step. The
+    local runner's workers and the device script get the target's cores, or TVM_NUM_THREADS where set."""
+    from pbs2pc.compiler.targets import get_preset
+    from pbs2pc.compiler.tune.search import timing_threads
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    assert timing_threads(get_preset(X86, num_cores=3)) == 3
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert timing_threads(get_preset(X86, num_cores=3)) == 1
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    db = tmp_path / "db"
+    assert main(["tune", str(tiny_onnx), "--target", X86, "--offline", "--trials", "1", "-o", str(db)]) == 0
+    assert json.loads((db / "device" / "plan.json").read_text())["threads"] == get_preset(X86).target["num-cores"]
+
+
 def test_every_registry_knob_setting_builds():
     """Each entry's declared space: the default first, and every setting a kernel its builder accepts."""
     from pbs2pc.compiler.tune import Kernel
