@@ -219,24 +219,34 @@ class Matmul(dlight.ScheduleRule):
     @staticmethod
     def _gemv(sch: s_tir.Schedule, main, lanes: int):
         """Matrix-vector product (no I axis): dispatch on which axis of B is contiguous."""
-        stmt = sch.get(main)
-        a_idx, b_idx, c_idx = (cu.region_vars(r) for r in (stmt.reads[0], stmt.reads[1], stmt.writes[0]))
-        iters = list(stmt.iter_vars)
-        loops = sch.get_loops(main)
-        k_pos = [n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
-        if not (a_idx and b_idx and c_idx) or len(loops) != len(iters) or len(k_pos) != 1:
+        found = _gemv_dims(sch, main)
+        if found is None:
             return None
-        j_var, k_var = c_idx[-1], iters[k_pos[0]].var
-        j_pos = next((n for n, iv in enumerate(iters) if cu.is_var(j_var, iv.var)), None)
-        if j_pos is None or not cu.is_var(a_idx[-1], k_var):
-            return None
-        dims = _GemvDims(loops, j_pos, k_pos[0], cu.const_int(iters[j_pos].dom.extent),
-                         cu.const_int(iters[k_pos[0]].dom.extent))
-        if cu.is_var(b_idx[-1], j_var):
-            return _gemv_outer(sch, main, dims, lanes)
-        if cu.is_var(b_idx[-1], k_var):
-            return _gemv_inner(sch, main, dims, lanes)
+        dims, contiguous = found
+        return (_gemv_outer if contiguous == "J" else _gemv_inner)(sch, main, dims, lanes)
+
+
+def _gemv_dims(sch: s_tir.Schedule, main):
+    """``(dims, "J" or "K")`` of a matrix-vector block ``C[.., j] += A[.., k] * B[..]``, with B's contiguous
+    axis; None when the block is not one."""
+    stmt = sch.get(main)
+    a_idx, b_idx, c_idx = (cu.region_vars(r) for r in (stmt.reads[0], stmt.reads[1], stmt.writes[0]))
+    iters = list(stmt.iter_vars)
+    loops = sch.get_loops(main)
+    k_pos = [n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
+    if not (a_idx and b_idx and c_idx) or len(loops) != len(iters) or len(k_pos) != 1:
         return None
+    j_var, k_var = c_idx[-1], iters[k_pos[0]].var
+    j_pos = next((n for n, iv in enumerate(iters) if cu.is_var(j_var, iv.var)), None)
+    if j_pos is None or not cu.is_var(a_idx[-1], k_var):
+        return None
+    dims = _GemvDims(loops, j_pos, k_pos[0], cu.const_int(iters[j_pos].dom.extent),
+                     cu.const_int(iters[k_pos[0]].dom.extent))
+    if cu.is_var(b_idx[-1], j_var):
+        return dims, "J"
+    if cu.is_var(b_idx[-1], k_var):
+        return dims, "K"
+    return None
 
 
 @dataclasses.dataclass
@@ -309,16 +319,15 @@ def gemv_inner(func: tirx.PrimFunc, lanes: int, rows: int | None = None, k_lanes
     with these knobs (None: the rule's defaults), marked scheduled: how the tuner builds the fp32 LM head."""
     sch = s_tir.Schedule(func)
     main = _reduction_block(sch)
-    stmt = sch.get(main)
-    iters, loops = list(stmt.iter_vars), sch.get_loops(main)
-    k_pos = next(n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce)
-    j_pos = max(n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.DataPar)  # C's last axis
-    dims = _GemvDims(loops, j_pos, k_pos, cu.const_int(iters[j_pos].dom.extent), cu.const_int(iters[k_pos].dom.extent))
+    found = _gemv_dims(sch, main) if main is not None else None
+    if found is None or found[1] != "K":
+        raise ValueError("the x @ W^T GEMV schedule does not apply to this function")
+    dims = found[0]
     if dims.k_ext is None or dims.k_ext % (k_lanes or lanes) or (rows and dims.j_ext % rows):
         raise ValueError(f"the x @ W^T GEMV schedule cannot take {rows} rows, {k_lanes} lanes at J={dims.j_ext}, "
                          f"K={dims.k_ext}")
     if _gemv_inner(sch, main, dims, lanes, rows, k_lanes, unroll_k) is None:
-        raise ValueError("the x @ W^T GEMV schedule does not apply to this function")
+        raise ValueError(f"the x @ W^T GEMV schedule does not apply at J={dims.j_ext}, K={dims.k_ext}")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
