@@ -48,6 +48,7 @@ the same product with those settings.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from pbs2pc.compiler.tvm_compat import relax, tvm
 from pbs2pc.passes.kernels import lm_head_fp16, lm_head_fp32, lm_head_int8
@@ -83,23 +84,18 @@ class HeadEntry:
     ``build(call, **knobs)`` (one row, as a decode step calls it) and ``knobs(call)``, its search space."""
 
     name: str
-
-    @property
-    def _module(self):
-        return {"lm_head_fp16": lm_head_fp16, "lm_head_int8": lm_head_int8, "lm_head_fp32": lm_head_fp32}[self.name]
-
-    def build(self, call: HeadCall, **knobs):
-        if self.name == "lm_head_fp32":
-            return lm_head_fp32.lm_head_fp32(call.vocab, call.hidden, call.lanes, **knobs)
-        return getattr(self._module, self.name)(call.vocab, call.hidden, rows=1, **knobs)
-
-    def knobs(self, call: HeadCall) -> dict:
-        if self.name == "lm_head_fp32":
-            return lm_head_fp32.knobs(call.vocab, call.hidden, call.lanes)
-        return self._module.knobs(call.vocab, call.hidden)
+    build: Callable  # (HeadCall, **knobs) -> PrimFunc
+    knobs: Callable  # (HeadCall) -> {knob: candidate values, default first}
 
 
-HEAD_ENTRIES = {name: HeadEntry(name) for name in ("lm_head_fp16", "lm_head_int8", "lm_head_fp32")}
+HEAD_ENTRIES = {entry.name: entry for entry in (
+    HeadEntry("lm_head_fp16", lambda c, **k: lm_head_fp16.lm_head_fp16(c.vocab, c.hidden, rows=1, **k),
+              lambda c: lm_head_fp16.knobs(c.vocab, c.hidden)),
+    HeadEntry("lm_head_int8", lambda c, **k: lm_head_int8.lm_head_int8(c.vocab, c.hidden, rows=1, **k),
+              lambda c: lm_head_int8.knobs(c.vocab, c.hidden)),
+    HeadEntry("lm_head_fp32", lambda c, **k: lm_head_fp32.lm_head_fp32(c.vocab, c.hidden, c.lanes, **k),
+              lambda c: lm_head_fp32.knobs(c.vocab, c.hidden, c.lanes)),
+)}
 
 
 @relax.expr_functor.mutator

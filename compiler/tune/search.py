@@ -34,6 +34,7 @@ import statistics
 
 from pbs2pc.compiler.tune.kernels import Kernel, inputs, knob_id
 from pbs2pc.compiler.tvm_compat import popen_pool, tune_context
+from pbs2pc.runtime.model import THREADS_ENV
 
 #: Timed repeats per candidate; the median is its time.
 REPEATS = 25
@@ -42,8 +43,6 @@ REPEATS = 25
 ROTATE_BYTES = 64 << 20
 #: Candidates built and timed per round (the builder starts a process per round: a few seconds).
 BATCH = 8
-#: The variable TVM's CPU thread pool takes its size from, when the pool starts.
-THREADS_ENV = "TVM_NUM_THREADS"
 
 
 def timing_threads(preset) -> int:
