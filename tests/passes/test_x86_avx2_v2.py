@@ -42,10 +42,10 @@ TARGET = tvm.target.Target(AVX2_TARGET)
 needs_avx2 = requires("x86-avx2")
 
 
-def build(layer: PackedLinear, threads_hint=None):
+def build(layer: PackedLinear, **knobs):
     f = kv.gemv_v2(layer.out_features, layer.in_features, layer.scheme.group_size, layer.mask is not None,
                    layer.mu is not None, layer.bias is not None, layer.has_groups, layer.has_residual,
-                   layer.residual.shape[1] if layer.has_residual else 0)
+                   layer.residual.shape[1] if layer.has_residual else 0, **knobs)
     return tvm.compile(tvm.IRModule({"gemv": f.with_attr("global_symbol", "gemv")}), target=TARGET)
 
 
@@ -89,6 +89,28 @@ def test_v2_gemv_matches_the_oracle(n, k, g, mask_kind, groups, salient, has_mu,
     got = run(build(layer), layer, x)
     assert np.isfinite(got).all()
     assert rel_err(got, layer.matmul(x[None])[0]) < 1e-5
+
+
+@needs_avx2
+@pytest.mark.parametrize("n, k, g, mask_kind, groups, salient", [(48, 384, 128, "6:8", True, 4),
+                                                                  (64, 128, 64, None, True, 4),
+                                                                  (32, 96, 32, "random", False, 2)])
+def test_every_unroll_matches_the_oracle(n, k, g, mask_kind, groups, salient):
+    """The tuner's ``unroll`` knob: every divisor of a scale group's column bytes, serial or parallel
+    tasks, gives the oracle's output."""
+    layer = v2_layer(n, k, g, mask_kind, groups, salient, True, True, seed=k)
+    x = np.random.default_rng(n).standard_normal(k).astype(np.float32)
+    want = layer.matmul(x[None])[0]
+    assert kv.unroll_knob(g) == (1, *[u for u in (2, 4, 8, 16) if u <= g // 8 and (g // 8) % u == 0])
+    for unroll in kv.unroll_knob(g):
+        for parallel_min in (1, None):
+            got = run(build(layer, unroll=unroll, parallel_min=parallel_min), layer, x)
+            assert rel_err(got, want) < 1e-5, (unroll, parallel_min)
+
+
+def test_an_unroll_that_does_not_divide_the_group_is_refused():
+    with pytest.raises(ValueError, match="unroll=3 does not divide the 8 column bytes"):
+        build(v2_layer(16, 128, 64), unroll=3)
 
 
 @needs_avx2

@@ -39,6 +39,17 @@ from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import plus_bias, task_
 
 from .sparse_binary_gemv import CHUNKS, INTERLEAVE, LANES, byte_sum, chunk_sum, supported as v1_supported, widen
 
+#: Column bytes of a scale group unrolled: one, a loop (the code as measured in docs/avx2_gemv.md); the
+#: tuner tries the other divisors of ``G / 8`` (``unroll_knob``).
+UNROLL = 1
+
+
+def unroll_knob(group_size: int) -> tuple:
+    """The ``unroll`` candidates for scale groups of ``group_size`` columns: the default, then the other
+    divisors of its column bytes."""
+    cg = group_size // 8
+    return (UNROLL, *(u for u in range(2, cg + 1) if cg % u == 0))
+
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str,
               has_groups: bool, has_residual: bool) -> bool:
@@ -49,15 +60,20 @@ def supported(out_features: int, in_features: int, group_size: int, interleave: 
 
 
 def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
-            has_groups: bool, has_residual: bool, residual_bytes: int = 1, parallel_min: int | None = None):
+            has_groups: bool, has_residual: bool, residual_bytes: int = 1, parallel_min: int | None = None,
+            unroll: int = UNROLL):
     """The PrimFunc ``(x, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu], [salient,
     residual, residual_alpha, residual_mu], y)`` for one layer shape (``residual_bytes``: the residual
-    plane's bytes per row, ``ceil(S / 8)``; ``parallel_min``: the parallel threshold, the tuner's knob); planes and scales 16-row interleaved, ``salient`` ``[1, K/8]``."""
+    plane's bytes per row, ``ceil(S / 8)``); planes and scales 16-row interleaved, ``salient`` ``[1, K/8]``.
+    The tuner's knobs: ``parallel_min``, the parallel threshold, and ``unroll``, the column bytes of a scale
+    group unrolled (a divisor of ``G / 8``)."""
     T_ = INTERLEAVE
     if not supported(out_features, in_features, group_size, T_, "uint8", has_groups, has_residual):
         raise ValueError(f"the AVX2 v2 GEMV does not cover N={out_features}, K={in_features}, G={group_size} "
                          f"(groups={has_groups}, residual={has_residual})")
     N, K, G = out_features, in_features, group_size
+    if unroll < 1 or (G // 8) % unroll:
+        raise ValueError(f"unroll={unroll} does not divide the {G // 8} column bytes of a scale group")
     HALVES = T_ // LANES
     NT, C, GB, CG, RB = N // T_, K // 8, K // G, G // 8, max(1, residual_bytes)
     H = len(CHUNKS)
@@ -135,36 +151,37 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                         part[u, p, T.ramp(0, 1, LANES)] = zeros
                     for p in T.unroll(2):
                         res[u, p, T.ramp(0, 1, LANES)] = zeros
-                for cb in range(CG):
-                    col = T.meta_var(g * CG + cb)
-                    s16 = T.meta_var(sign.vload([tile, col, 0], "uint8x16"))
-                    if has_groups:
-                        g16 = T.meta_var(group.vload([tile, col, 0], "uint8x16"))
-                        p16 = T.meta_var(T.bitwise_and(s16, mask.vload([tile, col, 0], "uint8x16")) if has_mask
-                                      else s16)
-                        for u in T.unroll(HALVES):
-                            part[u, 0, T.ramp(0, 1, LANES)] = part.vload([u, 0, 0], f32x8) + byte_sum(
-                                tab, col, half(T.bitwise_and(p16, T.bitwise_not(g16)), u))
-                            part[u, 2, T.ramp(0, 1, LANES)] = part.vload([u, 2, 0], f32x8) + byte_sum(
-                                tab, col, half(T.bitwise_and(p16, g16), u))
-                            if has_mask:
-                                m16 = T.meta_var(mask.vload([tile, col, 0], "uint8x16"))
-                                part[u, 1, T.ramp(0, 1, LANES)] = part.vload([u, 1, 0], f32x8) + byte_sum(
-                                    tab, col, half(T.bitwise_and(m16, T.bitwise_not(g16)), u))
-                                part[u, 3, T.ramp(0, 1, LANES)] = part.vload([u, 3, 0], f32x8) + byte_sum(
-                                    tab, col, half(T.bitwise_and(m16, g16), u))
-                            else:
-                                part[u, 3, T.ramp(0, 1, LANES)] = part.vload([u, 3, 0], f32x8) + byte_sum(
-                                    tab, col, half(g16, u))
-                    else:
-                        p16 = T.meta_var(T.bitwise_and(s16, mask.vload([tile, col, 0], "uint8x16")) if has_mask
-                                      else s16)
-                        for u in T.unroll(HALVES):
-                            part[u, 0, T.ramp(0, 1, LANES)] = part.vload([u, 0, 0], f32x8) + byte_sum(
-                                tab, col, half(p16, u))
-                            if has_mask:
-                                part[u, 1, T.ramp(0, 1, LANES)] = part.vload([u, 1, 0], f32x8) + byte_sum(
-                                    tab, col, half(mask.vload([tile, col, 0], "uint8x16"), u))
+                for cbo in range(CG // unroll):
+                    for cbi in T.unroll(unroll):
+                        col = T.meta_var(g * CG + cbo * unroll + cbi)
+                        s16 = T.meta_var(sign.vload([tile, col, 0], "uint8x16"))
+                        if has_groups:
+                            g16 = T.meta_var(group.vload([tile, col, 0], "uint8x16"))
+                            p16 = T.meta_var(T.bitwise_and(s16, mask.vload([tile, col, 0], "uint8x16")) if has_mask
+                                          else s16)
+                            for u in T.unroll(HALVES):
+                                part[u, 0, T.ramp(0, 1, LANES)] = part.vload([u, 0, 0], f32x8) + byte_sum(
+                                    tab, col, half(T.bitwise_and(p16, T.bitwise_not(g16)), u))
+                                part[u, 2, T.ramp(0, 1, LANES)] = part.vload([u, 2, 0], f32x8) + byte_sum(
+                                    tab, col, half(T.bitwise_and(p16, g16), u))
+                                if has_mask:
+                                    m16 = T.meta_var(mask.vload([tile, col, 0], "uint8x16"))
+                                    part[u, 1, T.ramp(0, 1, LANES)] = part.vload([u, 1, 0], f32x8) + byte_sum(
+                                        tab, col, half(T.bitwise_and(m16, T.bitwise_not(g16)), u))
+                                    part[u, 3, T.ramp(0, 1, LANES)] = part.vload([u, 3, 0], f32x8) + byte_sum(
+                                        tab, col, half(T.bitwise_and(m16, g16), u))
+                                else:
+                                    part[u, 3, T.ramp(0, 1, LANES)] = part.vload([u, 3, 0], f32x8) + byte_sum(
+                                        tab, col, half(g16, u))
+                        else:
+                            p16 = T.meta_var(T.bitwise_and(s16, mask.vload([tile, col, 0], "uint8x16")) if has_mask
+                                          else s16)
+                            for u in T.unroll(HALVES):
+                                part[u, 0, T.ramp(0, 1, LANES)] = part.vload([u, 0, 0], f32x8) + byte_sum(
+                                    tab, col, half(p16, u))
+                                if has_mask:
+                                    part[u, 1, T.ramp(0, 1, LANES)] = part.vload([u, 1, 0], f32x8) + byte_sum(
+                                        tab, col, half(mask.vload([tile, col, 0], "uint8x16"), u))
                 if has_residual:
                     for t in range(start[g], start[g + 1]):
                         j = T.meta_var(cols[t])
