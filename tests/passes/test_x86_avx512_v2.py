@@ -53,10 +53,10 @@ def codes_of(layer: PackedLinear) -> tuple[int, int] | None:
     return (s.n, s.m) if coded and s.group_size % 32 == 0 else None
 
 
-def build(layer: PackedLinear, codes=None, tiles=kv.TILES_PER_TASK):
+def build(layer: PackedLinear, codes=None, tiles=kv.TILES_PER_TASK, **knobs):
     f = kv.gemv_v2(layer.out_features, layer.in_features, layer.scheme.group_size, layer.mask is not None,
                    layer.mu is not None, layer.bias is not None, layer.has_groups, layer.has_residual,
-                   layer.residual.shape[1] if layer.has_residual else 0, codes=codes, tiles=tiles)
+                   layer.residual.shape[1] if layer.has_residual else 0, codes=codes, tiles=tiles, **knobs)
     return tvm.compile(tvm.IRModule({"gemv": f.with_attr("global_symbol", "gemv")}), target=TARGET)
 
 
@@ -118,6 +118,27 @@ def test_coded_6of8_masks_also_read_as_planes():
     want = layer.matmul(x[None])[0]
     assert rel_err(run(build(layer, (6, 8)), layer, x, (6, 8)), want) < 1e-5
     assert rel_err(run(build(layer, None), layer, x, None), want) < 1e-5
+
+
+@needs_avx512
+@pytest.mark.parametrize("codes", [(6, 8), None])
+def test_every_unroll_groups_matches_the_oracle(codes):
+    """The tuner's ``unroll_groups`` knob (scale groups unrolled: 1, 2, 3, 4 of 12), with tiles and serial or
+    parallel tasks, on codes and on planes; a scale group without salient columns among them."""
+    layer = v2_layer(64, 384, 32, groups=True, salient=2, seed=11)
+    x = np.random.default_rng(3).standard_normal(384).astype(np.float32)
+    want = layer.matmul(x[None])[0]
+    assert kv.unroll_groups_knob(384, 32) == (1, 2, 3, 4)
+    for unroll in kv.unroll_groups_knob(384, 32):
+        for tiles, parallel_min in ((1, 1), (2, None)):
+            got = run(build(layer, codes, tiles, unroll_groups=unroll, parallel_min=parallel_min), layer, x, codes)
+            assert rel_err(got, want) < 1e-5, (unroll, tiles, parallel_min)
+
+
+def test_unroll_groups_that_do_not_divide_the_row_are_refused():
+    assert kv.unroll_groups_knob(576, 64) == (1, 3)
+    with pytest.raises(ValueError, match="unroll_groups=2 does not divide the 9 scale groups"):
+        build(v2_layer(16, 576, 64), (6, 8), unroll_groups=2)
 
 
 @needs_avx512

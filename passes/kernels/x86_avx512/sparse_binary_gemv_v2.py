@@ -46,8 +46,19 @@ from .sparse_binary_gemv import LANES, plus_bias, subset_sum, task_loop, tiles_p
 #: output) and its chunk words in registers; 2 tiles spill (1536x576 groups + residual, one thread:
 #: 41.9 us at 1, 42.4 at 2; residual only 24.5 / 26.0; 4096x4096 1196 / 1244 us median).
 TILES_PER_TASK = 1
+#: Scale groups unrolled: one, a loop (the code measured in docs/performance.md); the tuner tries the other
+#: divisors of ``K / G`` up to :data:`MAX_UNROLL_GROUPS` (:func:`unroll_groups_knob`).
+UNROLL_GROUPS = 1
+MAX_UNROLL_GROUPS = 4
 ARGS = ("x", "sign", "mask", "alpha", "mu", "bias", "group", "group_alpha", "group_mu", "salient", "residual",
         "residual_alpha", "residual_mu", "y")
+
+
+def unroll_groups_knob(in_features: int, group_size: int) -> tuple:
+    """The ``unroll_groups`` candidates of a layer: the default, then the divisors of its scale groups up to
+    :data:`MAX_UNROLL_GROUPS` (more would only grow the code: a group's chunks are unrolled already)."""
+    groups = in_features // group_size
+    return (UNROLL_GROUPS, *(u for u in range(2, MAX_UNROLL_GROUPS + 1) if groups % u == 0))
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str,
@@ -74,16 +85,19 @@ def transposed(buf, tile, col, cw: int):
 
 def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool, has_mu: bool, has_bias: bool,
             has_groups: bool, has_residual: bool, residual_bytes: int = 1, codes: tuple[int, int] | None = None,
-            tiles: int = TILES_PER_TASK, parallel_min: int | None = None):
+            tiles: int = TILES_PER_TASK, parallel_min: int | None = None, unroll_groups: int = UNROLL_GROUPS):
     """The PrimFunc ``(x, sign, [mask], alpha, [mu], [bias], [group, group_alpha, group_mu], [salient,
     residual, residual_alpha, residual_mu], y)`` for one layer shape; ``codes=(n, m)``: the mask as pattern
-    codes ``[N/16, W]`` and the sign plane as ``sign & mask``; ``residual_bytes``: ``ceil(S / 8)``; ``tiles``: 16-row tiles per task, ``parallel_min``: see
-    :func:`~.sparse_binary_gemv.task_loop` (the tuner's knobs)."""
+    codes ``[N/16, W]`` and the sign plane as ``sign & mask``; ``residual_bytes``: ``ceil(S / 8)``. The tuner's
+    knobs: ``tiles``, 16-row tiles per task; ``parallel_min``, see :func:`~.sparse_binary_gemv.task_loop`;
+    ``unroll_groups``, scale groups unrolled (a divisor of ``K / G``)."""
     coded = codes is not None
     if not supported(out_features, in_features, group_size, LANES, "uint8", has_groups, has_residual, coded):
         raise ValueError(f"the AVX-512 v2 GEMV does not cover N={out_features}, K={in_features}, G={group_size} "
                          f"(groups={has_groups}, residual={has_residual}, codes={codes})")
     N, K, G = out_features, in_features, group_size
+    if unroll_groups < 1 or (K // G) % unroll_groups:
+        raise ValueError(f"unroll_groups={unroll_groups} does not divide the {K // G} scale groups of a row")
     NT, C, GB, CG, RB = N // LANES, K // 8, K // G, G // 8, max(1, residual_bytes)
     CW = chunk_bytes(G)
     CPG = CG // CW  # chunks per scale group
@@ -197,64 +211,67 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
             kept = T.alloc_buffer((R, CPG, LANES), "int32")  # M of the group's chunks
             for r in T.unroll(R):
                 acc[r, T.ramp(0, 1, LANES)] = zeros
-            for g in range(GB):
-                for r in T.unroll(R):
-                    for p in T.unroll(4):
-                        part[r, p, T.ramp(0, 1, LANES)] = zeros
-                        half[r, p, T.ramp(0, 1, LANES)] = zeros
-                    for p in T.unroll(2):
-                        res[r, p, T.ramp(0, 1, LANES)] = zeros
-                for cb in T.unroll(CPG):
+            for go in range(GB // unroll_groups):
+                for gi in T.unroll(unroll_groups):
+                    g = T.meta_var(go * unroll_groups + gi)
                     for r in T.unroll(R):
-                        word[r, 0, T.ramp(0, 1, LANES)] = transposed(sign, task * R + r, (g * CPG + cb) * CW, CW)
-                        if has_groups:
-                            word[r, 1, T.ramp(0, 1, LANES)] = transposed(group, task * R + r, (g * CPG + cb) * CW, CW)
-                        if plane_mask:
-                            kept[r, cb, T.ramp(0, 1, LANES)] = transposed(mask, task * R + r, (g * CPG + cb) * CW, CW)
-                            word[r, 0, T.ramp(0, 1, LANES)] = T.bitwise_and(word.vload([r, 0, 0], i32),
-                                                                             kept.vload([r, cb, 0], i32))
-                        if coded:
-                            word[r, 2, T.ramp(0, 1, LANES)] = T.reinterpret(i32, mask_codes.extract(
-                                mask, task * R + r, g * CPG + cb))
-                            kept[r, cb, T.ramp(0, 1, LANES)] = T.reinterpret(i32, T.call_llvm_pure_intrin(
-                                "uint8x64", "llvm.x86.avx512.permvar.qi.512", pattern,
-                                T.reinterpret("uint8x64", word.vload([r, 2, 0], i32))))
-                        if not has_mask:
-                            kept[r, cb, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(-1), LANES)
-                    for c4 in T.unroll(CW):
-                        for h in T.unroll(2):
-                            for r in T.unroll(R):
-                                if has_groups:
-                                    add(part, half, r, 0, h, nibble(tab, (g * CPG + cb) * CW + c4, c4, h, T.bitwise_and(
-                                        word.vload([r, 0, 0], i32), T.bitwise_not(word.vload([r, 1, 0], i32)))))
-                                    add(part, half, r, 2, h, nibble(tab, (g * CPG + cb) * CW + c4, c4, h, T.bitwise_and(
-                                        word.vload([r, 0, 0], i32), word.vload([r, 1, 0], i32))))
-                                    add(part, half, r, 3, h, nibble(tab, (g * CPG + cb) * CW + c4, c4, h, T.bitwise_and(
-                                        kept.vload([r, cb, 0], i32), word.vload([r, 1, 0], i32))))
-                                else:
-                                    add(part, half, r, 0, h, nibble(tab, (g * CPG + cb) * CW + c4, c4, h,
-                                                              word.vload([r, 0, 0], i32)))
-                                if plane_mask:
-                                    add(part, half, r, 1, h, nibble(tab, (g * CPG + cb) * CW + c4, c4, h,
-                                                              kept.vload([r, cb, 0], i32)))
-                                if coded:
-                                    if h == 0:
-                                        add(part, half, r, 1, c4 % 2, code_sum(tm, word.vload([r, 2, 0], i32),
-                                                                         (g * CPG + cb) * CW + c4, c4))
-                if has_residual:  # the group's salient columns: kept bit from the chunk's M, residual bit
-                    for t in range(start[g], start[g + 1]):
+                        for p in T.unroll(4):
+                            part[r, p, T.ramp(0, 1, LANES)] = zeros
+                            half[r, p, T.ramp(0, 1, LANES)] = zeros
+                        for p in T.unroll(2):
+                            res[r, p, T.ramp(0, 1, LANES)] = zeros
+                    for cb in T.unroll(CPG):
+                        at = T.meta_var((g * CPG + cb) * CW)  # the chunk's first column byte
                         for r in T.unroll(R):
-                            res[r, 1, T.ramp(0, 1, LANES)] = res.vload([r, 1, 0], f32) + T.Select(
-                                bit_on(kept.vload([r, cols[t] // (8 * CW), 0], i32), cols[t] % (8 * CW)),
-                                T.broadcast(xs[t], LANES), zeros)
-                            res[r, 0, T.ramp(0, 1, LANES)] = res.vload([r, 0, 0], f32) + T.Select(
-                                bit_on(kept.vload([r, cols[t] // (8 * CW), 0], i32), cols[t] % (8 * CW)),
-                                T.Select(bit_on(T.Cast(i32, residual.vload([task * R + r, t // 8, 0], "uint8x16")),
-                                                t % 8), T.broadcast(xs[t], LANES), zeros), zeros)
-                for r in T.unroll(R):
-                    acc[r, T.ramp(0, 1, LANES)] = acc.vload([r, 0], f32) + group_output(
-                        part, half, res, xsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu,
-                        task, r, g)
+                            word[r, 0, T.ramp(0, 1, LANES)] = transposed(sign, task * R + r, at, CW)
+                            if has_groups:
+                                word[r, 1, T.ramp(0, 1, LANES)] = transposed(group, task * R + r, at, CW)
+                            if plane_mask:
+                                kept[r, cb, T.ramp(0, 1, LANES)] = transposed(mask, task * R + r, at, CW)
+                                word[r, 0, T.ramp(0, 1, LANES)] = T.bitwise_and(word.vload([r, 0, 0], i32),
+                                                                                 kept.vload([r, cb, 0], i32))
+                            if coded:
+                                word[r, 2, T.ramp(0, 1, LANES)] = T.reinterpret(i32, mask_codes.extract(
+                                    mask, task * R + r, g * CPG + cb))
+                                kept[r, cb, T.ramp(0, 1, LANES)] = T.reinterpret(i32, T.call_llvm_pure_intrin(
+                                    "uint8x64", "llvm.x86.avx512.permvar.qi.512", pattern,
+                                    T.reinterpret("uint8x64", word.vload([r, 2, 0], i32))))
+                            if not has_mask:
+                                kept[r, cb, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(-1), LANES)
+                        for c4 in T.unroll(CW):
+                            for h in T.unroll(2):
+                                for r in T.unroll(R):
+                                    if has_groups:
+                                        add(part, half, r, 0, h, nibble(tab, at + c4, c4, h, T.bitwise_and(
+                                            word.vload([r, 0, 0], i32), T.bitwise_not(word.vload([r, 1, 0], i32)))))
+                                        add(part, half, r, 2, h, nibble(tab, at + c4, c4, h, T.bitwise_and(
+                                            word.vload([r, 0, 0], i32), word.vload([r, 1, 0], i32))))
+                                        add(part, half, r, 3, h, nibble(tab, at + c4, c4, h, T.bitwise_and(
+                                            kept.vload([r, cb, 0], i32), word.vload([r, 1, 0], i32))))
+                                    else:
+                                        add(part, half, r, 0, h, nibble(tab, at + c4, c4, h,
+                                                                  word.vload([r, 0, 0], i32)))
+                                    if plane_mask:
+                                        add(part, half, r, 1, h, nibble(tab, at + c4, c4, h,
+                                                                  kept.vload([r, cb, 0], i32)))
+                                    if coded:
+                                        if h == 0:
+                                            add(part, half, r, 1, c4 % 2, code_sum(tm, word.vload([r, 2, 0], i32),
+                                                                             at + c4, c4))
+                    if has_residual:  # the group's salient columns: kept bit from the chunk's M, residual bit
+                        for t in range(start[g], start[g + 1]):
+                            for r in T.unroll(R):
+                                res[r, 1, T.ramp(0, 1, LANES)] = res.vload([r, 1, 0], f32) + T.Select(
+                                    bit_on(kept.vload([r, cols[t] // (8 * CW), 0], i32), cols[t] % (8 * CW)),
+                                    T.broadcast(xs[t], LANES), zeros)
+                                res[r, 0, T.ramp(0, 1, LANES)] = res.vload([r, 0, 0], f32) + T.Select(
+                                    bit_on(kept.vload([r, cols[t] // (8 * CW), 0], i32), cols[t] % (8 * CW)),
+                                    T.Select(bit_on(T.Cast(i32, residual.vload([task * R + r, t // 8, 0], "uint8x16")),
+                                                    t % 8), T.broadcast(xs[t], LANES), zeros), zeros)
+                    for r in T.unroll(R):
+                        acc[r, T.ramp(0, 1, LANES)] = acc.vload([r, 0], f32) + group_output(
+                            part, half, res, xsum, alpha, mu, group_alpha, group_mu, residual_alpha, residual_mu,
+                            task, r, g)
             for r in T.unroll(R):
                 for l in T.vectorized(LANES):
                     y[0, (task * R + r) * LANES + l] = plus_bias(acc[r, l], bias, has_bias, (task * R + r) * LANES + l)
