@@ -15,7 +15,7 @@ from typing import Callable
 from pbs2pc.compiler.targets import CompileOptions, TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
-from pbs2pc.passes import LowerLMHead, LowerSparseBinaryLinear, UseKVCache
+from pbs2pc.passes import ClipTakeIndices, LowerLMHead, LowerSparseBinaryLinear, UseKVCache
 from pbs2pc.passes.kernels import registry
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
@@ -76,6 +76,8 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
     kernels = registry.for_target(preset, options)
     rt = relax.transform
     return [
+        # Gathers (token embedding, rotary rows) clamp their indices: TVM's default reads past the table.
+        ("clip_take", ClipTakeIndices()),
         # Attention against caches the runtime owns, updated in place; adds the one-token "decode" entry.
         ("use_kv_cache", UseKVCache()),
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels: the first kernel
