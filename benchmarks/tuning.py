@@ -35,14 +35,14 @@ class Repeats:
         self.repeat = repeat
 
 
-def kernel_ab(onnx: str, db: str, rounds: int, repeats: int, lm_head: str = "fp32") -> list[dict]:
+def kernel_ab(onnx: str, db: str, rounds: int, repeats: int, lm_head: str = "fp32", target: str = "x86") -> list[dict]:
     from pbs2pc.compiler.targets import CompileOptions, get_preset
     from pbs2pc.compiler.tune import extract, open_database
     from pbs2pc.compiler.tune.kernels import inputs
     from pbs2pc.compiler.tune.search import ROTATE_BYTES, _run_rotating
     from pbs2pc.compiler.tvm_compat import build_tir, tensor, tvm
 
-    preset = get_preset("x86")
+    preset = get_preset(target)
     best = open_database(db, preset).best()
     rows = []
     records = open_database(db, preset).records
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--lm-head", default="fp32", choices=["fp32", "fp16", "int8"],
                         help="the --lm-head the database was tuned and the libraries compiled with")
+    parser.add_argument("--target", default="x86", help="the CPU target the database was tuned for (x86, "
+                        "x86-avx2, x86-avx512: one this machine runs)")
     parser.add_argument("--out", default=str(RESULTS), help=f"the JSON results (default {RESULTS})")
     args = parser.parse_args(argv)
 
@@ -108,9 +110,9 @@ def main(argv=None) -> int:
     from machine import read_bandwidth
 
     bandwidth = read_bandwidth()
-    rows = kernel_ab(args.model, args.db, args.rounds, args.repeats, args.lm_head)
+    rows = kernel_ab(args.model, args.db, args.rounds, args.repeats, args.lm_head, args.target)
     decode = decode_rates({"default": args.default, "tuned": args.tuned}, args.tokens, args.rounds)
-    data = {"read_gbps": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"]), "kernels": rows, "decode_tokens_per_s": decode}
+    data = {"target": args.target, "read_gbps": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"]), "kernels": rows, "decode_tokens_per_s": decode}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     for r in rows:
         floor = r["bytes"] / (bandwidth * 1e3)
         knobs = ", ".join(f"{k}={v}" for k, v in sorted(r["knobs"].items()))
+        if r["knobs"] == r["default_knobs"]:
+            knobs += " (the default: the same code twice, the ratio is this run's noise)"
         print(f"| {r['key']} | {r['calls']} | {r['default_us']:.1f} | {r['tuned_us']:.1f} | "
               f"{r['default_us'] / r['tuned_us']:.2f}x | {floor:.1f} | {r['default_us'] / floor:.2f} | {knobs} |")
     d, t = decode["default"]["median"], decode["tuned"]["median"]
