@@ -14,7 +14,9 @@ A device no runner reaches (a CUDA GPU, a board without a network; ``Runner(offl
 them there, and the next tune takes the results in.
 
 Steps: list the model's distinct kernels (:func:`.kernels.extract`), open or create the database for
-the target (:mod:`.database`: refused if made for another), tune each kernel, print a table.
+the target (:mod:`.database`: refused if made for another), tune each kernel, re-time each tuned setting
+against its default in turns (:mod:`.confirm`: a local tune; a setting not faster there is not applied),
+print a table.
 ``pbs2pc compile --tuning-db DIR`` then builds every kernel the database has with its fastest setting
 (:func:`knobs_from`), the rest with their defaults, and the manifest lists which came from the database.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pbs2pc.compiler.tune import device, step
+from pbs2pc.compiler.tune import confirm, device, step
 from pbs2pc.compiler.tune.database import Database, open_database
 from pbs2pc.compiler.tune.kernels import Kernel, extract, kernel_key, knob_id
 from pbs2pc.compiler.tune.search import Runner, Search, timing_threads
@@ -69,7 +71,8 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
     if sum(todo.values()) and stale.exists():  # its verdict was on other records
         stale.unlink()
         say("new records: the earlier step check no longer applies (run with --check-step again)")
-    return {"kernels": [_row(k, db) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
+    verdicts = {} if runner.tracker else confirm.confirm(kernels, db, preset, say)
+    return {"kernels": [_row(k, db, verdicts) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
             "database": str(db.folder), "target": preset.name}
 
 
@@ -89,13 +92,22 @@ def _tune_offline(kernels, db, preset, trials, say, progress, start) -> dict:
     return result
 
 
-def _row(kernel: Kernel, db: Database) -> dict:
+def _row(kernel: Kernel, db: Database, verdicts: dict | None = None) -> dict:
+    """A kernel's line of the table: the search's default and best times, or, where the best setting was
+    re-timed in turns (:mod:`.confirm`), those times; a setting not faster there is shown as not applied."""
     best = db.best().get(kernel.key)
     default = db.default(kernel.key)
-    return {"key": kernel.key, "calls": kernel.calls, "space": len(kernel.space()),
-            "measured": sum(1 for r in db.records if r["key"] == kernel.key and r.get("us") is not None),
-            "default_us": default["us"] if default else None, "tuned_us": best["us"] if best else None,
-            "knobs": best["knobs"] if best else None}
+    row = {"key": kernel.key, "calls": kernel.calls, "space": len(kernel.space()),
+           "measured": sum(1 for r in db.records if r["key"] == kernel.key and r.get("us") is not None),
+           "default_us": default["us"] if default else None, "tuned_us": best["us"] if best else None,
+           "knobs": best["knobs"] if best else None, "in_turns": False}
+    verdict = (verdicts or {}).get(kernel.key)
+    if best and verdict and verdict.get("knobs") == best["knobs"]:
+        row.update(default_us=verdict["default_us"], tuned_us=verdict["tuned_us"], in_turns=True)
+        if not confirm.kept(verdicts, kernel.key, best["knobs"]):  # compile builds the default
+            row.update(tuned_us=verdict["default_us"], knobs=kernel.space()[0], not_applied=best["knobs"],
+                       not_applied_us=verdict["tuned_us"])
+    return row
 
 
 def table(result: dict, step_us: float | None = None) -> str:
@@ -111,13 +123,24 @@ def table(result: dict, step_us: float | None = None) -> str:
         d, t = r["default_us"], r["tuned_us"]
         speed = f"{d / t:.2f}x" if d and t else "-"
         share = f"{100 * r['calls'] * d / whole:.1f} %" if d and whole else "-"
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted((r["knobs"] or {}).items()))
+        knobs = _knobs(r["knobs"])
+        if r.get("not_applied"):
+            knobs += (f" (the default: the search's {_knobs(r['not_applied'])} took {_us(r['not_applied_us'])} us "
+                      "in turns)")
         lines.append(f"{r['key']:<62} {r['calls']:>5} {_us(d):>10} {_us(t):>9} {speed:>8} {share:>16}  {knobs}")
     tuned = sum(r["calls"] * (r["tuned_us"] or r["default_us"] or 0) for r in rows)
+    turns = sum(1 for r in rows if r.get("in_turns"))
+    if turns:
+        lines.append(f"default and tuned times of the {turns} kernel{'s' * (turns > 1)} whose setting changed: "
+                     f"re-timed in turns ({confirm.ROUNDS} rounds); the others' as the search measured them")
     lines.append(f"decode step in these kernels: {in_kernels:.1f} us default, {tuned:.1f} us tuned"
                  + (f"; measured step {step_us:.1f} us" if step_us else "")
                  + f"; tuning took {result['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def _knobs(knobs) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((knobs or {}).items()))
 
 
 def _us(value) -> str:
@@ -127,10 +150,13 @@ def _us(value) -> str:
 def knobs_from(folder, preset):
     """The database in ``folder`` (refused if made for another target) as the lowering's ``knobs``
     callback, and the set that receives the keys it applied: ``(knobs, applied)``. Entries the whole-step
-    check left out (:mod:`.step`) keep their defaults."""
+    check left out (:mod:`.step`) and settings no faster than the default in turns (:mod:`.confirm`) keep
+    their defaults."""
     db = open_database(folder, preset)
     left_out = step.excluded(folder)  # the whole-step check's verdict (pbs2pc tune --check-step)
-    best = {key: record for key, record in db.best().items() if step.entry_of(key) not in left_out}
+    verdicts = confirm.read(folder)  # settings not faster than the default in turns keep the default
+    best = {key: record for key, record in db.best().items()
+            if step.entry_of(key) not in left_out and confirm.kept(verdicts, key, record["knobs"])}
     applied: set = set()
 
     def knobs(_function, entry, call):

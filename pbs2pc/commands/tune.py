@@ -2,8 +2,9 @@
 
 Lists the model's distinct registry kernels, searches each one's knobs (tiles per task, parallel or not,
 ...) with MetaSchedule's builder, runner and XGBoost cost model, and writes every measurement to the
-database folder as it is made (a killed tune resumes where it stopped). ``pbs2pc compile --tuning-db DIR``
-then uses it. Boards: ``--rpc-tracker HOST:PORT --rpc-key KEY`` runs the candidates, cross-compiled, on a
+database folder as it is made (a killed tune resumes where it stopped); a local tune then re-times each
+kernel's best setting against its default in turns and keeps it only where it is faster there.
+``pbs2pc compile --tuning-db DIR`` then uses it. Boards: ``--rpc-tracker HOST:PORT --rpc-key KEY`` runs the candidates, cross-compiled, on a
 device registered with TVM's RPC tracker; ``--target cuda`` (and ``--offline`` for any target) builds the
 candidates into DIR/device/ with a script that times them where they run, and the next run takes the
 results in. Details: docs/tuning.md.

@@ -78,11 +78,12 @@ def test_compile_with_the_database_keeps_the_numerics(tuned, tiny_onnx, tiny_lib
     from pbs2pc.runtime import load
 
     folder, _ = tuned
+    applied = _applied(folder)  # the five kernels less those whose setting was not faster in turns
     lib = tmp_path / "tuned.so"
     assert main(["compile", str(tiny_onnx), "--target", X86, "--tuning-db", str(folder), "-o", str(lib)]) == 0
-    assert "5 kernels built with settings from" in capsys.readouterr().out
+    assert f"{len(applied)} kernels built with settings from" in capsys.readouterr().out
     manifest = json.loads(lib.with_name("tuned.manifest.json").read_text())
-    assert len(manifest["tuned_kernels"]) == 5
+    assert set(manifest["tuned_kernels"]) == applied
     ids = np.array([[1, 5, 9, 2, 7]])
     np.testing.assert_allclose(load(lib).logits(ids), load(tiny_library).logits(ids), rtol=1e-6, atol=1e-6)
 
@@ -95,7 +96,59 @@ def test_compile_with_the_database_keeps_the_numerics(tuned, tiny_onnx, tiny_lib
     from pbs2pc.compiler.build import compile_model
 
     manifest = compile_model(tiny_onnx, tmp_path / "partial.so", X86, tuning_db=partial)
-    assert dropped not in manifest["tuned_kernels"] and len(manifest["tuned_kernels"]) == 4
+    assert set(manifest["tuned_kernels"]) == applied - {dropped}
+
+
+def _best(folder: Path) -> dict:
+    """Per key the record with the lowest time."""
+    best = {}
+    for r in _records(folder):
+        if r.get("us") is not None and (r["key"] not in best or r["us"] < best[r["key"]]["us"]):
+            best[r["key"]] = r
+    return best
+
+
+def _applied(folder: Path) -> set:
+    """The keys whose best setting compile applies: all but those the re-timing in turns found no faster."""
+    from pbs2pc.compiler.tune import confirm
+
+    verdicts = confirm.read(folder)
+    return {k for k, r in _best(folder).items() if confirm.kept(verdicts, k, r["knobs"])}
+
+
+def test_tuned_settings_are_re_timed_in_turns_and_kept_only_where_faster(tuned, tiny_onnx, tmp_path):
+    """Each kernel whose best setting is not its default is re-timed against it in turns (confirm.json);
+    compile applies the setting only where that found it faster."""
+    from pbs2pc.compiler.build import compile_model
+    from pbs2pc.compiler.tune import confirm, table
+
+    folder, _ = tuned
+    best = _best(folder)
+    changed = {k for k, r in best.items() if not r["default"]}
+    verdicts = confirm.read(folder)
+    assert set(verdicts) == changed
+    for key in changed:
+        v = verdicts[key]
+        assert v["knobs"] == best[key]["knobs"] and v["default_us"] > 0 and v["tuned_us"] > 0
+        assert v["rounds"] == confirm.ROUNDS and 0 <= v["rounds_faster"] <= confirm.ROUNDS
+    if not changed:
+        pytest.skip("every kernel's default was its best setting: nothing re-timed")
+
+    # the policy, both ways, on one re-timed kernel
+    key = sorted(changed)[0]
+    db = tmp_path / "db"
+    shutil.copytree(folder, db)
+    for faster, expect_applied in ((False, False), (True, True)):
+        times = {"default_us": 10.0, "tuned_us": 9.0 if faster else 10.0, "rounds_faster": 5 if faster else 3}
+        (db / "confirm.json").write_text(json.dumps({**verdicts, key: {**verdicts[key], **times}}))
+        manifest = compile_model(tiny_onnx, tmp_path / f"m{faster}.so", X86, tuning_db=db)
+        assert (key in manifest["tuned_kernels"]) == expect_applied
+
+    # the closing table says which times were re-timed, and shows a setting not applied as the default
+    row = {"key": key, "calls": 1, "default_us": 10.0, "tuned_us": 10.0, "knobs": {"tiles": 1}, "in_turns": True,
+           "not_applied": {"tiles": 2}, "not_applied_us": 10.5}
+    text = table({"kernels": [row], "wall_s": 1.0})
+    assert "re-timed in turns" in text and "the search's tiles=2 took 10.5 us in turns" in text
 
 
 def test_the_fp32_head_is_built_with_its_tuned_setting(tuned, tiny_onnx, tiny_library, tmp_path):
@@ -108,6 +161,7 @@ def test_the_fp32_head_is_built_with_its_tuned_setting(tuned, tiny_onnx, tiny_li
     folder, _ = tuned
     db = tmp_path / "db"
     shutil.copytree(folder, db)
+    (db / "confirm.json").unlink(missing_ok=True)  # the setting below is made the best; no re-timing verdict
     records = _records(db)
     other = next(r for r in records if r["key"] == "lm_head_fp32:256x64" and not r["default"] and r["us"])
     (db / "records.jsonl").write_text("".join(json.dumps({**r, "us": 0.0 if r is other else r["us"]}) + "\n"
