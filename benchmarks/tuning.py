@@ -23,48 +23,26 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
-
-
-class Repeats:
-    """What the tuner's evaluator reads of MetaSchedule's EvaluatorConfig."""
-
-    def __init__(self, repeat: int):
-        self.repeat = repeat
 
 
 def kernel_ab(onnx: str, db: str, rounds: int, repeats: int, lm_head: str = "fp32", target: str = "x86") -> list[dict]:
     from pbs2pc.compiler.targets import CompileOptions, get_preset
-    from pbs2pc.compiler.tune import extract, open_database
-    from pbs2pc.compiler.tune.kernels import inputs
-    from pbs2pc.compiler.tune.search import ROTATE_BYTES, _run_rotating
-    from pbs2pc.compiler.tvm_compat import build_tir, tensor, tvm
+    from pbs2pc.compiler.tune import confirm, extract, open_database
 
     preset = get_preset(target)
-    best = open_database(db, preset).best()
+    database = open_database(db, preset)
+    best = database.best()
     rows = []
-    records = open_database(db, preset).records
     for kernel in extract(onnx, preset, CompileOptions(lm_head=lm_head)):
         record = best.get(kernel.key)
         if record is None:
             continue
-        arrays = inputs(kernel)
-        copies = [[tensor(a) for a in arrays] for _ in range(max(2, -(-ROTATE_BYTES // sum(a.nbytes for a in arrays))))]
-        libs = {name: build_tir(kernel.build(knobs), preset.tvm_target())
-                for name, knobs in (("default", kernel.space()[0]), ("tuned", record["knobs"]))}
-        times = {"default": [], "tuned": []}
-        for _ in range(rounds):
-            for name, lib in libs.items():
-                times[name].extend(_run_rotating(lib, tvm.cpu(), Repeats(repeats), copies))
+        result = confirm.ab(kernel, record["knobs"], preset, rounds, repeats)
+        default = database.default(kernel.key)
         rows.append({"key": kernel.key, "calls": kernel.calls, "knobs": record["knobs"],
-                     "default_knobs": kernel.space()[0], "bytes": int(sum(a.nbytes for a in arrays)), "copies": len(copies),
-                     "default_us": statistics.median(times["default"]) * 1e6,
-                     "tuned_us": statistics.median(times["tuned"]) * 1e6,
-                     "tuner_default_us": next((r["us"] for r in records
-                                               if r["key"] == kernel.key and r.get("default") and r.get("us")), None),
-                     "tuner_tuned_us": record["us"]})
+                     "default_knobs": kernel.space()[0], **result,
+                     "tuner_default_us": default["us"] if default else None, "tuner_tuned_us": record["us"]})
     return rows
 
 
@@ -112,7 +90,8 @@ def main(argv=None) -> int:
     bandwidth = read_bandwidth()
     rows = kernel_ab(args.model, args.db, args.rounds, args.repeats, args.lm_head, args.target)
     decode = decode_rates({"default": args.default, "tuned": args.tuned}, args.tokens, args.rounds)
-    data = {"target": args.target, "read_gbps": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"]), "kernels": rows, "decode_tokens_per_s": decode}
+    data = {"target": args.target, "read_gbps": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"]),
+            "kernels": rows, "decode_tokens_per_s": decode}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")

@@ -52,9 +52,8 @@ def kept(verdicts: dict, key: str, knobs: dict) -> bool:
 def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
     """Re-time each kernel of ``kernels`` whose best setting in ``db`` is not its default against the
     default, in turns (see the module docstring); return the verdicts, also written to ``confirm.json``."""
-    from pbs2pc.compiler.tune.kernels import inputs, knob_id
-    from pbs2pc.compiler.tune.search import ROTATE_BYTES, _run_rotating, timing_threads
-    from pbs2pc.compiler.tvm_compat import build_tir, tensor, tvm
+    from pbs2pc.compiler.tune.kernels import knob_id
+    from pbs2pc.compiler.tune.search import timing_threads
     from pbs2pc.runtime.model import THREADS_ENV
 
     say = say or (lambda _msg: None)
@@ -68,29 +67,44 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
     os.environ.setdefault(THREADS_ENV, str(timing_threads(preset)))
     say(f"re-timing {len(todo)} tuned kernel{'s' * (len(todo) > 1)} against their defaults, in turns "
         f"({rounds} rounds)")
-    evaluator = type("Repeats", (), {"repeat": repeats})()
-    target = preset.tvm_target()
     for kernel in todo:
-        arrays = inputs(kernel)
-        copies = [[tensor(a) for a in arrays]
-                  for _ in range(max(2, -(-ROTATE_BYTES // sum(a.nbytes for a in arrays))))]
         knobs = best[kernel.key]["knobs"]
-        libs = {"default": build_tir(kernel.build(kernel.space()[0]), target),
-                "tuned": build_tir(kernel.build(knobs), target)}
-        times = {name: [] for name in libs}
-        faster = 0
-        for _ in range(rounds):
-            round_us = {}
-            for name, lib in libs.items():
-                samples = _run_rotating(lib, tvm.cpu(), evaluator, copies)
-                times[name].extend(samples)
-                round_us[name] = statistics.median(samples)
-            faster += round_us["tuned"] < round_us["default"]
-        verdicts[kernel.key] = {"knobs": knobs, "default_us": round(statistics.median(times["default"]) * 1e6, 2),
-                                "tuned_us": round(statistics.median(times["tuned"]) * 1e6, 2),
-                                "rounds_faster": faster, "rounds": rounds}
+        result = ab(kernel, knobs, preset, rounds, repeats)
+        verdicts[kernel.key] = {"knobs": knobs, "default_us": round(result["default_us"], 2),
+                                "tuned_us": round(result["tuned_us"], 2), "rounds_faster": result["rounds_faster"],
+                                "rounds": rounds}
         _write(db.folder, verdicts)
     return verdicts
+
+
+def ab(kernel, knobs: dict, preset, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
+    """``kernel`` built with its default and with ``knobs`` for ``preset`` (a target this machine runs) and
+    timed in turns: ``rounds`` rounds of ``repeats`` passes each over rotating argument copies, default
+    first. ``{"default_us", "tuned_us"}`` (medians of all passes), ``rounds_faster`` (rounds whose median
+    pass was faster tuned), ``bytes`` (one call's arguments) and ``copies``."""
+    from pbs2pc.compiler.tune.kernels import inputs
+    from pbs2pc.compiler.tune.search import ROTATE_BYTES, _run_rotating
+    from pbs2pc.compiler.tvm_compat import build_tir, tensor, tvm
+
+    arrays = inputs(kernel)
+    size = sum(a.nbytes for a in arrays)
+    copies = [[tensor(a) for a in arrays] for _ in range(max(2, -(-ROTATE_BYTES // size)))]
+    target = preset.tvm_target()
+    libs = {name: build_tir(kernel.build(setting), target)
+            for name, setting in (("default", kernel.space()[0]), ("tuned", knobs))}
+    evaluator = type("Repeats", (), {"repeat": repeats})()  # what _run_rotating reads of an EvaluatorConfig
+    times = {name: [] for name in libs}
+    faster = 0
+    for _ in range(rounds):
+        round_median = {}
+        for name, lib in libs.items():
+            samples = _run_rotating(lib, tvm.cpu(), evaluator, copies)
+            times[name].extend(samples)
+            round_median[name] = statistics.median(samples)
+        faster += round_median["tuned"] < round_median["default"]
+    return {"default_us": statistics.median(times["default"]) * 1e6,
+            "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster, "bytes": int(size),
+            "copies": len(copies)}
 
 
 def _write(folder: Path, verdicts: dict) -> None:
