@@ -299,6 +299,12 @@ def _gemv_outer(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int, tasks: i
 GEMV_INNER_ROWS = (16, 8, 4, 2, 1)
 
 
+def _gemv_inner_defaults(j_ext: int, k_ext: int, lanes: int) -> tuple[int, bool]:
+    """The rule's own ``(rows, unroll_k)`` for :func:`_gemv_inner` (the knobs' first values): the first of
+    :data:`GEMV_INNER_ROWS` that divides J, and K unrolled where it is 64 vectors or fewer."""
+    return cu.pick_tile(j_ext, GEMV_INNER_ROWS), k_ext // lanes <= 64
+
+
 def gemv_inner_knobs(j_ext: int, k_ext: int, lanes: int) -> dict:
     """The tuner's search space for :func:`_gemv_inner` on a ``[J, K]`` operand (the fp32 LM head's
     table; :mod:`pbs2pc.passes.kernels.lm_head_fp32`), the rule's defaults first: ``rows`` of B per tile
@@ -306,8 +312,7 @@ def gemv_inner_knobs(j_ext: int, k_ext: int, lanes: int) -> dict:
     vector, or two or four, more independent FMA chains per row), ``unroll_k`` (the K loop unrolled).
     Settings whose partial sums outgrow a stack tile (:data:`cpu_utils.MAX_STACK_BYTES`) get a heap
     workspace and measure slow: the search drops them."""
-    default_rows = cu.pick_tile(j_ext, GEMV_INNER_ROWS)
-    default_unroll = k_ext // lanes <= 64
+    default_rows, default_unroll = _gemv_inner_defaults(j_ext, k_ext, lanes)
     return {"rows": tuple(dict.fromkeys(r for r in (default_rows, 8, 4, 16, 12, 2, 32) if j_ext % r == 0)),
             "k_lanes": tuple(w * lanes for w in (1, 2, 4) if k_ext % (w * lanes) == 0),
             "unroll_k": (default_unroll, not default_unroll)}
@@ -346,7 +351,8 @@ def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int, rows: in
     k_lanes = k_lanes or lanes
     if dims.j_ext is None or dims.k_ext is None or dims.k_ext % k_lanes:
         return None
-    rows = rows or cu.pick_tile(dims.j_ext, GEMV_INNER_ROWS)
+    default_rows, default_unroll = _gemv_inner_defaults(dims.j_ext, dims.k_ext, lanes)
+    rows = rows or default_rows
     epilogues = sch.get_consumers(main)
     j_tile, j_row = sch.split(dims.loops[dims.j_pos], [None, rows])
     k_out, k_lane = sch.split(dims.loops[dims.k_pos], [None, k_lanes])
@@ -364,8 +370,8 @@ def _gemv_inner(sch: s_tir.Schedule, main, dims: _GemvDims, lanes: int, rows: in
     sch.vectorize(rf_lane)
     sch.parallel(outer)
     init = sch.decompose_reduction(partial, rf_k)
-    if unroll_k if unroll_k is not None else dims.k_ext // lanes <= 64:  # short rows (the LM head's K = 576):
-        sch.unroll(rf_k)  # unrolled, 6.1 -> 5.7 ms
+    if default_unroll if unroll_k is None else unroll_k:  # short rows (the LM head's K = 576) unrolled:
+        sch.unroll(rf_k)  # 6.1 -> 5.7 ms
     cu.vectorize_innermost(sch, init, k_lanes)
     return sch
 
