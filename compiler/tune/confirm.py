@@ -53,8 +53,7 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
     """Re-time each kernel of ``kernels`` whose best setting in ``db`` is not its default against the
     default, in turns (see the module docstring); return the verdicts, also written to ``confirm.json``."""
     from pbs2pc.compiler.tune.kernels import knob_id
-    from pbs2pc.compiler.tune.search import timing_threads
-    from pbs2pc.runtime.model import THREADS_ENV
+    from pbs2pc.compiler.tune.search import use_timing_threads
 
     say = say or (lambda _msg: None)
     best = db.best()
@@ -63,8 +62,7 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
             and verdicts.get(k.key, {}).get("knobs") != best[k.key]["knobs"]]
     if not todo:
         return verdicts
-    # in this process, with the threads the search timed with (TVM sizes its pool at the first parallel call)
-    os.environ.setdefault(THREADS_ENV, str(timing_threads(preset)))
+    use_timing_threads(preset)  # in this process, with the threads the search timed with
     say(f"re-timing {len(todo)} tuned kernel{'s' * (len(todo) > 1)} against their defaults, in turns "
         f"({rounds} rounds)")
     for kernel in todo:

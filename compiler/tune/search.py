@@ -45,6 +45,16 @@ ROTATE_BYTES = 64 << 20
 BATCH = 8
 
 
+def use_timing_threads(preset) -> int:
+    """Give this process's TVM thread pool, and the runner workers it starts, :func:`timing_threads`
+    (effective where the pool has not started yet); return the count."""
+    import os
+
+    threads = timing_threads(preset)
+    os.environ[THREADS_ENV] = str(threads)
+    return threads
+
+
 def timing_threads(preset) -> int:
     """The kernel threads candidates are timed with: ``TVM_NUM_THREADS`` where set (as the runtime honours
     it), else the preset's ``num-cores``, what its parallel loops are sized for and what
@@ -161,9 +171,7 @@ class Search:
             runner.pool.shutdown()
             runner.pool = popen_pool(max_workers=1, timeout=self.runner_spec.timeout_s)
             return runner
-        import os
-
-        os.environ[THREADS_ENV] = str(timing_threads(self.preset))  # the workers' pools (see the module docstring)
+        use_timing_threads(self.preset)  # the workers' pools (see the module docstring)
         return ms.runner.LocalRunner(timeout_sec=self.runner_spec.timeout_s, evaluator_config=self.evaluator,
                                      f_alloc_argument=functools.partial(_alloc_local, table),
                                      f_run_evaluator=_run_rotating)
