@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -193,3 +194,41 @@ def head_outputs(builder, table, x, target, knob_sets) -> list:
         lib["head"](tvm.runtime.tensor(x), tvm.runtime.tensor(table), y)
         outs.append(y.numpy())
     return outs
+
+
+#: The environment of tune subprocesses (a tune, an RPC tracker and server, the device script): one thread.
+TUNE_ENV = {**os.environ, "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tune_records(folder) -> list[dict]:
+    """The records of the tuning database in ``folder``."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(folder) / "records.jsonl").read_text().splitlines()]
+
+
+def measured_settings(records) -> list[tuple]:
+    """``(key, knobs as JSON)`` of each measured record."""
+    import json
+
+    return [(r["key"], json.dumps(r["knobs"], sort_keys=True)) for r in records if r.get("us") is not None]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment (loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registry_call(**kw):
+    """A kernel registry :class:`~pbs2pc.passes.kernels.registry.Call` of a small v1 layer, one row, 16-row
+    byte planes, with ``kw`` replaced."""
+    from pbs2pc.passes.kernels.registry import Call
+
+    base = dict(out_features=64, in_features=128, group_size=64, one_row=True, interleave=16, plane_dtype="uint8",
+                has_mask=True, has_mu=True, has_bias=False)
+    return Call(**{**base, **kw})

@@ -1,5 +1,7 @@
-"""pbs2pc tune: a small tune of the tiny model end to end (killed and resumed), its database used by compile
-with the untuned build's numerics, the RPC runner through a tracker and server on loopback, refusals."""
+"""pbs2pc tune on this machine: a small tune of the tiny model end to end (killed and resumed), its
+settings re-timed in turns, its database used by compile with the untuned build's numerics, the LM head
+and step check, the knob spaces, refusals. Runners elsewhere (RPC, the device script, CUDA, boards):
+test_tune_remote.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +19,10 @@ import numpy as np
 import pytest
 
 from pbs2pc.cli import main
-from testutil import X86
+from testutil import TUNE_ENV as ENV, X86, free_port, measured_settings as _measured, registry_call as _call
+from testutil import tune_records as _records
 
 TRIALS = 2
-ENV = {**os.environ, "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
-
-
-def _measured(records) -> list[tuple]:
-    return [(r["key"], json.dumps(r["knobs"], sort_keys=True)) for r in records if r.get("us") is not None]
 
 
 @pytest.fixture(scope="module")
@@ -218,157 +211,12 @@ def test_bad_tune_inputs_give_one_line_and_exit_2(tiny_onnx, tiny_library, tmp_p
     _user_error(["tune", str(tiny_onnx), "--trials", "0", "-o", db], capsys, "--trials must be at least 1")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "localhost"], capsys, "HOST:PORT")
     _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", "127.0.0.1:9"], capsys, "--rpc-key")
-    _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", f"127.0.0.1:{_free_port()}", "--rpc-key", "k"],
+    _user_error(["tune", str(tiny_onnx), "-o", db, "--rpc-tracker", f"127.0.0.1:{free_port()}", "--rpc-key", "k"],
                 capsys, "cannot reach an RPC tracker")
     _user_error(["tune", str(tmp_path / "missing.onnx"), "-o", db], capsys, "does not exist")
     _user_error(["compile", str(tiny_onnx), "--tuning-db", db, "-o", str(tmp_path / "m.so")], capsys,
                 "pbs2pc tune")
     assert not (tmp_path / "db").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path, capsys):
-    from pbs2pc.compiler.tvm_compat import rpc
-
-    port, key = _free_port(), "pbs2pc-test"
-    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-                      str(port + 1)])
-    server = None
-    try:
-        board_port = _free_port()
-        server = _start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host",
-                         "127.0.0.1", "--port", str(board_port), "--port-end", str(board_port + 1)])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2):
-                    pass  # the tracker listens: ask it (connect_tracker itself retries for a minute)
-                if key in rpc().connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
-                    break
-            except OSError:  # not up yet
-                pass
-            assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
-            time.sleep(0.5)
-        db = tmp_path / "db"
-        argv = ["tune", str(tiny_onnx), "--target", X86, "--trials", "1", "-o", str(db),
-                "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", key, "--timeout", "20"]
-        assert main(argv) == 0
-        assert "rpc 127.0.0.1" in capsys.readouterr().out
-        records = _records(db)
-        assert len(records) == 5 and all(r["us"] is not None and r["default"] for r in records), records
-
-        # the board goes away: its candidates time out, are recorded as failed runs, and the tune finishes
-        _stop(server)
-        server = None
-        from pbs2pc.compiler.targets import CompileOptions, get_preset
-        from pbs2pc.compiler.tune import Runner, Search, extract, open_database
-
-        preset = get_preset(X86)
-        kernels = extract(tiny_onnx, preset, CompileOptions())[:1]
-        start = time.monotonic()
-        Search(preset, Runner(("127.0.0.1", port), key, timeout_s=2)).tune(kernels, open_database(db, preset), 3)
-        failed = _records(db)[5:]
-        assert len(failed) == 2 and all("Timeout" in r["error"] and r["error"].startswith("run:") for r in failed)
-        assert time.monotonic() - start < 60
-    finally:
-        if server is not None:
-            _stop(server)
-        _stop(tracker)
-
-
-def _call(**kw):
-    from pbs2pc.passes.kernels.registry import Call
-
-    base = dict(out_features=64, in_features=128, group_size=64, one_row=True, interleave=16, plane_dtype="uint8",
-                has_mask=True, has_mu=True, has_bias=False)
-    return Call(**{**base, **kw})
-
-
-def test_offline_tune_a_device_script_times_the_candidates(tiny_onnx, tiny_library, tmp_path, capsys):
-    """--offline: candidates built into db/device/, timed there by measure.py (here: this machine's CPU, in a
-    subprocess with TVM's runtime), taken in by the next tune; a candidate that fails on the device is a
-    failed run, exported again; compile with the database keeps the numerics."""
-    from pbs2pc.runtime import load
-
-    db = tmp_path / "db"
-    argv = ["tune", str(tiny_onnx), "--target", X86, "--offline", "--trials", str(TRIALS), "-o", str(db)]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "python3 device/measure.py" in out and not (db / "records.jsonl").exists()
-    plan = json.loads((db / "device" / "plan.json").read_text())
-    keys = {c["key"] for c in plan["candidates"]}
-    assert len(keys) == 5 and len(plan["candidates"]) == TRIALS * 5
-    assert all(sum(c["default"] for c in plan["candidates"] if c["key"] == k) == 1 for k in keys)
-    # one candidate's library swapped for another kernel's: it fails on the device, the rest are timed
-    broken = next(c for c in plan["candidates"] if not c["default"])
-    other = next(c for c in plan["candidates"] if c["key"] != broken["key"])
-    shutil.copyfile(db / "device" / other["library"], db / "device" / broken["library"])
-    run = subprocess.run([sys.executable, str(db / "device" / "measure.py"), "--repeats", "3"], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    results = [json.loads(line) for line in (db / "device" / "results.jsonl").read_text().splitlines()]
-    assert len(results) == len(plan["candidates"])
-    failed = [r for r in results if r["error"]]
-    assert [(r["key"], r["knobs"]) for r in failed] == [(broken["key"], broken["knobs"])], failed
-    assert failed[0]["error"].startswith("run:")
-    assert all(r["us"] > 0 and len(r["runs_us"]) == 3 and r["timer"] == "wall" for r in results if not r["error"])
-
-    assert main(argv) == 0  # takes the results in; the failed one is exported again
-    out = capsys.readouterr().out
-    assert f"took {len(results)} results" in out and "2 candidates to measure" in out  # it and its default
-    again = json.loads((db / "device" / "plan.json").read_text())["candidates"]
-    assert {(c["key"], json.dumps(c["knobs"], sort_keys=True)) for c in again if not c["default"]} == {
-        (broken["key"], json.dumps(broken["knobs"], sort_keys=True))}
-    assert len(_measured(_records(db))) == len(results) - 1
-
-    lib = tmp_path / "tuned.so"
-    assert main(["compile", str(tiny_onnx), "--target", X86, "--tuning-db", str(db), "-o", str(lib)]) == 0
-    ids = np.array([[3, 1, 4, 1, 5]])
-    np.testing.assert_allclose(load(lib).logits(ids), load(tiny_library).logits(ids), rtol=1e-6, atol=1e-6)
-
-
-def test_cuda_tune_builds_fatbin_candidates_for_the_gpu_machine(tiny_onnx, tmp_path, capsys):
-    """--target cuda: each candidate a library with its device code compiled (a fatbin for the arch), the
-    CUDA GEMV's knobs (warps per block, K splits) in the plan; measure.py refuses a machine without a GPU."""
-    from pbs2pc.compiler import cuda_export
-
-    if cuda_export.nvcc_path() is None:
-        pytest.skip("no nvcc: CUDA builds need the CUDA toolkit")
-    db = tmp_path / "db"
-    argv = ["tune", str(tiny_onnx), "--target", "cuda", "--arch", "sm_80", "-o", str(db)]
-    assert main(argv) == 0
-    assert "the GPU machine" in capsys.readouterr().out
-    plan = json.loads((db / "device" / "plan.json").read_text())
-    assert plan["device"] == "cuda" and json.loads((db / "target.json").read_text())["preset"] == "cuda"
-    assert {c["key"].split(":")[0] for c in plan["candidates"]} == {"cuda.gemv_fp32"}
-    assert {c["knobs"]["warps"] for c in plan["candidates"]} == {2, 4, 8}
-    for cand in plan["candidates"]:
-        path = db / "device" / cand["library"]
-        assert [m for m, _ in cuda_export.device_modules(path)] == ["fatbin"], cand
-        assert [cuda_export.fatbin_archs(f) for f in cuda_export.fatbins(path)] == [["compute_80", "sm_80"]]
-    run = subprocess.run([sys.executable, str(db / "device" / "measure.py")], env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 2 and "no cuda device" in run.stdout, run.stdout + run.stderr
-    before = {p.name: p.stat().st_mtime_ns for p in (db / "device" / "lib").iterdir()}
-    assert main(argv) == 0  # nothing measured yet: the same candidates, not built again
-    assert "built already" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in (db / "device" / "lib").iterdir()} == before
 
 
 def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, capsys):
@@ -482,20 +330,3 @@ def test_every_registry_knob_setting_builds():
     assert {"x86_avx512.gemv_v2_fp32", "x86_avx2.gemv_int8", "arm_neon.gemv_int8", "cuda.gemv_fp32"} <= tuned, tuned
 
 
-def test_board_candidates_are_cross_compiled_shared_libraries():
-    from pbs2pc.compiler.targets import get_preset
-    from pbs2pc.compiler.tune import Kernel, Runner, Search
-    from pbs2pc.passes.kernels import registry
-
-    preset = get_preset("rpi5")
-    if shutil.which(preset.cross_compiler) is None:
-        pytest.skip(f"{preset.cross_compiler} is not installed")
-    entry = next(e for e in registry.all_kernels() if e.name == "arm_neon.gemv_int8")
-    kernel = Kernel("k", entry, _call(), 1)
-    search = Search(preset, Runner(("127.0.0.1", 9), "rpi5"))
-    built = search.builder.build([search.ms.builder.BuilderInput(kernel.build(k), search.target)
-                                  for k in kernel.space()[:2]])
-    for result in built:
-        assert result.error_msg is None, result.error_msg
-        head = Path(result.artifact_path).read_bytes()[:20]
-        assert result.artifact_path.endswith(".so") and head[:4] == b"\x7fELF" and head[18] == 0xB7  # EM_AARCH64
