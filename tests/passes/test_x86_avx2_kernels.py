@@ -23,7 +23,10 @@ tvm_compat = pytest.importorskip("pbs2pc.compiler.tvm_compat")
 
 from pbs2pc.compiler.tvm_compat import tvm  # noqa: E402
 from pbs2pc.passes.interleave_rows import interleave_array  # noqa: E402
+from pbs2pc.passes.kernels.registry import SERIAL  # noqa: E402
 from pbs2pc.passes.kernels.x86_avx2 import sparse_binary_gemv as k2  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx2 import sparse_binary_gemv_v2 as k2v2  # noqa: E402
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import PARALLEL_MIN_WEIGHTS as PARALLEL_MIN_WEIGHTS_AVX512  # noqa: E402
 
 if __name__ == "__main__":  # the benchmark, run as a script: tests/ is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,9 +137,15 @@ def test_assembly_is_avx2_lookups_without_avx512():
 
 
 def test_small_layers_run_serially():
-    # the AVX-512 module's threshold: a parallel launch costs more than a 192x576 layer's work
-    assert "T.parallel" not in k2.gemv_fp32(192, 576, 64, True, True, False).script()
+    # this module's threshold, below the AVX-512 kernels': a parallel launch costs more than a 128x576 layer's
+    # work here, less than a 192x576 layer's (measured in turns, see PARALLEL_MIN_WEIGHTS); the v2 GEMV shares it
+    assert k2.PARALLEL_MIN_WEIGHTS < PARALLEL_MIN_WEIGHTS_AVX512
+    assert "T.parallel" not in k2.gemv_fp32(128, 576, 64, True, True, False).script()
+    assert "T.parallel" in k2.gemv_fp32(192, 576, 64, True, True, False).script()
     assert "T.parallel" in k2.gemv_fp32(1536, 576, 64, True, True, False).script()
+    assert "T.parallel" not in k2v2.gemv_v2(128, 576, 64, True, True, False, True, True).script()
+    assert "T.parallel" in k2v2.gemv_v2(192, 576, 64, True, True, False, True, True).script()
+    assert "T.parallel" not in k2.gemv_fp32(192, 576, 64, True, True, False, parallel_min=SERIAL).script()
 
 
 def test_signature():

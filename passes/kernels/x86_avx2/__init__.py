@@ -15,7 +15,6 @@ prompt calls run the TE kernel. Measurements: docs/avx2_gemv.md.
 from __future__ import annotations
 
 from pbs2pc.passes.kernels.registry import Call, KernelEntry, Layout, builder_kwargs, parallel_knob, tile_knob
-from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import PARALLEL_MIN_WEIGHTS
 
 from . import sparse_binary_gemm as gemm_fp32
 from . import sparse_binary_gemv as gemv_fp32
@@ -38,7 +37,7 @@ def _tiles(call: Call, default: int) -> tuple:
     return tile_knob(call.out_features // INTERLEAVE, default)
 
 
-def _parallel(call: Call, threshold: int = PARALLEL_MIN_WEIGHTS) -> tuple:
+def _parallel(call: Call, threshold: int = gemv_fp32.PARALLEL_MIN_WEIGHTS) -> tuple:
     return parallel_knob(call.out_features * call.in_features, threshold)
 
 

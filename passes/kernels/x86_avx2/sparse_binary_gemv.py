@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T
 from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import (plus_bias, reference,  # noqa: F401
-                                                                 task_loop, without_absent)
+                                                                 task_loop as _task_loop, without_absent)
 
 #: fp32 lanes of a ymm register: rows per vector.
 LANES = 8
@@ -50,6 +50,20 @@ TILES_PER_TASK = 1
 #: The (first bit, bits) of each lookup chunk of a column byte: 3 + 3 + 2 bits (3-bit chunks: ``vpermps``,
 #: 2-bit: ``vpermilps``). Four 2-bit ``vpermilps`` chunks measured 4 % slower (more shifts and adds).
 CHUNKS = ((0, 3), (3, 3), (6, 2))
+#: Layers with fewer weights run their tasks on one thread (this GEMV's and the v2 GEMV's). Lower than the
+#: AVX-512 kernels' (:data:`~pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv.PARALLEL_MIN_WEIGHTS`,
+#: 2^18): the same layer takes about twice as long here, so a parallel launch pays off sooner. Parallel
+#: against serial in turns (2 threads, 9 rounds, Intel Xeon running this AVX2 code), v1 / v2 with groups
+#: and residual: 64x576 0.64x / 0.77x, 128x576 0.87x / 0.99x; 160x576 1.06x / 1.13x, 256x384 1.18x / 1.20x,
+#: 192x576 1.20x / 1.12x, 128x1024 1.18x / 1.17x; 576x576 parallel 1.7x (on an AMD EPYC Zen 3 the v2
+#: 192x576 was 1.18x parallel too). Between 73728 and 92160 weights, then.
+PARALLEL_MIN_WEIGHTS = 80 * 1024
+
+
+def task_loop(out_features: int, in_features: int, parallel_min: int | None = None):
+    """``T.parallel``, or ``T.serial`` for a layer of fewer than ``parallel_min`` weights (default
+    :data:`PARALLEL_MIN_WEIGHTS`)."""
+    return _task_loop(out_features, in_features, PARALLEL_MIN_WEIGHTS if parallel_min is None else parallel_min)
 
 
 def supported(out_features: int, in_features: int, group_size: int, interleave: int, plane_dtype: str) -> bool:
@@ -127,8 +141,8 @@ def gemv_fp32(out_features: int, in_features: int, group_size: int, has_mask: bo
 
     Planes ``[N/T, K/8, T]`` uint8 and scales ``[N/T, K/G, T]`` float16 with ``T = INTERLEAVE``; ``tiles``:
     ``T``-row tiles per task (default ``TILES_PER_TASK``; the largest of it, 2, 1 that divides ``N / T``).
-    Layers of at least ``PARALLEL_MIN_WEIGHTS`` weights (the AVX-512 module's threshold) run their tasks in
-    parallel, smaller ones serially (``parallel_min`` overrides the threshold: the tuner's knob).
+    Layers of at least :data:`PARALLEL_MIN_WEIGHTS` weights run their tasks in parallel, smaller ones
+    serially (``parallel_min`` overrides the threshold: the tuner's knob).
     """
     T_ = INTERLEAVE
     assert T_ in (8, 16), T_

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from pbs2pc.compiler.tvm_compat import T, tirx
 from pbs2pc.passes.kernels.salient import salient_lister
-from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import plus_bias, task_loop
+from pbs2pc.passes.kernels.x86_avx512.sparse_binary_gemv import plus_bias
 
-from .sparse_binary_gemv import CHUNKS, INTERLEAVE, LANES, byte_sum, chunk_sum, supported as v1_supported, widen
+from .sparse_binary_gemv import (CHUNKS, INTERLEAVE, LANES, byte_sum, chunk_sum, supported as v1_supported, task_loop,
+                                 widen)
 
 #: Column bytes of a scale group unrolled: one, a loop (the code as measured in docs/avx2_gemv.md); the
 #: tuner tries the other divisors of ``G / 8`` (``unroll_knob``).
