@@ -290,6 +290,17 @@ changes that).
 prints each new token id on its own line as soon as it is made (`--dump-logits FILE.npy` saves the logits
 every token was chosen from).
 
+## Tune its kernels from another machine
+
+```sh
+./runner rpc --tracker HOST:9190 --key {machine}-board [--threads 4]
+```
+
+serves TVM's RPC protocol and registers with the RPC tracker on HOST (`python -m tvm.exec.rpc_tracker
+--host 0.0.0.0 --port 9190` there), no Python needed here; on HOST, `pbs2pc tune model.onnx --target {target}
+--rpc-tracker HOST:9190 --rpc-key {machine}-board -o tune_db/` times its candidates on this board, and
+`pbs2pc compile --tuning-db tune_db/ --bundle` makes a tuned bundle.
+
 ## Files
 
 | file | what it is |

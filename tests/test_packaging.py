@@ -50,7 +50,8 @@ def test_wheel_contains_every_subpackage(tmp_path):
         for source in folder.glob("*.py"):
             assert f"{prefix}/{source.name}" in names, f"{package}: {source.name}"
     assert any(n.endswith("entry_points.txt") for n in names)
-    for data in ("runner.cc", "run.sh"):  # package data: a bundle builds the runner from the one, ships the other
+    # package data: a bundle builds the runner from the sources, ships run.sh
+    for data in ("runner.cc", "rpc_server.cc", "rpc_server.h", "run.sh"):
         assert f"pbs2pc/runtime/native/{data}" in names
 
 

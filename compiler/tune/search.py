@@ -128,15 +128,18 @@ def _build(mod, target, _params):
     return build_tir(mod, target)
 
 
-def _export_cross(compiler, flags, rt_mod) -> str:
-    """MetaSchedule's ``f_export`` for a cross-compiled preset: a shared library the board loads as is."""
+def _export_shared(compiler, flags, rt_mod) -> str:
+    """MetaSchedule's ``f_export`` for a board: a shared library the board loads as is, linked here by the
+    preset's cross compiler (None: this machine's, for a board of this machine's kind). Its default export,
+    a ``.tar`` of objects, needs a compiler on the board to link, which a board serving with the native
+    runner (``runner rpc``) does not have."""
     import os
     import tempfile
 
     from pbs2pc.compiler.tvm_compat import cc
 
     path = os.path.join(tempfile.mkdtemp(prefix="pbs2pc_tune_"), "candidate.so")
-    rt_mod.export_library(path, fcompile=cc.cross_compiler(compiler, options=list(flags)))
+    rt_mod.export_library(path, fcompile=cc.cross_compiler(compiler, options=list(flags)) if compiler else None)
     return path
 
 
@@ -150,8 +153,8 @@ class Search:
         self.preset = preset
         self.target = preset.tvm_target()
         self.runner_spec = runner
-        export = functools.partial(_export_cross, preset.cross_compiler, preset.cross_flags) \
-            if preset.cross_compiler else None
+        export = functools.partial(_export_shared, preset.cross_compiler, preset.cross_flags) \
+            if preset.cross_compiler or runner.tracker else None
         self.builder = self.ms.builder.LocalBuilder(max_workers=workers, timeout_sec=300, f_build=_build,
                                                     f_export=export)
         self.evaluator = self.ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=0,

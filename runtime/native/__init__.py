@@ -1,10 +1,11 @@
 """The native runner: a small C++ program (``runner.cc``) that runs TVM-compiled code with TVM's C++ runtime
 alone, no Python, so an ARM board needs just it, ``libtvm_runtime.so`` and ``libtvm_ffi.so``.
 
-It has two modes: ``func`` calls one PrimFunc on ``.npy`` files (kernel tests of foreign targets use it
-through :func:`run_function`, under qemu on x86), and ``generate`` runs a bundle's language model
-(:mod:`pbs2pc.runtime.bundle`). :func:`build_runner` compiles it for a machine (cached per source, compiler
-and flags).
+It has three modes: ``func`` calls one PrimFunc on ``.npy`` files (kernel tests of foreign targets use it
+through :func:`run_function`, under qemu on x86), ``generate`` runs a bundle's language model
+(:mod:`pbs2pc.runtime.bundle`), and ``rpc`` is a TVM RPC server that registers with TVM's tracker
+(``rpc_server.cc``), so ``pbs2pc tune --rpc-tracker`` reaches a board that has no Python.
+:func:`build_runner` compiles it for a machine (cached per source, compiler and flags).
 
 >>> from pbs2pc.runtime.native import run_function
 >>> out, = run_function("vadd_aarch64.so", "vadd", [a, b], [np.full(16, np.nan, np.float32)])   # doctest: +SKIP
@@ -33,6 +34,9 @@ from pbs2pc.runtime.native.toolchain import (
 )
 
 SOURCE = Path(__file__).with_name("runner.cc")
+#: Every file the runner is built from (the sources compiled, the header they share): its cache key.
+SOURCES = (SOURCE, SOURCE.with_name("rpc_server.cc"))
+FILES = (*SOURCES, SOURCE.with_name("rpc_server.h"))
 #: Flags every runner build gets. -fno-tree-vectorize: GCC 12's aarch64 vectorizer crashes (internal
 #: compiler error in vect_transform_reduction) on reduction loops like the sampler's; the runner's own
 #: loops are not where time goes (the kernels are).
@@ -53,7 +57,8 @@ def build_runner(machine: str, flags: Sequence[str] = (), output: str | os.PathL
     command_tail = [*BASE_FLAGS, *flags, "-I", str(runtime.include_dir), "-L", str(runtime.lib_dir),
                     "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN"]
     if output is None:
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *command_tail, *TVM_REQUIREMENTS]).encode())
+        key = hashlib.sha256("\0".join([*(f.read_text() for f in FILES), compiler, *command_tail,
+                                         *TVM_REQUIREMENTS]).encode())
         folder = runtime.lib_dir.parent / f"runner-{key.hexdigest()[:16]}"
         output = folder / "runner"
         if output.exists():
@@ -63,7 +68,7 @@ def build_runner(machine: str, flags: Sequence[str] = (), output: str | os.PathL
             shutil.copy2(library, folder / library.name)
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    command = [*shlex.split(compiler), str(SOURCE), *command_tail, "-o", str(tmp)]
+    command = [*shlex.split(compiler), *map(str, SOURCES), *command_tail, "-o", str(tmp)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -17,6 +17,10 @@
 //       on stderr; --bench does too, after a warm-up sequence; --dump-logits writes the logits every token
 //       was chosen from ([new tokens, vocab] float32).
 //
+//   runner rpc --tracker HOST:PORT --key KEY [--host 0.0.0.0] [--port 9090] [--port-end 9199] [--threads N]
+//       A TVM RPC server registered with TVM's RPC tracker, as python -m tvm.exec.rpc_server is: what
+//       pbs2pc tune --rpc-tracker times a board's candidates on, here without Python (rpc_server.cc).
+//
 // The calling convention is the one of pbs2pc.runtime.model.CompiledModel._run: the manifest's inputs
 // (int64 input_ids, position_ids, attention_mask), then per layer the key cache [B, KV, D, C] and the value
 // cache [B, KV, C, D] (float32, updated in place), then every weight in manifest order; returns the logits.
@@ -55,6 +59,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "rpc_server.h"
 
 namespace ffi = tvm::ffi;
 
@@ -653,7 +659,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   const char* usage =
       "usage: runner func LIB FUNC in.npy ... -- out.npy ...\n"
-      "       runner generate DIR --prompt-ids 1,2,3 [--max-new-tokens N] [--bench] ...\n";
+      "       runner generate DIR --prompt-ids 1,2,3 [--max-new-tokens N] [--bench] ...\n"
+      "       runner rpc --tracker HOST:PORT --key KEY [--port 9090] [--threads N]\n";
   if (args.empty() || args[0] == "-h" || args[0] == "--help") {
     std::fputs(usage, args.empty() ? stderr : stdout);
     return args.empty() ? 2 : 0;
@@ -662,7 +669,8 @@ int main(int argc, char** argv) {
     std::vector<std::string> rest(args.begin() + 1, args.end());
     if (args[0] == "func") return RunFunc(rest);
     if (args[0] == "generate") return RunGenerate(rest);
-    Fail("unknown mode '" + args[0] + "'; use func or generate");
+    if (args[0] == "rpc") return pbs2pc::RunRpcServer(rest);
+    Fail("unknown mode '" + args[0] + "'; use func, generate or rpc");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "runner: %s\n", e.what());
     return 2;

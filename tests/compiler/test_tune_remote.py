@@ -19,7 +19,7 @@ import pytest
 
 from pbs2pc.cli import main
 from testutil import TUNE_ENV as ENV, X86, free_port, measured_settings as _measured, registry_call as _call
-from testutil import tune_records as _records
+from testutil import requires_aarch64, tune_records as _records
 
 #: Settings per kernel the offline tune exports (the tiny model's five kernels).
 TRIALS = 2
@@ -36,28 +36,38 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path, capsys):
+def _start_tracker() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    return _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+                   str(port + 1)]), port
+
+
+def _wait_registered(port: int, key: str, server: subprocess.Popen, seconds: float = 120) -> None:
     from pbs2pc.compiler.tvm_compat import rpc
 
-    port, key = free_port(), "pbs2pc-test"
-    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-                      str(port + 1)])
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, f"the RPC server exited with status {server.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass  # the tracker listens: ask it (connect_tracker itself retries for a minute)
+            if key in rpc().connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
+                return
+        except OSError:  # not up yet
+            pass
+        assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
+        time.sleep(0.5)
+
+
+def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path, capsys):
+    key = "pbs2pc-test"
+    tracker, port = _start_tracker()
     server = None
     try:
         board_port = free_port()
         server = _start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host",
                          "127.0.0.1", "--port", str(board_port), "--port-end", str(board_port + 1)])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2):
-                    pass  # the tracker listens: ask it (connect_tracker itself retries for a minute)
-                if key in rpc().connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
-                    break
-            except OSError:  # not up yet
-                pass
-            assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
-            time.sleep(0.5)
+        _wait_registered(port, key, server)
         db = tmp_path / "db"
         argv = ["tune", str(tiny_onnx), "--target", X86, "--trials", "1", "-o", str(db),
                 "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", key, "--timeout", "20"]
@@ -83,6 +93,57 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         if server is not None:
             _stop(server)
         _stop(tracker)
+
+
+@requires_aarch64()
+def test_rpc_on_an_aarch64_board_without_python_the_native_runner_under_qemu(tiny_onnx, tmp_path, capsys):
+    """The board is the native runner's rpc mode built for aarch64 and run by qemu (a board with a bundle and
+    no Python): it registers with TVM's tracker, and the tune's cross-compiled candidates are uploaded to it,
+    loaded by its aarch64 TVM runtime and timed there (under emulation the times only prove the plumbing)."""
+    from pbs2pc.runtime.native import build_runner, runner_prefix
+
+    runner = build_runner("aarch64")
+    key = "pbs2pc-qemu"
+    tracker, port = _start_tracker()
+    server = None
+    try:
+        board_port = free_port()
+        server = subprocess.Popen([*runner_prefix("aarch64"), str(runner), "rpc", "--tracker", f"127.0.0.1:{port}",
+                                   "--key", key, "--host", "127.0.0.1", "--port", str(board_port), "--port-end",
+                                   str(board_port + 1), "--threads", "1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _wait_registered(port, key, server)
+        db = tmp_path / "db"
+        argv = ["tune", str(tiny_onnx), "--target", "rpi5", "--trials", "2", "-o", str(db),
+                "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", key, "--timeout", "120"]
+        assert main(argv) == 0
+        assert f"rpc 127.0.0.1:{port} key {key}" in capsys.readouterr().out
+        records = _records(db)
+        kernels = {r["key"] for r in records}
+        assert any(k.startswith("arm_neon.") for k in kernels) and "lm_head_fp32:256x64" in kernels, kernels
+        assert all(r["us"] is not None and r["us"] > 0 and r["error"] is None for r in records), records
+        assert {r["key"] for r in records if r["default"]} == kernels  # each kernel's default was timed there
+        assert server.poll() is None  # the server outlives its sessions (one child process each)
+    finally:
+        if server is not None:
+            _stop(server)
+            errors = server.stderr.read()
+            assert "session:" not in errors, errors  # no session failed on the board
+        _stop(tracker)
+
+
+def test_native_rpc_server_refuses_bad_options():
+    from pbs2pc.runtime.native import build_runner, host_machine
+
+    runner = build_runner(host_machine())
+    for args, says in ((["rpc", "--key", "k"], "needs --tracker HOST:PORT"),
+                       (["rpc", "--tracker", "127.0.0.1", "--key", "k"], "--tracker must be HOST:PORT"),
+                       (["rpc", "--tracker", "127.0.0.1:9190"], "needs --key"),
+                       (["rpc", "--tracker", "127.0.0.1:9190", "--key", "a b"], "--key may hold"),
+                       (["rpc", "--tracker", "127.0.0.1:9190", "--key", "k", "--port", "0"], "--port must be")):
+        result = subprocess.run([str(runner), *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_offline_tune_a_device_script_times_the_candidates(tiny_onnx, tiny_library, tmp_path, capsys):
