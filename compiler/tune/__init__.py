@@ -15,7 +15,8 @@ them there, and the next tune takes the results in.
 
 Steps: list the model's distinct kernels (:func:`.kernels.extract`), open or create the database for
 the target (:mod:`.database`: refused if made for another), tune each kernel, re-time each tuned setting
-against its default in turns (:mod:`.confirm`: a local tune; a setting not faster there is not applied),
+against its default in turns (:mod:`.confirm`: here, or on the board through the tracker; a setting not faster there is not
+applied),
 print a table.
 ``pbs2pc compile --tuning-db DIR`` then builds every kernel the database has with its fastest setting
 (:func:`knobs_from`), the rest with their defaults, and the manifest lists which came from the database.
@@ -71,7 +72,7 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
     if sum(todo.values()) and stale.exists():  # its verdict was on other records
         stale.unlink()
         say("new records: the earlier step check no longer applies (run with --check-step again)")
-    verdicts = {} if runner.tracker else confirm.confirm(kernels, db, preset, say)
+    verdicts = confirm.confirm(kernels, db, preset, say, runner=runner)
     return {"kernels": [_row(k, db, verdicts) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
             "database": str(db.folder), "target": preset.name}
 

@@ -14,13 +14,18 @@ rounds) is not applied: :func:`kept` tells :func:`pbs2pc.compiler.tune.knobs_fro
 --tuning-db``) to build that kernel with its default, and the closing table shows the times in turns.
 The records stay as they are.
 
-Tunes through ``--rpc-tracker`` or ``--offline`` have no kernel here to time and skip this.
+Through ``--rpc-tracker`` the same happens on the board (:func:`ab_remote`): both settings of a kernel
+are built as the search builds them (cross-compiled shared libraries), uploaded to one session, and timed
+there in turns with the search's RPC timing (one call after a cache flush per repeat); a board that does
+not answer within the tune's ``--timeout`` per kernel and round leaves that kernel as the search found it,
+and the tune says so. ``--offline`` tunes (the device script) have nowhere to time and skip this.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -42,16 +47,18 @@ def read(folder) -> dict:
 def kept(verdicts: dict, key: str, knobs: dict) -> bool:
     """Whether ``knobs``, the database's best setting of ``key``, is applied: where it was re-timed in turns,
     only if its median there is below the default's and it was faster in most rounds (the step check's
-    rule); a setting not re-timed (from a board or the device script) is applied as the search found it."""
+    rule); a setting not re-timed (from the device script, or a board that did not answer) is applied as the
+    search found it."""
     verdict = verdicts.get(key)
     if verdict is None or verdict.get("knobs") != knobs:
         return True
     return verdict["tuned_us"] < verdict["default_us"] and 2 * verdict["rounds_faster"] > verdict["rounds"]
 
 
-def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
+def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = REPEATS, runner=None) -> dict:
     """Re-time each kernel of ``kernels`` whose best setting in ``db`` is not its default against the
-    default, in turns (see the module docstring); return the verdicts, also written to ``confirm.json``."""
+    default, in turns (see the module docstring), here or, for a ``runner`` with a tracker, on its board;
+    return the verdicts, also written to ``confirm.json``."""
     from pbs2pc.compiler.tune.kernels import knob_id
     from pbs2pc.compiler.tune.search import use_timing_threads
 
@@ -62,12 +69,21 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
             and verdicts.get(k.key, {}).get("knobs") != best[k.key]["knobs"]]
     if not todo:
         return verdicts
-    use_timing_threads(preset)  # in this process, with the threads the search timed with
+    remote = runner is not None and runner.tracker is not None
+    if not remote:
+        use_timing_threads(preset)  # in this process, with the threads the search timed with
     say(f"re-timing {len(todo)} tuned kernel{'s' * (len(todo) > 1)} against their defaults, in turns "
-        f"({rounds} rounds)")
+        f"({rounds} rounds{', on the board' if remote else ''})")
     for kernel in todo:
         knobs = best[kernel.key]["knobs"]
-        result = ab(kernel, knobs, preset, rounds, repeats)
+        if remote:
+            try:
+                result = ab_remote(kernel, knobs, preset, runner, rounds, repeats)
+            except RemoteError as e:
+                say(f"  {kernel.key}: not re-timed ({e}); the search's times stand")
+                continue
+        else:
+            result = ab(kernel, knobs, preset, rounds, repeats)
         verdicts[kernel.key] = {"knobs": knobs, "default_us": round(result["default_us"], 2),
                                 "tuned_us": round(result["tuned_us"], 2), "rounds_faster": result["rounds_faster"],
                                 "rounds": rounds}
@@ -103,6 +119,79 @@ def ab(kernel, knobs: dict, preset, rounds: int = ROUNDS, repeats: int = REPEATS
     return {"default_us": statistics.median(times["default"]) * 1e6,
             "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster, "bytes": int(size),
             "copies": len(copies)}
+
+
+class RemoteError(Exception):
+    """The board could not re-time a kernel (it went away, or a call failed there)."""
+
+
+def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
+    """:func:`ab` on the board behind ``runner``'s tracker: both settings built as the search builds them,
+    uploaded to one session and timed there in turns, ``repeats`` calls per round and setting, each after a
+    cache flush (the search's RPC timing). Each round has ``runner.timeout_s`` seconds (the session and the
+    upload included in the first): past that, or on an error there, :class:`RemoteError`."""
+    import threading
+
+    from pbs2pc.compiler.tune.kernels import inputs
+    from pbs2pc.compiler.tune.search import export_candidate
+    from pbs2pc.compiler.tvm_compat import build_tir, rpc, tensor
+
+    arrays = inputs(kernel)
+    target = preset.tvm_target()
+    paths = {name: export_candidate(preset, build_tir(kernel.build(setting), target))
+             for name, setting in (("default", kernel.space()[0]), ("tuned", knobs))}
+    state: dict = {}
+
+    def connect():
+        host, port = runner.tracker
+        session = rpc().connect_tracker(host, port).request(runner.key, session_timeout=0)
+        device = session.cpu()
+        timers = {}
+        for name, path in paths.items():
+            session.upload(path, f"{name}.so")
+            module = session.load_module(f"{name}.so")
+            timers[name] = module.time_evaluator(module.entry_name, device, number=1, repeat=repeats,
+                                                 f_preproc="cache_flush_cpu_non_first_arg")
+        state.update(session=session, timers=timers, args=[tensor(a, device) for a in arrays])
+
+    def timed(name):
+        state["result"] = list(state["timers"][name](*state["args"]).results)
+
+    def within_timeout(work, *args):
+        state.pop("error", None)
+
+        def run():
+            try:
+                work(*args)
+            except Exception as e:  # noqa: BLE001 - a failure on the board, reported as one line
+                state["error"] = e
+
+        worker = threading.Thread(target=run, daemon=True)  # a board that hangs leaves it behind, not the tune
+        worker.start()
+        worker.join(runner.timeout_s)
+        if worker.is_alive():
+            raise RemoteError(f"the board did not answer within {runner.timeout_s:.0f} s")
+        if "error" in state:
+            raise RemoteError(str(state["error"]).strip().splitlines()[-1][:200])
+
+    try:
+        within_timeout(connect)
+        times = {name: [] for name in paths}
+        faster = 0
+        for _ in range(rounds):
+            round_median = {}
+            for name in paths:
+                within_timeout(timed, name)
+                times[name].extend(state["result"])
+                round_median[name] = statistics.median(state["result"])
+            faster += round_median["tuned"] < round_median["default"]
+    finally:
+        state.clear()  # closes the session
+        for path in paths.values():
+            shutil.rmtree(Path(path).parent, ignore_errors=True)
+    return {"default_us": statistics.median(times["default"]) * 1e6,
+            "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster,
+            "bytes": int(sum(a.nbytes for a in arrays)), "copies": 1}
 
 
 def _write(folder: Path, verdicts: dict) -> None:

@@ -143,6 +143,12 @@ def _export_shared(compiler, flags, rt_mod) -> str:
     return path
 
 
+def export_candidate(preset, rt_mod) -> str:
+    """A built candidate as the file a board loads (:func:`_export_shared` with the preset's compiler), in a
+    folder of its own (the caller removes it)."""
+    return _export_shared(preset.cross_compiler, preset.cross_flags, rt_mod)
+
+
 class Search:
     """Tunes kernels for one preset with one builder and runner kind (see the module docstring)."""
 

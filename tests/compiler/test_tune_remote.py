@@ -89,6 +89,14 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         failed = _records(db)[5:]
         assert len(failed) == 2 and all("Timeout" in r["error"] and r["error"].startswith("run:") for r in failed)
         assert time.monotonic() - start < 60
+
+        # re-timing in turns on a board that went away gives up after the timeout, saying so
+        from pbs2pc.compiler.tune import confirm
+
+        start = time.monotonic()
+        with pytest.raises(confirm.RemoteError, match="did not answer within 2 s"):
+            confirm.ab_remote(kernels[0], kernels[0].space()[1], preset, Runner(("127.0.0.1", port), key, timeout_s=2))
+        assert time.monotonic() - start < 30
     finally:
         if server is not None:
             _stop(server)
@@ -123,6 +131,21 @@ def test_rpc_on_an_aarch64_board_without_python_the_native_runner_under_qemu(tin
         assert any(k.startswith("arm_neon.") for k in kernels) and "lm_head_fp32:256x64" in kernels, kernels
         assert all(r["us"] is not None and r["us"] > 0 and r["error"] is None for r in records), records
         assert {r["key"] for r in records if r["default"]} == kernels  # each kernel's default was timed there
+        # settings that beat their default in the search were re-timed in turns on the board
+        best = {k: min((r for r in records if r["key"] == k), key=lambda r: r["us"]) for k in kernels}
+        verdicts = json.loads((db / "confirm.json").read_text()) if (db / "confirm.json").exists() else {}
+        assert set(verdicts) == {k for k, r in best.items() if not r["default"]}, (verdicts, best)
+        assert all(v["default_us"] > 0 and v["tuned_us"] > 0 and v["rounds"] == 7 for v in verdicts.values())
+
+        from pbs2pc.compiler.targets import get_preset
+        from pbs2pc.compiler.tune import Runner, confirm, extract
+        from pbs2pc.compiler.targets import CompileOptions
+
+        kernel = next(k for k in extract(tiny_onnx, get_preset("rpi5"), CompileOptions()) if len(k.space()) > 1)
+        result = confirm.ab_remote(kernel, kernel.space()[1], get_preset("rpi5"), Runner(("127.0.0.1", port), key,
+                                                                                          timeout_s=120), rounds=3,
+                                   repeats=3)
+        assert result["default_us"] > 0 and result["tuned_us"] > 0 and 0 <= result["rounds_faster"] <= 3
         assert server.poll() is None  # the server outlives its sessions (one child process each)
     finally:
         if server is not None:
