@@ -15,7 +15,7 @@ from typing import Callable
 from pbs2pc.compiler.targets import CompileOptions, TargetPreset
 from pbs2pc.errors import UnsupportedError
 from pbs2pc.compiler.tvm_compat import dlight, relax, tvm
-from pbs2pc.passes import ClipTakeIndices, LowerLMHead, LowerSparseBinaryLinear, UseKVCache
+from pbs2pc.passes import ClipTakeIndices, FastSigmoid, LowerLMHead, LowerSparseBinaryLinear, UseKVCache
 from pbs2pc.passes.kernels import registry
 from pbs2pc.passes.kv_cache import DECODE, PREFILL
 
@@ -90,6 +90,8 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
         # matmul(x, permute_dims(w)) -> one "NT" matmul: the tied LM head reads the embedding table in
         # place instead of materialising its transpose on every call.
         ("fuse_transpose_matmul", rt.FuseTransposeMatmul()),
+        # On CPUs: float32 sigmoid / SiLU with a vectorised polynomial exp (TVM's calls expf per element).
+        *([("fast_sigmoid", FastSigmoid())] if preset.family == "cpu" else []),
         # The remaining high-level ops -> TIR, then fuse elementwise chains into their producers.
         # cumsum / sort / top-k have no LegalizeOps rule: TVM dispatches them to target kernels first.
         ("dispatch_sort_scan", relax.backend.DispatchSortScan()),

@@ -28,7 +28,7 @@ def require_tvm():
 require_tvm()
 
 import tvm  # noqa: E402
-from tvm import relax, te, tirx  # noqa: E402,F401
+from tvm import relax, te, tirx, topi  # noqa: E402,F401
 from tvm import s_tir  # noqa: E402,F401
 from tvm.s_tir import dlight  # noqa: E402,F401
 from tvm.relax.frontend.onnx import onnx_frontend  # noqa: E402,F401

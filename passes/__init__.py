@@ -5,6 +5,7 @@ This module only exports pass constructors.
 
 from pbs2pc.passes.clip_take import ClipTakeIndices
 from pbs2pc.passes.encode_mask_codes import EncodeMaskCodes
+from pbs2pc.passes.fast_sigmoid import FastSigmoid
 from pbs2pc.passes.interleave_rows import InterleaveRows
 from pbs2pc.passes.kv_cache import UseKVCache
 from pbs2pc.passes.lower_lm_head import LowerLMHead
@@ -13,5 +14,5 @@ from pbs2pc.passes.pack_planes_as_words import PackPlanesAsWords
 from pbs2pc.passes.store_lm_head_fp16 import StoreLMHeadFP16
 from pbs2pc.passes.store_lm_head_int8 import StoreLMHeadInt8
 
-__all__ = ["ClipTakeIndices", "EncodeMaskCodes", "InterleaveRows", "LowerLMHead", "LowerSparseBinaryLinear", "PackPlanesAsWords",
+__all__ = ["ClipTakeIndices", "EncodeMaskCodes", "FastSigmoid", "InterleaveRows", "LowerLMHead", "LowerSparseBinaryLinear", "PackPlanesAsWords",
            "StoreLMHeadFP16", "StoreLMHeadInt8", "UseKVCache"]
