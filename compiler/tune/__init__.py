@@ -73,7 +73,8 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
         stale.unlink()
         say("new records: the earlier step check no longer applies (run with --check-step again)")
     verdicts = confirm.confirm(kernels, db, preset, say, runner=runner)
-    return {"kernels": [_row(k, db, verdicts) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
+    best = db.best()
+    return {"kernels": [_row(k, db, best, verdicts) for k in kernels], "wall_s": round(time.perf_counter() - start, 1),
             "database": str(db.folder), "target": preset.name}
 
 
@@ -84,7 +85,8 @@ def _tune_offline(kernels, db, preset, trials, say, progress, start) -> dict:
         say(f"took {taken} results from {device.folder_of(db) / device.RESULTS} into {db.path}")
     todo = device.pending(kernels, db, trials)
     say(f"{len(kernels)} distinct kernels, {len(todo)} candidates to measure on the device")
-    result = {"kernels": [_row(k, db) for k in kernels], "database": str(db.folder), "target": preset.name}
+    best = db.best()
+    result = {"kernels": [_row(k, db, best) for k in kernels], "database": str(db.folder), "target": preset.name}
     if todo:
         plan = device.export(todo, db, preset, say, progress)
         result["pending"] = device.instructions(db, plan)
@@ -93,10 +95,11 @@ def _tune_offline(kernels, db, preset, trials, say, progress, start) -> dict:
     return result
 
 
-def _row(kernel: Kernel, db: Database, verdicts: dict | None = None) -> dict:
-    """A kernel's line of the table: the search's default and best times, or, where the best setting was
-    re-timed in turns (:mod:`.confirm`), those times; a setting not faster there is shown as not applied."""
-    best = db.best().get(kernel.key)
+def _row(kernel: Kernel, db: Database, bests: dict, verdicts: dict | None = None) -> dict:
+    """A kernel's line of the table: the search's default and best times (``bests``: ``db.best()``), or, where
+    the best setting was re-timed in turns (:mod:`.confirm`), those times; a setting not faster there is shown
+    as not applied."""
+    best = bests.get(kernel.key)
     default = db.default(kernel.key)
     row = {"key": kernel.key, "calls": kernel.calls, "space": len(kernel.space()),
            "measured": sum(1 for r in db.records if r["key"] == kernel.key and r.get("us") is not None),
