@@ -387,6 +387,9 @@ void Serve(Fd client, double timeout_s, int listener, int tracker) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  if (WIFSIGNALED(status) && WTERMSIG(status) != SIGKILL)
+    std::fprintf(stderr, "runner rpc: a session died of signal %d (%s); serving the next one\n", WTERMSIG(status),
+                 strsignal(WTERMSIG(status)));
   RemoveFolder(folder);
 }
 

@@ -155,6 +155,62 @@ def test_rpc_on_an_aarch64_board_without_python_the_native_runner_under_qemu(tin
         _stop(tracker)
 
 
+def test_native_rpc_server_survives_a_session_that_crashes(tmp_path):
+    """A library that crashes on the board (here: a kernel writing gigabytes past its buffer, SIGSEGV) takes
+    down its session's child process, not the server: the client gets an error, the next session works."""
+    from pbs2pc.compiler.tvm_compat import T, build_tir, rpc, tvm
+    from pbs2pc.runtime.native import build_runner, host_machine
+
+    @T.prim_func
+    def crash(a: T.Buffer((16,), "float32")):
+        for i in range(16):
+            a[T.int64(1 << 40) + T.Cast("int64", i)] = T.float32(1)  # 4 TiB past the buffer
+
+    @T.prim_func
+    def double(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")):
+        for i in range(16):
+            b[i] = a[i] * T.float32(2)
+
+    paths = {}
+    for name, func in (("crash", crash), ("double", double)):
+        paths[name] = tmp_path / f"{name}.so"
+        build_tir(tvm.IRModule({"main": func}), "llvm").export_library(str(paths[name]))
+    runner = build_runner(host_machine())
+    key = "pbs2pc-crash"
+    tracker, port = _start_tracker()
+    server = None
+    try:
+        board_port = free_port()
+        server = subprocess.Popen([str(runner), "rpc", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host",
+                                   "127.0.0.1", "--port", str(board_port), "--port-end", str(board_port + 1)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        _wait_registered(port, key, server)
+
+        def session():
+            return rpc().connect_tracker("127.0.0.1", port).request(key, session_timeout=60)
+
+        remote = session()
+        remote.upload(str(paths["crash"]))
+        data = tvm.runtime.tensor(np.zeros(16, np.float32), remote.cpu())
+        with pytest.raises(Exception):
+            remote.load_module("crash.so")["main"](data)
+        del remote, data
+        _wait_registered(port, key, server)  # offered again once the crashed session is reaped
+        remote = session()
+        remote.upload(str(paths["double"]))
+        a = tvm.runtime.tensor(np.arange(16, dtype=np.float32), remote.cpu())
+        b = tvm.runtime.tensor(np.zeros(16, np.float32), remote.cpu())
+        remote.load_module("double.so")["main"](a, b)
+        np.testing.assert_array_equal(b.numpy(), np.arange(16, dtype=np.float32) * 2)
+        assert server.poll() is None
+    finally:
+        if server is not None:
+            _stop(server)
+        _stop(tracker)
+    assert "a session died of signal 11" in server.stderr.read()  # the crash happened, on the board
+
+
 def test_native_rpc_server_refuses_bad_options():
     from pbs2pc.runtime.native import build_runner, host_machine
 
