@@ -74,13 +74,18 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
         use_timing_threads(preset)  # in this process, with the threads the search timed with
     say(f"re-timing {len(todo)} tuned kernel{'s' * (len(todo) > 1)} against their defaults, in turns "
         f"({rounds} rounds{', on the board' if remote else ''})")
-    for kernel in todo:
+    for done, kernel in enumerate(todo):
         knobs = best[kernel.key]["knobs"]
         if remote:
             try:
                 result = ab_remote(kernel, knobs, preset, runner, rounds, repeats)
             except RemoteError as e:
                 say(f"  {kernel.key}: not re-timed ({e}); the search's times stand")
+                if e.silent:  # the board is gone: do not wait the timeout once more per kernel
+                    left = len(todo) - done - 1
+                    if left:
+                        say(f"  the other {left} not re-timed either; run the tune again when the board is back")
+                    break
                 continue
         else:
             result = ab(kernel, knobs, preset, rounds, repeats)
@@ -122,7 +127,12 @@ def ab(kernel, knobs: dict, preset, rounds: int = ROUNDS, repeats: int = REPEATS
 
 
 class RemoteError(Exception):
-    """The board could not re-time a kernel (it went away, or a call failed there)."""
+    """The board could not re-time a kernel: ``silent`` when it did not answer in time (gone, or hung), else
+    a call failed there."""
+
+    def __init__(self, message: str, silent: bool = False):
+        super().__init__(message)
+        self.silent = silent
 
 
 def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
@@ -170,7 +180,7 @@ def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats
         worker.start()
         worker.join(runner.timeout_s)
         if worker.is_alive():
-            raise RemoteError(f"the board did not answer within {runner.timeout_s:.0f} s")
+            raise RemoteError(f"the board did not answer within {runner.timeout_s:.0f} s", silent=True)
         if "error" in state:
             raise RemoteError(str(state["error"]).strip().splitlines()[-1][:200])
 

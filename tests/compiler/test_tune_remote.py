@@ -97,6 +97,20 @@ def test_rpc_tracker_on_loopback_and_a_board_that_goes_away(tiny_onnx, tmp_path,
         with pytest.raises(confirm.RemoteError, match="did not answer within 2 s"):
             confirm.ab_remote(kernels[0], kernels[0].space()[1], preset, Runner(("127.0.0.1", port), key, timeout_s=2))
         assert time.monotonic() - start < 30
+        # and the tune's re-timing stops at the first kernel the board does not answer for: two kernels whose
+        # best setting (a record written here) is not their default, one timeout, no verdict
+        two = extract(tiny_onnx, preset, CompileOptions())[:2]
+        with open(db / "records.jsonl", "a") as f:
+            for k in two:
+                f.write(json.dumps({"key": k.key, "knobs": k.space()[1], "default": False, "us": 0.001,
+                                    "runs_us": [0.001], "error": None}) + "\n")
+        said = []
+        start = time.monotonic()
+        verdicts = confirm.confirm(two, open_database(db, preset), preset, said.append,
+                                   runner=Runner(("127.0.0.1", port), key, timeout_s=2))
+        assert time.monotonic() - start < 30 and not verdicts and not (db / "confirm.json").exists()
+        assert "on the board" in said[0] and "did not answer within 2 s" in said[1], said
+        assert "the other 1 not re-timed either" in said[2], said
     finally:
         if server is not None:
             _stop(server)
