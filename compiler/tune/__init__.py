@@ -15,9 +15,8 @@ them there, and the next tune takes the results in.
 
 Steps: list the model's distinct kernels (:func:`.kernels.extract`), open or create the database for
 the target (:mod:`.database`: refused if made for another), tune each kernel, re-time each tuned setting
-against its default in turns (:mod:`.confirm`: here, or on the board through the tracker; a setting not faster there is not
-applied),
-print a table.
+against its default in turns (:mod:`.confirm`: here, or on the board through the tracker; a setting not
+faster there is not applied), print a table.
 ``pbs2pc compile --tuning-db DIR`` then builds every kernel the database has with its fastest setting
 (:func:`knobs_from`), the rest with their defaults, and the manifest lists which came from the database.
 """

@@ -81,7 +81,7 @@ def confirm(kernels, db, preset, say=None, rounds: int = ROUNDS, repeats: int = 
                 result = ab_remote(kernel, knobs, preset, runner, rounds, repeats)
             except RemoteError as e:
                 say(f"  {kernel.key}: not re-timed ({e}); the search's times stand")
-                if e.silent:  # the board is gone: do not wait the timeout once more per kernel
+                if e.no_answer:  # the board is gone: do not wait the timeout once more per kernel
                     left = len(todo) - done - 1
                     if left:
                         say(f"  the other {left} not re-timed either; run the tune again when the board is back")
@@ -127,12 +127,12 @@ def ab(kernel, knobs: dict, preset, rounds: int = ROUNDS, repeats: int = REPEATS
 
 
 class RemoteError(Exception):
-    """The board could not re-time a kernel: ``silent`` when it did not answer in time (gone, or hung), else
-    a call failed there."""
+    """The board could not re-time a kernel: ``no_answer`` when it did not answer in time (gone, or hung),
+    else a call failed there."""
 
-    def __init__(self, message: str, silent: bool = False):
+    def __init__(self, message: str, no_answer: bool = False):
         super().__init__(message)
-        self.silent = silent
+        self.no_answer = no_answer
 
 
 def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats: int = REPEATS) -> dict:
@@ -180,9 +180,10 @@ def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats
         worker.start()
         worker.join(runner.timeout_s)
         if worker.is_alive():
-            raise RemoteError(f"the board did not answer within {runner.timeout_s:.0f} s", silent=True)
+            raise RemoteError(f"the board did not answer within {runner.timeout_s:.0f} s", no_answer=True)
         if "error" in state:
-            raise RemoteError(str(state["error"]).strip().splitlines()[-1][:200])
+            error = state["error"]
+            raise RemoteError((str(error).strip().splitlines() or [type(error).__name__])[-1][:200])
 
     try:
         within_timeout(connect)
