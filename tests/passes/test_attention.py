@@ -146,3 +146,25 @@ def test_unsupported_attention_forms_are_named(tmp_path, attrs, match):
     onnx.save(attention_graph(True, **attrs), tmp_path / "att.onnx")
     with pytest.raises(UnsupportedError, match=match):
         frontend.import_onnx(tmp_path / "att.onnx")
+
+
+def test_decode_and_prefill_are_one_sequence_main_any_batch(tiny_onnx):
+    """UseKVCache's entries: ``decode`` binds batch and sequence to 1, ``prefill`` binds batch to 1 (one
+    sequence, any length; its head is then a one-row GEMV) and returns the last position's logits, ``main``
+    keeps both symbolic."""
+    from pbs2pc.compiler import frontend
+    from pbs2pc.compiler.tvm_compat import tirx as ttirx
+    from pbs2pc.passes import UseKVCache
+
+    mod = UseKVCache()(frontend.import_onnx(tiny_onnx).mod)
+
+    def ids_shape(name):
+        param = next(p for p in mod[name].params if p.name == "input_ids")
+        return [int(d) if isinstance(d, ttirx.IntImm) else str(d) for d in param.ty.shape]
+
+    def out_shape(name):
+        return [int(d) if isinstance(d, ttirx.IntImm) else str(d) for d in mod[name].ret_ty.shape]
+
+    assert ids_shape("main") == ["batch", "sequence"] and out_shape("main")[:2] == ["batch", "sequence"]
+    assert ids_shape("decode") == [1, 1] and out_shape("decode")[:2] == [1, 1]
+    assert ids_shape("prefill") == [1, "sequence"] and out_shape("prefill")[:2] == [1, 1]
