@@ -25,9 +25,12 @@ every key and value is loaded once for all of them; rows stop at their last unma
 the work of a causal prompt. Measured on SmolLM2's shapes (9 query / 3 kv heads, head_dim 64, 2 threads):
 a 512-token prompt took 22.6 ms per layer with the first version (one row per query head, the score row
 re-read for every ``d``, scalar ``expf``, all keys) and takes 5.5 ms with this one; one decode step at
-512 cached tokens 93 -> 50 us per layer. Masked keys get -inf in the vectorised store of their score block
-(a scalar pass over the row's T booleans did it before: a 512-token prompt 2.76 -> 2.61 ms per layer on a
-2-vCPU AVX-512 Xeon, 2 threads, faster in 7 of 7 rounds; the same bits).
+512 cached tokens 93 -> 50 us per layer. Since then, on a 2-vCPU AVX-512 Xeon (2 threads, the two versions in
+turns, 7 rounds, the same bits): masked keys get -inf in the vectorised store of their score block, not in a
+scalar pass over the row's T booleans (a 512-token prompt 2.76 -> 2.61 ms per layer), and a row's fixed-size
+buffers are plain allocations in the parallel loop, which TVM makes stack allocas, not ``scope="local"``
+ones, which became workspace allocations per row (13 of them): 128-token prompt 349 -> 294 us per layer,
+512-token 2.74 -> 2.44 ms, a decode step at 512 cached tokens 11.6 -> 10.7 us.
 """
 
 from __future__ import annotations
@@ -102,21 +105,21 @@ def cached_attention(heads: int, kv_heads: int, head_dim: int, scale: float, blo
         # kv head, so each key and value is loaded once for all of them.
         for row in T.parallel(B * KV * S):
             scores = T.alloc_buffer((R, (TT + KB - 1) // KB * KB), "float32", scope="local")
-            block = T.alloc_buffer((R, KB), "float32", scope="local")  # one block of scores per head, in registers
-            part = T.alloc_buffer((R, KB), "float32", scope="local")  # per-lane max, then per-lane sum
-            acc = T.alloc_buffer((R, D), "float32", scope="local")
-            stat = T.alloc_buffer((R, 2), "float32", scope="local")  # max, sum of exponentials
+            block = T.alloc_buffer((R, KB), "float32")  # one block of scores per head, in registers
+            part = T.alloc_buffer((R, KB), "float32")  # per-lane max, then per-lane sum
+            acc = T.alloc_buffer((R, D), "float32")
+            stat = T.alloc_buffer((R, 2), "float32")  # max, sum of exponentials
             # exp's x and n per lane. (Not let-bindings: TVM 0.27's vectorizer broadcasts lane 0 of a
             # let-bound value inside a vectorized loop.)
-            ex = T.alloc_buffer((KB,), "float32", scope="local")
-            en = T.alloc_buffer((KB,), "float32", scope="local")
+            ex = T.alloc_buffer((KB,), "float32")
+            en = T.alloc_buffer((KB,), "float32")
             b = row // (KV * S)
             j = row // S % KV
             s = row % S
             h0 = j * R  # first query head of the row
             mb = T.if_then_else(MB == 1, T.int64(0), b)
             # Keys after the row's last unmasked one contribute nothing: stop there (halves causal prefill).
-            last = T.alloc_buffer((1,), "int64", scope="local")
+            last = T.alloc_buffer((1,), "int64")
             last[0] = T.int64(0)
             for t in range(TT):
                 if mask[mb, 0, s, t]:
