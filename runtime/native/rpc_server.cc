@@ -404,6 +404,9 @@ int RunRpcServer(const std::vector<std::string>& args) {
     return 2;
   }
   if (o.threads > 0) setenv("TVM_NUM_THREADS", std::to_string(o.threads).c_str(), 1);  // sessions inherit it
+  // A client gone mid-reply makes the write fail (the session ends with an error line), as in TVM's Python
+  // server, instead of SIGPIPE killing the session's process.
+  signal(SIGPIPE, SIG_IGN);
   int port = 0;
   Fd listener;
   try {
