@@ -78,8 +78,9 @@ def phases(preset: TargetPreset, options: CompileOptions | None = None,
     return [
         # Gathers (token embedding, rotary rows) clamp their indices: TVM's default reads past the table.
         ("clip_take", ClipTakeIndices()),
-        # Attention against caches the runtime owns, updated in place; adds the one-token "decode" entry.
-        ("use_kv_cache", UseKVCache()),
+        # Attention against caches the runtime owns, updated in place; adds the one-token "decode" entry and the
+        # one-sequence "prefill" (on CUDA its batch stays symbolic: see UseKVCache).
+        ("use_kv_cache", UseKVCache(one_sequence_prefill=preset.family != "cuda")),
         # pbs2p ops (reference functions from the frontend) -> call_tir of packed-bit kernels: the first kernel
         # registry entry for the target that covers the call (hand-written GEMVs and GEMMs), else the TE kernel.
         ("lower_pbs2p", LowerSparseBinaryLinear(kernels, used_kernels, knobs)),

@@ -19,8 +19,9 @@ layer's whole cache on every generated token. This pass instead:
    when the logits come from a matmul of the hidden states (the LM head): generation needs no others, and
    the head is the largest matmul of a prompt (SmolLM2, 512 tokens: 14.5 GFLOP, ~0.3 s on 2 cores). It
    binds ``batch = 1``, as ``decode`` does: generation runs one sequence, and ``decode`` continues it in
-   batch-1 caches. So the head's one row is the decode step's GEMV, not a packed GEMM over a symbolic
-   batch, which copied the whole table per call (SmolLM2's fp32 head: 10.3 against 4.2 ms).
+   batch-1 caches. So on a CPU the head's one row is the decode step's GEMV, not a packed GEMM over a
+   symbolic batch, which copied the whole table per call (SmolLM2's fp32 head: 10.3 against 4.2 ms); on
+   CUDA ``batch`` stays symbolic (:class:`UseKVCache`).
 
 Before::
 
@@ -161,7 +162,13 @@ def _layout(layers: list) -> CacheLayout | None:
 
 @tvm.transform.module_pass(opt_level=0, name="UseKVCache")
 class UseKVCache:
-    """See the module docstring; :func:`cache_layout` describes the caches it introduces."""
+    """See the module docstring; :func:`cache_layout` describes the caches it introduces. ``one_sequence_prefill``
+    (default True): ``prefill`` binds ``batch = 1`` (step 5); the CUDA pipeline keeps it symbolic, since TVM's
+    GPU reduction rule schedules the norms of a ``(1, sequence)`` prompt with a shared buffer of symbolic
+    size that its CUDA code generation refuses ("Can only handle constant size stack allocation")."""
+
+    def __init__(self, one_sequence_prefill: bool = True):
+        self.one_sequence_prefill = one_sequence_prefill
 
     def transform_module(self, mod, _ctx):
         main = mod["main"]
@@ -182,8 +189,9 @@ class UseKVCache:
         out[DECODE] = decode.with_attr("global_symbol", DECODE)
         prefill = _last_position_logits(copy_with_new_vars(out["main"]))
         if prefill is not None:
-            names = {var.name for var in relax.analysis.defined_symbolic_vars(prefill)}
-            prefill = prefill.bind_symbolic_vars({k: v for k, v in PREFILL_BINDINGS.items() if k in names})
+            if self.one_sequence_prefill:
+                names = {var.name for var in relax.analysis.defined_symbolic_vars(prefill)}
+                prefill = prefill.bind_symbolic_vars({k: v for k, v in PREFILL_BINDINGS.items() if k in names})
             out[PREFILL] = prefill.with_attr("global_symbol", PREFILL)
         # The reference functions of the rewritten calls are dead now.
         called = set()

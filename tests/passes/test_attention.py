@@ -168,3 +168,7 @@ def test_decode_and_prefill_are_one_sequence_main_any_batch(tiny_onnx):
     assert ids_shape("main") == ["batch", "sequence"] and out_shape("main")[:2] == ["batch", "sequence"]
     assert ids_shape("decode") == [1, 1] and out_shape("decode")[:2] == [1, 1]
     assert ids_shape("prefill") == [1, "sequence"] and out_shape("prefill")[:2] == [1, 1]
+    # the CUDA pipeline's: prefill keeps the batch symbolic (TVM's GPU norm schedule of a (1, sequence) prompt
+    # does not compile)
+    mod = UseKVCache(one_sequence_prefill=False)(frontend.import_onnx(tiny_onnx).mod)
+    assert ids_shape("prefill") == ["batch", "sequence"] and out_shape("prefill")[:2] == ["batch", 1]
