@@ -112,18 +112,25 @@ def ab(kernel, knobs: dict, preset, rounds: int = ROUNDS, repeats: int = REPEATS
     libs = {name: build_tir(kernel.build(setting), target)
             for name, setting in (("default", kernel.space()[0]), ("tuned", knobs))}
     evaluator = type("Repeats", (), {"repeat": repeats})()  # what _run_rotating reads of an EvaluatorConfig
-    times = {name: [] for name in libs}
+    result = _in_turns(rounds, lambda name: _run_rotating(libs[name], tvm.cpu(), evaluator, copies))
+    return {**result, "bytes": int(size), "copies": len(copies)}
+
+
+def _in_turns(rounds: int, samples) -> dict:
+    """``rounds`` rounds of ``samples("default")`` then ``samples("tuned")`` (each a list of seconds):
+    ``{"default_us", "tuned_us"}`` (medians of all samples) and ``rounds_faster`` (rounds whose median was
+    lower tuned)."""
+    times = {"default": [], "tuned": []}
     faster = 0
     for _ in range(rounds):
         round_median = {}
-        for name, lib in libs.items():
-            samples = _run_rotating(lib, tvm.cpu(), evaluator, copies)
-            times[name].extend(samples)
-            round_median[name] = statistics.median(samples)
+        for name in times:
+            got = samples(name)
+            times[name].extend(got)
+            round_median[name] = statistics.median(got)
         faster += round_median["tuned"] < round_median["default"]
     return {"default_us": statistics.median(times["default"]) * 1e6,
-            "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster, "bytes": int(size),
-            "copies": len(copies)}
+            "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster}
 
 
 class RemoteError(Exception):
@@ -167,6 +174,10 @@ def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats
     def timed(name):
         state["result"] = list(state["timers"][name](*state["args"]).results)
 
+    def samples(name):
+        within_timeout(timed, name)
+        return state["result"]
+
     def within_timeout(work, *args):
         state.pop("error", None)
 
@@ -187,22 +198,12 @@ def ab_remote(kernel, knobs: dict, preset, runner, rounds: int = ROUNDS, repeats
 
     try:
         within_timeout(connect)
-        times = {name: [] for name in paths}
-        faster = 0
-        for _ in range(rounds):
-            round_median = {}
-            for name in paths:
-                within_timeout(timed, name)
-                times[name].extend(state["result"])
-                round_median[name] = statistics.median(state["result"])
-            faster += round_median["tuned"] < round_median["default"]
+        result = _in_turns(rounds, samples)
     finally:
         state.clear()  # closes the session
         for path in paths.values():
             shutil.rmtree(Path(path).parent, ignore_errors=True)
-    return {"default_us": statistics.median(times["default"]) * 1e6,
-            "tuned_us": statistics.median(times["tuned"]) * 1e6, "rounds_faster": faster,
-            "bytes": int(sum(a.nbytes for a in arrays)), "copies": 1}
+    return {**result, "bytes": int(sum(a.nbytes for a in arrays)), "copies": 1}
 
 
 def _write(folder: Path, verdicts: dict) -> None:
