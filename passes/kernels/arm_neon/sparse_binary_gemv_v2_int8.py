@@ -157,10 +157,11 @@ def gemv_v2_int8(out_features: int, in_features: int, group_size: int, has_mask:
         cols = T.alloc_buffer((K,), "int32")  # the salient columns, in order
         start = T.alloc_buffer((GB + 1,), "int32")  # scale group g's salient columns: cols[start[g]:start[g+1]]
         count = T.alloc_buffer((1,), "int32")
+        word = T.alloc_buffer((1,), "uint64")
         # 1. Quantise x, the TL / TH tables, the salient columns.
         build_tables(x, xq, xs, qsum, parts, tab)
         if has_residual:
-            list_salient(salient, cols, start, count)
+            list_salient(salient, cols, start, count, word)
         # 2. Per 16-row tile: NP looked-up planes, the residual walk, scaled per group.
         for tile in tasks(NT):
             acc = T.alloc_buffer((L,), "float32")

@@ -127,6 +127,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
         cols = T.alloc_buffer((K,), "int32")  # the salient columns, in order
         start = T.alloc_buffer((GB + 1,), "int32")  # scale group g's salient columns: cols[start[g]:start[g+1]]
         count = T.alloc_buffer((1,), "int32")
+        word = T.alloc_buffer((1,), "uint64")
         # 1. Tables, group sums of x, the salient columns (serial: a few microseconds at K = 4096).
         for c in range(C):
             for e in T.vectorized(LANES):
@@ -138,7 +139,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                 for k in range(G):
                     xm[g] = xm[g] + x[0, g * G + k]
         if has_residual:
-            list_salient(salient, cols, start, count)
+            list_salient(salient, cols, start, count, word)
         # 2. Per 16-row tile: partial sums per (8 rows, sum), scaled per group.
         for tile in tasks(NT):
             acc = T.alloc_buffer((HALVES, LANES), "float32")

@@ -21,9 +21,10 @@ inputs, ``vpermps`` lookups by plane nibble); what differs is how the planes mee
   nibbles), so no add chain is longer than 4 per chunk. Reading mask planes instead of codes costs an
   eighth lookup and 0.375 bits per weight (8 % slower at 4096x4096), so v2 layers keep the codes.
 * **Residual**: per call the salient columns of each scale group are listed (column, input) beside the
-  tables; per tile and scale group the kernel walks them (4 of 64 in a BiLLM-style layer), testing the
-  kept bit in the group's transposed mask words (kept on the stack from the chunk loop) and the residual
-  bit (``[N/16, ceil(S/8), 16]``), two masked adds of ``x[col]`` into ``RP`` and ``RM``:
+  tables (:func:`~pbs2pc.passes.kernels.salient.salient_lister`, a word of the plane at a time); per tile
+  and scale group the kernel walks them (4 of 64 in a BiLLM-style layer), testing the kept bit in the
+  group's transposed mask words (kept on the stack from the chunk loop) and the residual bit
+  (``[N/16, ceil(S/8), 16]``), two masked adds of ``x[col]`` into ``RP`` and ``RM``:
   ``y += 2 ra RP + (rmu - ra) RM``. One walk per scale group, after its chunks (the chunk loop stays
   unrolled, its words in registers); a gathered-input table pass would need the kept bits of the salient
   columns gathered per row, which neither layout stores.
@@ -38,6 +39,8 @@ from __future__ import annotations
 import math
 
 from pbs2pc.compiler.tvm_compat import T, tirx
+
+from pbs2pc.passes.kernels.salient import salient_lister
 
 from . import mask_codes
 from .sparse_binary_gemv import LANES, plus_bias, subset_sum, task_loop, tiles_per_task, vpermps
@@ -158,6 +161,8 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
         return tirx.NE(T.bitwise_and(word, T.broadcast(T.shift_left(T.int32(1), bit), LANES)),
                        T.broadcast(T.int32(0), LANES))
 
+    list_salient = salient_lister(K, G, relative=True, inputs=True)
+
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, K), "float32"), sign: T.Buffer((NT, C, LANES), "uint8"),
                mask: T.Buffer(mask_shape, "uint8"), alpha: T.Buffer((NT, GB, LANES), "float16"),
@@ -174,6 +179,8 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
         cols = T.alloc_buffer((K,), "int32")  # the salient columns, in order (within their scale group)
         xs = T.alloc_buffer((K,), "float32")  # their inputs
         start = T.alloc_buffer((GB + 1,), "int32")  # group g's salient columns: cols[start[g]:start[g+1]]
+        count = T.alloc_buffer((1,), "int32")
+        word = T.alloc_buffer((1,), "uint64")
         # 1. Tables, per-code sums, group sums of x, the salient columns (serial: a few microseconds).
         for j in range(K // 4):
             for e in T.vectorized(LANES):
@@ -192,15 +199,7 @@ def gemv_v2(out_features: int, in_features: int, group_size: int, has_mask: bool
                 for k in range(G):
                     xsum[g] = xsum[g] + x[0, g * G + k]
         if has_residual:
-            start[0] = 0
-            for g in range(GB):
-                start[g + 1] = start[g]
-                for k in range(G):
-                    if tirx.NE(T.bitwise_and(T.shift_right(salient[0, g * CG + k // 8], T.uint8(k % 8)), T.uint8(1)),
-                               T.uint8(0)):
-                        cols[start[g + 1]] = k  # the column within its scale group
-                        xs[start[g + 1]] = x[0, g * G + k]
-                        start[g + 1] = start[g + 1] + 1
+            list_salient(salient, cols, start, count, word, x, xs)  # each column within its scale group
         # 2. R tiles of 16 rows per task: per chunk the transposed plane words, then the lookups.
         for task in tasks(NT // R):
             acc = T.alloc_buffer((R, LANES), "float32")
