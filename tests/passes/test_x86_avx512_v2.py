@@ -135,6 +135,23 @@ def test_every_unroll_groups_matches_the_oracle(codes):
             assert rel_err(got, want) < 1e-5, (unroll, tiles, parallel_min)
 
 
+@needs_avx512
+@pytest.mark.parametrize("codes", [(6, 8), None])
+def test_prefetching_ahead_gives_the_same_bits(codes):
+    """The tuner's ``prefetch`` knob (lines of the task ahead into L2) changes no arithmetic: the same bits as
+    without, serial and parallel, one and two tiles per task, the last task's prefetch kept in range."""
+    layer = v2_layer(80, 384, 64, groups=True, salient=3, seed=5)
+    x = np.random.default_rng(4).standard_normal(384).astype(np.float32)
+    for tiles, parallel_min in ((1, 1), (1, None), (5, 1)):
+        plain = run(build(layer, codes, tiles, parallel_min=parallel_min), layer, x, codes)
+        for ahead in (1, 2, 7):
+            got = run(build(layer, codes, tiles, parallel_min=parallel_min, prefetch=ahead), layer, x, codes)
+            np.testing.assert_array_equal(got, plain)
+    assert rel_err(plain, layer.matmul(x[None])[0]) < 1e-5
+    with pytest.raises(ValueError, match="prefetch=-1"):
+        build(layer, codes, prefetch=-1)
+
+
 def test_unroll_groups_that_do_not_divide_the_row_are_refused():
     assert kv.unroll_groups_knob(576, 64) == (1, 3)
     with pytest.raises(ValueError, match="unroll_groups=2 does not divide the 9 scale groups"):
