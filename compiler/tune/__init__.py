@@ -66,7 +66,10 @@ def tune_model(onnx_path, output, target="x86", trials: int = 64, options=None, 
     from tqdm import tqdm
 
     with tqdm(total=sum(todo.values()), unit="trial", disable=not progress, dynamic_ncols=True) as bar:
-        search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1))
+        def phase(what):  # a round's builds come before its first record: say so on the bar
+            bar.set_postfix_str(what, refresh=True)
+
+        search.tune(kernels, db, trials, on_record=lambda _r: bar.update(1), on_phase=phase)
     stale = db.folder / step.STEP_FILE
     if sum(todo.values()) and stale.exists():  # its verdict was on other records
         stale.unlink()

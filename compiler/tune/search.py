@@ -43,6 +43,8 @@ REPEATS = 25
 ROTATE_BYTES = 64 << 20
 #: Candidates built and timed per round (the builder starts a process per round: a few seconds).
 BATCH = 8
+#: Builder processes at most (each imports TVM: a few hundred MB).
+MAX_BUILD_WORKERS = 8
 
 
 def use_timing_threads(preset) -> int:
@@ -83,12 +85,22 @@ class Runner:
         return f"rpc {self.tracker[0]}:{self.tracker[1]} key {self.key}" if self.tracker else "local"
 
 
+def _load_inputs(table, args_info) -> list:
+    """The inputs of the kernel whose parameters are ``args_info``: ``table`` maps :func:`_signature` to an
+    ``.npz`` file of them (a path, not the arrays: the runner's worker receives its function's arguments
+    pickled with every candidate, and SmolLM2's LM head input alone is 113 MB)."""
+    import numpy as np
+
+    with np.load(table[json.dumps(args_info)]) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
 def _alloc_local(table, device, args_info, _alloc_repeat):
     """MetaSchedule's ``f_alloc_argument`` for the local runner: copies of the realistic inputs of the kernel
-    whose parameters are ``args_info`` (``table``: :func:`_signature` -> arrays), :data:`ROTATE_BYTES` in all."""
+    whose parameters are ``args_info`` (:func:`_load_inputs`), :data:`ROTATE_BYTES` in all."""
     from pbs2pc.compiler.tvm_compat import tensor
 
-    arrays = table[json.dumps(args_info)]
+    arrays = _load_inputs(table, args_info)
     copies = max(2, min(1024, -(-ROTATE_BYTES // sum(a.nbytes for a in arrays))))
     return [[tensor(a, device) for a in arrays] for _ in range(copies)]
 
@@ -116,7 +128,8 @@ def _alloc_rpc(table, _session, device, args_info, alloc_repeat):
     """The RPC runner's ``f_alloc_argument``: the kernel's inputs copied to the board, once."""
     from pbs2pc.compiler.tvm_compat import tensor
 
-    return [[tensor(a, device) for a in table[json.dumps(args_info)]] for _ in range(alloc_repeat)]
+    arrays = _load_inputs(table, args_info)
+    return [[tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]
 
 
 def _build(mod, target, _params):
@@ -152,9 +165,14 @@ def export_candidate(preset, rt_mod) -> str:
 class Search:
     """Tunes kernels for one preset with one builder and runner kind (see the module docstring)."""
 
-    def __init__(self, preset, runner: Runner, workers: int = 1):
+    def __init__(self, preset, runner: Runner, workers: int | None = None):
+        """``workers``: builder processes (default: this machine's cores; a round's builds end before its
+        timings start, so they never share the cores with a measurement)."""
+        import os
+
         from pbs2pc.compiler.tvm_compat import meta_schedule
 
+        workers = workers or max(1, min(MAX_BUILD_WORKERS, os.cpu_count() or 1))
         self.ms = meta_schedule()
         self.preset = preset
         self.target = preset.tvm_target()
@@ -185,21 +203,35 @@ class Search:
                                      f_alloc_argument=functools.partial(_alloc_local, table),
                                      f_run_evaluator=_run_rotating)
 
-    def tune(self, kernels: list[Kernel], db, trials: int, on_record=None, batch: int = BATCH, seed: int = 0) -> None:
+    def tune(self, kernels: list[Kernel], db, trials: int, on_record=None, batch: int = BATCH, seed: int = 0,
+             on_phase=None) -> None:
         """Measure up to ``trials`` settings of each kernel (fewer where its space is smaller), skipping those
         ``db`` has finished; every record goes to ``db`` as it returns and to ``on_record``. Each round
         builds the next batch of every kernel together and times them with one runner (each builder round
-        and the runner start a process: a few seconds each on a busy machine)."""
+        and the runner start a process: a few seconds each on a busy machine). ``on_phase`` hears what a
+        round is doing (``"building 72 candidates"``, ``"timing"``): a round's builds come before any of
+        its records (a minute or more for SmolLM2's first round)."""
+        import shutil
+        import tempfile
+
+        import numpy as np
+
         states = [s for s in (_State(self.ms, k, db, trials, self.target, seed) for k in kernels) if s.left() > 0]
         if not states:
             return
-        runner = self._runner({_signature(s.args_info): inputs(s.kernel, seed) for s in states})
+        folder = tempfile.mkdtemp(prefix="pbs2pc_tune_inputs_")
+        runner = None
         try:
+            table = {}
+            for number, state in enumerate(states):
+                table[_signature(state.args_info)] = path = f"{folder}/{number}.npz"
+                np.savez(path, *inputs(state.kernel, seed))
+            runner = self._runner(table)
             while states:
                 chosen = [(s, knobs) for s in states for knobs in s.next_batch(batch)]
                 if not chosen:
                     break
-                for (state, knobs), record in zip(chosen, self._measure(chosen, runner)):
+                for (state, knobs), record in self._measure(chosen, runner, on_phase):
                     state.done_with(knobs, record)
                     db.append(record)
                     if on_record:
@@ -211,30 +243,36 @@ class Search:
             pool = getattr(runner, "pool", None)
             if pool is not None:
                 pool.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _measure(self, chosen: list, runner) -> list[dict]:
-        """Build and time the ``(state, knobs)`` pairs of ``chosen``: one record each, in order."""
+    def _measure(self, chosen: list, runner, on_phase=None):
+        """Build and time the ``(state, knobs)`` pairs of ``chosen``: yields ``(pair, record)`` as each record
+        is complete (a failed build at once, a timing as its run returns), so each is written as measured."""
         ms = self.ms
+        say = on_phase or (lambda _phase: None)
         records = [{"key": s.kernel.key, "knobs": k, "default": knob_id(k) == s.default, "us": None, "runs_us": None,
                     "error": None} for s, k in chosen]
+        say(f"building {len(chosen)} candidate{'s' * (len(chosen) > 1)}")
         built = self.builder.build([ms.builder.BuilderInput(s.kernel.build(k), self.target) for s, k in chosen])
         runs = []
-        for record, (state, _), result in zip(records, chosen, built):
+        for record, pair, result in zip(records, chosen, built):
             if result.error_msg:
                 record["error"] = "build: " + _last_line(result.error_msg)
+                yield pair, record
             else:
-                runs.append((record, ms.runner.RunnerInput(result.artifact_path, _device_type(self.target),
-                                                           state.args_info)))
-        futures = runner.run([r for _, r in runs]) if runs else []
-        for (record, _), future in zip(runs, futures):
-            result = future.result()
+                runs.append((pair, record, ms.runner.RunnerInput(result.artifact_path, _device_type(self.target),
+                                                                 pair[0].args_info)))
+        say("timing")
+        for pair, record, run_input in runs:
+            # one at a time: MetaSchedule's LocalRunner.run waits for every input it is given before it returns
+            result = runner.run([run_input])[0].result()
             if result.error_msg:
                 record["error"] = "run: " + _last_line(result.error_msg)
             else:
                 times = [float(t) * 1e6 for t in result.run_secs]
                 record["runs_us"] = [round(t, 3) for t in times]
                 record["us"] = round(statistics.median(times), 3)
-        return records
+            yield pair, record
 
 
 class _State:

@@ -225,7 +225,7 @@ def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, cap
     it with the tuned setting, the logits those of the untuned fp16-head build."""
     from pbs2pc.compiler.build import compile_model
     from pbs2pc.compiler.targets import CompileOptions, get_preset
-    from pbs2pc.compiler.tune import extract
+    from pbs2pc.compiler.tune import extract, knobs_from
     from pbs2pc.runtime import load
 
     kernels = {k.key: k for k in extract(tiny_onnx, get_preset(X86), CompileOptions(lm_head="fp16"))}
@@ -238,12 +238,18 @@ def test_the_lm_head_kernel_is_tuned_with_its_own_knobs(tiny_onnx, tmp_path, cap
     assert "lm_head_fp16:256x64" in out and "--lm-head fp16 --tuning-db" in out  # the compile line says it too
     records = [r for r in _records(db) if r["key"] == "lm_head_fp16:256x64"]
     assert len(records) == 3 and records[0]["default"] and all(r["us"] for r in records)
-    # the slowest measured setting forced in: compile must build what the database says
+    # the slowest measured setting forced in: compile must build what the database says (the re-timing's
+    # verdict on the search's pick goes, so that a pick not faster in turns cannot keep the default)
     slowest = max((r for r in records if not r["default"]), key=lambda r: r["us"])
-    (db / "records.jsonl").write_text("".join(json.dumps({**r, "us": 0.0 if r is slowest else r["us"]}) + "\n"
-                                              for r in _records(db)))
+    forced = [{**r, "us": 0.0} if (r["key"], r["knobs"]) == (slowest["key"], slowest["knobs"]) else r
+              for r in _records(db)]
+    assert sum(r["us"] == 0.0 for r in forced) == 1
+    (db / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forced))
+    (db / "confirm.json").unlink(missing_ok=True)
     tuned = compile_model(tiny_onnx, tmp_path / "tuned.so", X86, lm_head="fp16", tuning_db=db)
     assert "lm_head_fp16:256x64" in tuned["tuned_kernels"]
+    knobs, _applied = knobs_from(db, get_preset(X86))
+    assert knobs(None, head.entry, head.call) == slowest["knobs"]  # the forced setting is what compile built
     compile_model(tiny_onnx, tmp_path / "plain.so", X86, lm_head="fp16")
     ids = np.array([[2, 7, 1, 8, 2, 8]])
     a, b = load(tmp_path / "tuned.so"), load(tmp_path / "plain.so")
