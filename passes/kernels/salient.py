@@ -51,7 +51,7 @@ def salient_lister(in_features: int, group_size: int, relative: bool = False, in
                 while tirx.NE(word[0], T.uint64(0)):
                     cols[count[0]] = (0 if relative else g * G) + w * (8 * WB) + lowest_bit(word[0])
                     if inputs:
-                        xs[count[0]] = x[0, g * G + w * (8 * WB) + lowest_bit(word[0])]
+                        xs[count[0]] = x[0, (g * G if relative else 0) + cols[count[0]]]
                     count[0] = count[0] + 1
                     word[0] = T.bitwise_and(word[0], word[0] - T.uint64(1))
         start[GB] = count[0]
