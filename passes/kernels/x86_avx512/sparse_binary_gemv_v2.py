@@ -43,7 +43,6 @@ from pbs2pc.passes.kernels.lm_head_fp16 import prefetch as fetch
 from pbs2pc.passes.kernels.salient import salient_lister
 
 from . import mask_codes
-
 from .sparse_binary_gemv import LANES, plus_bias, subset_sum, task_loop, tiles_per_task, vpermps
 
 #: 16-row tiles per parallel task. One: a tile keeps 11 accumulators (4 sums x 2 nibble chains, RP, RM, the
